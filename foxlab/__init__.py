@@ -1,5 +1,33 @@
-"""foxlab: the Forgetting Transformer (FoX) for learning, study and research."""
+"""foxlab: the Forgetting Transformer (FoX) for learning, study and research.
 
+Importing foxlab registers the model with transformers' Auto classes, so ``AutoConfig``,
+``AutoModel`` and ``AutoModelForCausalLM`` (``from_config``, ``from_pretrained``) and ``generate`` work.
+Supported: transformers >= 5.0, < 6 (tested with 5.17 and 5.24).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .config import PRESETS, ForgettingTransformerConfig
 from .kernels import forgetting_attention, forgetting_attention_reference
+from .model import (
+    ForgettingTransformerCache,
+    ForgettingTransformerForCausalLM,
+    ForgettingTransformerModel,
+    ForgettingTransformerPreTrainedModel,
+)
 
-__all__ = ["forgetting_attention", "forgetting_attention_reference"]
+AutoConfig.register(ForgettingTransformerConfig.model_type, ForgettingTransformerConfig, exist_ok=True)
+AutoModel.register(ForgettingTransformerConfig, ForgettingTransformerModel, exist_ok=True)
+AutoModelForCausalLM.register(ForgettingTransformerConfig, ForgettingTransformerForCausalLM, exist_ok=True)
+
+__version__ = "0.1.0"
+__all__ = [
+    "PRESETS",
+    "ForgettingTransformerCache",
+    "ForgettingTransformerConfig",
+    "ForgettingTransformerForCausalLM",
+    "ForgettingTransformerModel",
+    "ForgettingTransformerPreTrainedModel",
+    "forgetting_attention",
+    "forgetting_attention_reference",
+]

@@ -1,0 +1,185 @@
+"""ForgettingTransformerConfig: one config for FoX, FoX (Pro) and the Transformer baselines.
+
+The variants differ only in switches (FOX.md section 2):
+
+- FoX (LLaMA): pre-norm RMSNorm, SwiGLU, no positional embedding, ``fgate_type="full"``.
+- FoX (Pro): FoX + ``qk_norm`` + ``use_output_gate`` + ``use_output_norm`` + ``use_k_shift``/``use_v_shift``.
+- Transformer (LLaMA / Pro): the same with ``fgate_type="none"`` and ``use_rope=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from transformers import PretrainedConfig
+
+FGATE_TYPES = ("full", "bias_only", "fixed", "none")
+ATTN_BACKENDS = ("auto", "triton", "torch", "reference")
+
+_PRO = dict(qk_norm=True, use_output_gate=True, use_output_norm=True, use_k_shift=True, use_v_shift=True)
+_TRANSFORMER = dict(fgate_type="none", use_rope=True)
+# Paper sizes (FOX.md section 2): head dim 64 for FoX, 128 for the Transformer baselines;
+# the vocabulary is the GPT-NeoX tokenizer's, padded to a multiple of 64.
+_SIZES = {
+    "125m": dict(hidden_size=768, num_hidden_layers=12),
+    "360m": dict(hidden_size=1024, num_hidden_layers=24),
+    "760m": dict(hidden_size=1536, num_hidden_layers=24),
+}
+
+
+def _paper(size: str, head_dim: int = 64, **switches) -> dict:
+    sizes = _SIZES[size]
+    return dict(vocab_size=50304, **sizes, num_heads=sizes["hidden_size"] // head_dim, **switches)
+
+
+PRESETS: dict[str, dict] = {
+    # Byte-level, a few hundred thousand parameters: trains on a laptop CPU in minutes.
+    "tiny": dict(vocab_size=260, hidden_size=128, num_hidden_layers=2, num_heads=4),
+    "fox-125m": _paper("125m"),
+    "fox-pro-125m": _paper("125m", **_PRO),
+    "fox-360m": _paper("360m"),
+    "fox-pro-360m": _paper("360m", **_PRO),
+    "fox-760m": _paper("760m"),
+    "fox-pro-760m": _paper("760m", **_PRO),
+    "transformer-125m": _paper("125m", head_dim=128, **_TRANSFORMER),
+    "transformer-pro-125m": _paper("125m", head_dim=128, **_PRO, **_TRANSFORMER),
+}
+
+
+class ForgettingTransformerConfig(PretrainedConfig):
+    """Configuration of a Forgetting Transformer.
+
+    Args:
+        vocab_size, hidden_size, num_hidden_layers: the usual sizes.
+        num_heads: query heads. num_kv_heads: key/value heads (grouped-query attention), divides num_heads;
+            defaults to num_heads.
+        head_dim: per-head size; defaults to hidden_size // num_heads.
+        hidden_ratio / intermediate_size: SwiGLU width. intermediate_size defaults to
+            2/3 * hidden_ratio * hidden_size rounded up to a multiple of 256 (the LLaMA rule).
+        hidden_act: the MLP's gate activation ("silu" gives SwiGLU).
+        norm_eps: RMSNorm epsilon. initializer_range: std of every Linear / Embedding weight.
+        fgate_type: "full" (f_t = sigmoid(w . x_t + b), data-dependent), "bias_only" (f = sigmoid(b), learned
+            per head), "fixed" (f = sigmoid(b), a constant per head) or "none" (no gate: a Transformer).
+        fgate_init_timescales: None (gate bias 0, f ~ 0.5, the paper's default) or [T_min, T_max]: gate biases
+            b = -log(expm1(1/T)) with T log-spaced over the heads of each layer, so head h forgets on a
+            timescale of about T_h tokens. "fixed" gates need timescales; they default to [1, 1024].
+        qk_norm: per-head RMSNorm on q and k. use_output_gate: o * sigmoid(W_g x). use_output_norm: per-head
+            RMSNorm on o before the gate. use_k_shift / use_v_shift: KV-shift, k'_t = a_t k_{t-1} + (1 - a_t) k_t.
+        use_rope, rope_theta: rotary position embedding (the Transformer baselines; FoX uses none).
+        fuse_norm, fuse_swiglu, fuse_cross_entropy: fused-kernel switches, saved with the config and reserved for
+            the fused kernels (the model runs the plain PyTorch ops until they land).
+        attn_backend: "auto" (Triton on CUDA, else the memory-efficient PyTorch path), "triton", "torch" or
+            "reference" (exact, materialized scores).
+        use_cache: whether forward returns a ForgettingTransformerCache by default (generation needs it).
+    """
+
+    model_type = "forgetting_transformer"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # Hugging Face tooling (generation, device maps) looks for the LLaMA names.
+    attribute_map = {"num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads"}
+
+    def __init__(
+        self,
+        vocab_size: int = 384,
+        hidden_size: int = 128,
+        num_hidden_layers: int = 2,
+        num_heads: int = 4,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        hidden_ratio: float = 4,
+        intermediate_size: int | None = None,
+        hidden_act: str = "silu",
+        norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = False,
+        fgate_type: str = "full",
+        fgate_init_timescales: list[float] | None = None,
+        qk_norm: bool = False,
+        use_output_gate: bool = False,
+        use_output_norm: bool = False,
+        use_k_shift: bool = False,
+        use_v_shift: bool = False,
+        use_rope: bool = False,
+        rope_theta: float = 10000.0,
+        fuse_norm: bool = False,
+        fuse_swiglu: bool = False,
+        fuse_cross_entropy: bool = False,
+        attn_backend: str = "auto",
+        use_cache: bool = True,
+        pad_token_id: int | None = 0,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | None = 2,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_heads = num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        self.head_dim = head_dim
+        self.hidden_ratio = hidden_ratio
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.norm_eps = norm_eps
+        self.initializer_range = initializer_range
+        self.fgate_type = fgate_type
+        if fgate_type == "fixed" and fgate_init_timescales is None:
+            fgate_init_timescales = [1.0, 1024.0]
+        self.fgate_init_timescales = list(fgate_init_timescales) if fgate_init_timescales is not None else None
+        self.qk_norm = qk_norm
+        self.use_output_gate = use_output_gate
+        self.use_output_norm = use_output_norm
+        self.use_k_shift = use_k_shift
+        self.use_v_shift = use_v_shift
+        self.use_rope = use_rope
+        self.rope_theta = rope_theta
+        self.fuse_norm = fuse_norm
+        self.fuse_swiglu = fuse_swiglu
+        self.fuse_cross_entropy = fuse_cross_entropy
+        self.attn_backend = attn_backend
+        self.use_cache = use_cache
+        self._validate_and_derive()
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def _validate_and_derive(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "num_kv_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                                 f"({self.num_heads}), or set head_dim")
+            self.head_dim = self.hidden_size // self.num_heads
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(f"head_dim must be a positive integer, got {self.head_dim!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.intermediate_size is None:
+            if self.hidden_ratio <= 0:
+                raise ValueError(f"hidden_ratio must be positive, got {self.hidden_ratio!r}")
+            width = int(2 * self.hidden_ratio * self.hidden_size / 3)
+            self.intermediate_size = 256 * ((width + 255) // 256)
+        elif not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0:
+            raise ValueError(f"intermediate_size must be a positive integer, got {self.intermediate_size!r}")
+        if self.fgate_type not in FGATE_TYPES:
+            raise ValueError(f"fgate_type must be one of {FGATE_TYPES}, got {self.fgate_type!r}")
+        if self.fgate_init_timescales is not None:
+            ts = self.fgate_init_timescales
+            if len(ts) != 2 or not all(isinstance(t, (int, float)) for t in ts) or not 0 < ts[0] <= ts[1]:
+                raise ValueError(f"fgate_init_timescales must be [T_min, T_max] with 0 < T_min <= T_max, got {ts!r}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        if self.use_rope and self.head_dim % 2:
+            raise ValueError(f"use_rope needs an even head_dim, got {self.head_dim}")
+        for name in ("norm_eps", "initializer_range", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ForgettingTransformerConfig":
+        """A named configuration (``tiny``, the paper's ``fox-125m`` ... ``transformer-pro-125m``), with overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})

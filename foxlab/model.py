@@ -1,0 +1,465 @@
+"""The Forgetting Transformer (FoX): attention, MLP, block, backbone, causal-LM head and cache.
+
+One block, pre-norm::
+
+    h = x + ForgettingAttention(RMSNorm(x))
+    y = h + SwiGLU(RMSNorm(h))
+
+ForgettingAttention (per head; shapes B batch, T tokens, H query heads, Hkv key/value heads, D head dim)::
+
+    q, k, v  = W_q x, W_k x, W_v x                  (B, T, H | Hkv, D)
+    k, v     <- KV-shift (optional): k'_t = a_t k_{t-1} + (1 - a_t) k_t
+    q, k     <- per-head RMSNorm (optional qk_norm), RoPE (Transformer baselines only)
+    log f_t  = logsigmoid(w_f . x_t + b_f)          (B, T, H), float32; 0 for fgate_type="none"
+    o        = forgetting_attention(q, k, v, log f) (kernels.py: softmax(s q k^T + c_i - c_j) v)
+    o        <- per-head RMSNorm (optional), then o * sigmoid(W_g x) (optional output gate)
+    out      = W_o o
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .config import ForgettingTransformerConfig
+from .kernels import forgetting_attention, forgetting_attention_reference, log_forget_gate
+
+# transformers renamed the cache argument and output field from `past_key_values` to `cache` in 5.2x;
+# the model accepts both names and returns the one this version's generation loop reads.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class ForgettingTransformerModelOutput(BaseModelOutputWithPast):
+    """BaseModelOutputWithPast plus ``forget_gates``: per layer, the log forget gates (B, T, H) in float32."""
+
+    forget_gates: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class ForgettingTransformerCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus ``forget_gates``: per layer, the log forget gates (B, T, H) in float32."""
+
+    forget_gates: tuple[torch.Tensor, ...] | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------
+
+
+class ForgettingCacheLayer(DynamicLayer):
+    """One layer's decoding state.
+
+    ``keys``/``values`` (B, Hkv, T, D) as DynamicLayer keeps them (after shift, norm and RoPE), the log forget
+    gates of every cached token ``log_fgates`` (B, T, H), and for KV-shift the last raw (pre-shift) key and
+    value ``shift_states["k" | "v"]`` (B, 1, Hkv, D). Only differences of the gates' prefix sums matter, so
+    storing per-token gates and summing them in the kernel is exact at any cache length.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.log_fgates: torch.Tensor | None = None
+        self.shift_states: dict[str, torch.Tensor] = {}
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, log_fgate: torch.Tensor):
+        """Add T new tokens (k, v: (B, T, Hkv, D); log_fgate: (B, T, H)); return all cached ones, same layout."""
+        keys, values = self.update(k.transpose(1, 2), v.transpose(1, 2))
+        self.log_fgates = log_fgate if self.log_fgates is None else torch.cat([self.log_fgates, log_fgate], dim=1)
+        return keys.transpose(1, 2), values.transpose(1, 2), self.log_fgates
+
+    def _map_extras(self, fn) -> None:
+        if self.log_fgates is not None:
+            self.log_fgates = fn(self.log_fgates)
+        self.shift_states = {name: fn(state) for name, state in self.shift_states.items()}
+
+    def reset(self) -> None:
+        super().reset()
+        self.log_fgates, self.shift_states = None, {}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_extras(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_extras(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_extras(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.shift_states and tokens_to_remove != 0:
+            raise NotImplementedError("cropping a cache with KV-shift state is not supported (the shift needs "
+                                      "the raw key of the new last token)")
+        super().crop(tokens_to_remove)
+        if self.log_fgates is not None and tokens_to_remove < 0:
+            self.log_fgates = self.log_fgates[:, :tokens_to_remove]
+
+
+class ForgettingTransformerCache(Cache):
+    """The decoding cache of a ForgettingTransformer: one ForgettingCacheLayer per layer.
+
+    Pass it as ``cache=`` (or ``past_key_values=``); the model creates one when ``use_cache=True``.
+    """
+
+    def __init__(self, config: ForgettingTransformerConfig):
+        super().__init__(layers=[ForgettingCacheLayer() for _ in range(config.num_hidden_layers)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding (rotate-half form) of x (B, T, H, D) at integer positions (B, T)."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions[..., None].float() * inv_freq
+    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def gate_bias_for_timescales(t_min: float, t_max: float, num_heads: int) -> torch.Tensor:
+    """Gate biases b = -log(expm1(1/T)), T log-spaced from t_min to t_max: sigmoid(b) = exp(-1/T)."""
+    timescales = torch.logspace(math.log10(t_min), math.log10(t_max), num_heads, dtype=torch.float64)
+    return (-torch.log(torch.expm1(1.0 / timescales))).float()
+
+
+class ForgetGate(nn.Module):
+    """Per-head log forget gates log f_t (B, T, H), float32.
+
+    ``full``: logsigmoid(w_f . x_t + b_f); ``bias_only``: logsigmoid(b_f), learned; ``fixed``: logsigmoid(b_f),
+    a constant buffer.
+    """
+
+    def __init__(self, config: ForgettingTransformerConfig):
+        super().__init__()
+        self.kind, self.num_heads = config.fgate_type, config.num_heads
+        if self.kind == "full":
+            self.proj = nn.Linear(config.hidden_size, config.num_heads, bias=True)
+        elif self.kind == "bias_only":
+            self.bias = nn.Parameter(torch.zeros(config.num_heads))
+        else:
+            self.register_buffer("bias", torch.zeros(config.num_heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.proj(x) if self.kind == "full" else self.bias.expand(*x.shape[:-1], self.num_heads)
+        return log_forget_gate(logits)
+
+    @property
+    def bias_tensor(self) -> torch.Tensor:
+        return self.proj.bias if self.kind == "full" else self.bias
+
+
+class TokenShift(nn.Module):
+    """KV-shift: x'_t = a_t x_{t-1} + (1 - a_t) x_t, with a per-head a_t = sigmoid(w . h_t) from the block input h."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, num_heads, bias=False)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """h (B, T, hidden); x (B, T, Hkv, D); previous: x of the token before this chunk (B, 1, Hkv, D) or None."""
+        if previous is None:
+            previous = torch.zeros_like(x[:, :1])
+        shifted = torch.cat([previous.to(x.dtype), x[:, :-1]], dim=1)
+        a = torch.sigmoid(self.proj(h))[..., None].to(x.dtype)
+        return a * shifted + (1 - a) * x
+
+
+class ForgettingAttention(nn.Module):
+    """Multi-head (grouped-query) softmax attention with a per-head forget gate; see the module docstring."""
+
+    def __init__(self, config: ForgettingTransformerConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        H, Hkv, D, C = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, D
+        self.q_proj = nn.Linear(C, H * D, bias=False)
+        self.k_proj = nn.Linear(C, Hkv * D, bias=False)
+        self.v_proj = nn.Linear(C, Hkv * D, bias=False)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+        self.fgate = ForgetGate(config) if config.fgate_type != "none" else None
+        self.q_norm = nn.RMSNorm(D, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(D, eps=config.norm_eps) if config.qk_norm else None
+        self.o_norm = nn.RMSNorm(D, eps=config.norm_eps) if config.use_output_norm else None
+        self.g_proj = nn.Linear(C, H * D, bias=False) if config.use_output_gate else None
+        self.shifts = nn.ModuleDict({name: TokenShift(C, Hkv) for name, on in
+                                     (("k", config.use_k_shift), ("v", config.use_v_shift)) if on})
+
+    def forward(self, x, *, seq_start=None, token_mask=None, positions=None, cache=None, output_attentions=False):
+        """x (B, T, C) -> (output (B, T, C), attention probabilities (B, H, T, Tk) or None, log f (B, T, H))."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        kv = {"k": self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim),
+              "v": self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)}
+        layer_cache = cache.layers[self.layer_idx] if cache is not None else None
+        for name, shift in self.shifts.items():
+            raw = kv[name] if token_mask is None else kv[name] * token_mask[:, :, None, None]  # pads shift in zeros
+            previous = layer_cache.shift_states.get(name) if layer_cache is not None else None
+            kv[name] = shift(x, raw, previous)
+            if layer_cache is not None:
+                layer_cache.shift_states[name] = raw[:, -1:].detach()
+        k, v = kv["k"], kv["v"]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.config.use_rope:
+            q, k = apply_rope(q, positions, self.config.rope_theta), apply_rope(k, positions, self.config.rope_theta)
+
+        if self.fgate is not None:
+            log_f = self.fgate(x)
+        else:
+            log_f = torch.zeros(B, T, self.num_heads, device=x.device, dtype=torch.float32)
+        if token_mask is not None:
+            log_f = log_f * token_mask[..., None]  # padded tokens neither forget nor are seen (seq_start)
+        if layer_cache is not None:
+            k, v, log_f_all = layer_cache.append(k, v, log_f)
+        else:
+            log_f_all = log_f
+
+        probs = None
+        if output_attentions:
+            o, probs = forgetting_attention_reference(q, k, v, log_f_all, seq_start=seq_start, return_probs=True)
+        else:
+            o = forgetting_attention(q, k, v, log_f_all, seq_start=seq_start, backend=self.config.attn_backend)
+        if self.o_norm is not None:
+            o = self.o_norm(o)
+        if self.g_proj is not None:
+            o = o * torch.sigmoid(self.g_proj(x)).view_as(o)
+        return self.o_proj(o.reshape(B, T, -1)), probs, log_f
+
+
+class SwiGLU(nn.Module):
+    """down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: ForgettingTransformerConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ForgettingTransformerBlock(GradientCheckpointingLayer):
+    def __init__(self, config: ForgettingTransformerConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = ForgettingAttention(config, layer_idx)
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, seq_start=None, token_mask=None, positions=None, cache=None, output_attentions=False):
+        h, probs, log_f = self.attn(self.attn_norm(x), seq_start=seq_start, token_mask=token_mask,
+                                    positions=positions, cache=cache, output_attentions=output_attentions)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), probs, log_f
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+def padding_from_mask(attention_mask, past: int, new: int):
+    """From a (B, past + new) 0/1 mask, the first visible key per row and the mask of the new tokens.
+
+    Each row must be one block of ones (left and/or right padding). Returns (seq_start (B,) or None,
+    token_mask (B, new) float or None); both None when nothing is padded.
+    """
+    if attention_mask is None:
+        return None, None
+    if attention_mask.dim() != 2 or attention_mask.shape[1] != past + new:
+        raise ValueError(f"attention_mask must have shape (batch, cached + new tokens) = (batch, {past + new}), "
+                         f"got {tuple(attention_mask.shape)}")
+    mask = attention_mask.bool()
+    if bool(mask.all()):
+        return None, None
+    seq_start = (mask.cumsum(dim=1) == 0).sum(dim=1)
+    idx = torch.arange(mask.shape[1], device=mask.device)
+    block = (idx >= seq_start[:, None]) & (idx < (seq_start + mask.sum(dim=1))[:, None])
+    if not bool((block == mask).all()):
+        raise ValueError("attention_mask must be a single block of ones per row (pad on the left for generation)")
+    return (seq_start if bool(seq_start.any()) else None), mask[:, past:].float()
+
+
+class ForgettingTransformerPreTrainedModel(PreTrainedModel):
+    config_class = ForgettingTransformerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ForgettingTransformerBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The paper's initialization (both public FoX implementations use it).
+
+        Every Linear and Embedding weight ~ N(0, initializer_range), biases 0, RMSNorm weights 1. Forget-gate
+        biases are 0 (f ~ 0.5 at the start, the paper's default) unless ``fgate_init_timescales`` asks for
+        log-spaced timescales per head (FOX.md section 2).
+        """
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.RMSNorm):
+            init.ones_(module.weight)
+        if isinstance(module, ForgetGate):
+            bias = module.bias_tensor
+            if self.config.fgate_init_timescales is None:
+                init.zeros_(bias)
+            else:
+                init.copy_(bias, gate_bias_for_timescales(*self.config.fgate_init_timescales, module.num_heads))
+
+
+class ForgettingTransformerModel(ForgettingTransformerPreTrainedModel):
+    """Embeddings, the blocks and the final RMSNorm: input ids -> hidden states."""
+
+    def __init__(self, config: ForgettingTransformerConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(ForgettingTransformerBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, output_forget_gates=None,
+                return_dict=None, past_key_values=None, **kwargs):
+        """Returns ForgettingTransformerModelOutput; ``forget_gates`` holds each layer's log f (B, T, H)."""
+        cfg = self.config
+        cache = cache if cache is not None else past_key_values
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache, cache = False, None
+        if use_cache and cache is None:
+            cache = ForgettingTransformerCache(cfg)
+        if cache is not None and not isinstance(cache, ForgettingTransformerCache):
+            raise ValueError(f"cache must be a ForgettingTransformerCache, got {type(cache).__name__}")
+
+        B, T = x.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        seq_start, token_mask = padding_from_mask(attention_mask, past, T)
+        if cfg.use_rope and position_ids is None:
+            if attention_mask is not None:  # positions count real tokens only, as with left padding in HF models
+                position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+
+        hidden_states, attentions, forget_gates = [], [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                hidden_states.append(x)
+            x, probs, log_f = layer(x, seq_start=seq_start, token_mask=token_mask, positions=position_ids,
+                                    cache=cache, output_attentions=output_attentions)
+            attentions.append(probs)
+            forget_gates.append(log_f)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+
+        out = ForgettingTransformerModelOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            forget_gates=tuple(forget_gates) if output_forget_gates else None,
+            **{CACHE_FIELD: cache if use_cache else None},
+        )
+        return out if return_dict else out.to_tuple()
+
+
+class ForgettingTransformerForCausalLM(ForgettingTransformerPreTrainedModel, GenerationMixin):
+    """The backbone plus a language-model head. ``labels`` (B, T) give the shifted next-token loss; -100 is ignored."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ForgettingTransformerConfig):
+        super().__init__(config)
+        self.model = ForgettingTransformerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not make a DynamicCache: the forward creates a ForgettingTransformerCache
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache=None, attention_mask=None,
+                                      inputs_embeds=None, position_ids=None, use_cache=True, **kwargs):
+        """Feed only the tokens the cache has not seen; the attention mask always covers all of them."""
+        cache = cache if cache is not None else past_key_values
+        past = cache.get_seq_length() if cache is not None else 0
+        inputs = {"attention_mask": attention_mask, "use_cache": use_cache, CACHE_FIELD: cache}
+        if inputs_embeds is not None and past == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, past:]
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids[:, past:]
+        for name in ("output_attentions", "output_hidden_states", "output_forget_gates", "logits_to_keep"):
+            if name in kwargs:
+                inputs[name] = kwargs[name]
+        return inputs
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                output_forget_gates=None, return_dict=None, logits_to_keep=0, past_key_values=None, **kwargs):
+        """Returns ForgettingTransformerCausalLMOutput (loss when ``labels`` are given, logits, cache, ...)."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, output_attentions=output_attentions,
+                         output_hidden_states=output_hidden_states, output_forget_gates=output_forget_gates,
+                         return_dict=True)
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        result = ForgettingTransformerCausalLMOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+            forget_gates=out.forget_gates, **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
+        )
+        return result if return_dict else result.to_tuple()
