@@ -143,26 +143,23 @@ class ForgetGate(nn.Module):
     """Per-head log forget gates log f_t (B, T, H), float32.
 
     ``full``: logsigmoid(w_f . x_t + b_f); ``bias_only``: logsigmoid(b_f), learned; ``fixed``: logsigmoid(b_f),
-    a constant buffer.
+    a constant buffer. The bias is the module's own tensor for every kind, so initialization reaches it.
     """
 
     def __init__(self, config: ForgettingTransformerConfig):
         super().__init__()
         self.kind, self.num_heads = config.fgate_type, config.num_heads
-        if self.kind == "full":
-            self.proj = nn.Linear(config.hidden_size, config.num_heads, bias=True)
-        elif self.kind == "bias_only":
-            self.bias = nn.Parameter(torch.zeros(config.num_heads))
-        else:
+        self.proj = nn.Linear(config.hidden_size, config.num_heads, bias=False) if self.kind == "full" else None
+        if self.kind == "fixed":
             self.register_buffer("bias", torch.zeros(config.num_heads))
+        else:
+            self.bias = nn.Parameter(torch.zeros(config.num_heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.proj(x) if self.kind == "full" else self.bias.expand(*x.shape[:-1], self.num_heads)
+        logits = self.bias.expand(*x.shape[:-1], self.num_heads)
+        if self.proj is not None:
+            logits = self.proj(x) + logits
         return log_forget_gate(logits)
-
-    @property
-    def bias_tensor(self) -> torch.Tensor:
-        return self.proj.bias if self.kind == "full" else self.bias
 
 
 class TokenShift(nn.Module):
@@ -321,12 +318,11 @@ class ForgettingTransformerPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.RMSNorm):
             init.ones_(module.weight)
-        if isinstance(module, ForgetGate):
-            bias = module.bias_tensor
+        elif isinstance(module, ForgetGate):
             if self.config.fgate_init_timescales is None:
-                init.zeros_(bias)
+                init.zeros_(module.bias)
             else:
-                init.copy_(bias, gate_bias_for_timescales(*self.config.fgate_init_timescales, module.num_heads))
+                init.copy_(module.bias, gate_bias_for_timescales(*self.config.fgate_init_timescales, module.num_heads))
 
 
 class ForgettingTransformerModel(ForgettingTransformerPreTrainedModel):
@@ -352,7 +348,7 @@ class ForgettingTransformerModel(ForgettingTransformerPreTrainedModel):
         """Returns ForgettingTransformerModelOutput; ``forget_gates`` holds each layer's log f (B, T, H)."""
         cfg = self.config
         cache = cache if cache is not None else past_key_values
-        use_cache = cfg.use_cache if use_cache is None else use_cache
+        use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = cfg.return_dict if return_dict is None else return_dict

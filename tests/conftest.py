@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM
+
+# The three families the generation tests cover, at a size that runs in milliseconds.
+VARIANTS = {
+    "fox": dict(),
+    "fox-pro": dict(qk_norm=True, use_output_gate=True, use_output_norm=True, use_k_shift=True, use_v_shift=True),
+    "transformer": dict(fgate_type="none", use_rope=True),
+}
+
+
+def tiny_model(seed=0, **overrides) -> ForgettingTransformerForCausalLM:
+    """A seeded `tiny` model in eval mode; gate biases spread so heads forget at different rates."""
+    torch.manual_seed(seed)
+    overrides.setdefault("num_kv_heads", 2)
+    if overrides.get("fgate_type") != "none":
+        overrides.setdefault("fgate_init_timescales", [2.0, 64.0])
+    config = ForgettingTransformerConfig.from_preset("tiny", **overrides)
+    return ForgettingTransformerForCausalLM(config).eval()
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant_model(request):
+    return tiny_model(**VARIANTS[request.param])

@@ -1,0 +1,98 @@
+"""Decoding with the cache computes exactly what a full forward computes."""
+
+import pytest
+import torch
+
+from foxlab import ForgettingTransformerCache
+
+from conftest import VARIANTS, tiny_model
+
+PAD = 0
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 260, (n,), generator=g) for n in lengths]
+
+
+def left_pad(seqs):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), PAD)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s):], mask[row, width - len(s):] = s, 1
+    return ids, mask
+
+
+def test_generate_with_cache_equals_without(variant_model):
+    ids = torch.stack(prompts([9, 9]))
+    cached = variant_model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=True)
+    uncached = variant_model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_step_by_step_cached_logits_equal_full_forward(variant_model):
+    ids = torch.stack(prompts([14, 14]))
+    full = variant_model(ids, use_cache=False).logits
+    cache = ForgettingTransformerCache(variant_model.config)
+    steps = [variant_model(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 14
+
+
+def test_chunked_prefill_equals_single_prefill(variant_model):
+    ids = torch.stack(prompts([15, 15], seed=1))
+    single = variant_model(ids, use_cache=True)
+    cache = ForgettingTransformerCache(variant_model.config)
+    first = variant_model(ids[:, :6], cache=cache, use_cache=True).logits
+    second = variant_model(ids[:, 6:], cache=cache, use_cache=True).logits  # Tq = 9 against 15 keys
+    torch.testing.assert_close(torch.cat([first, second], dim=1), single.logits, rtol=1e-5, atol=1e-5)
+    nxt = single.logits[:, -1:].argmax(-1)
+    after_single = variant_model(nxt, cache=getattr(single, "cache", None) or single.past_key_values).logits
+    after_chunks = variant_model(nxt, cache=cache).logits
+    torch.testing.assert_close(after_chunks, after_single, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_batch_generates_what_each_generates_alone(variant_model):
+    seqs = prompts([5, 11, 8], seed=2)
+    ids, mask = left_pad(seqs)
+    batch = variant_model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD)
+    for row, s in enumerate(seqs):
+        alone = variant_model.generate(s[None], max_new_tokens=10, do_sample=False, pad_token_id=PAD)
+        assert torch.equal(batch[row, ids.shape[1]:], alone[0, len(s):]), f"row {row}"
+
+
+def test_left_padded_logits_match_unpadded(variant_model):
+    seqs = prompts([4, 10], seed=3)
+    ids, mask = left_pad(seqs)
+    out = variant_model(ids, attention_mask=mask).logits
+    for row, s in enumerate(seqs):
+        alone = variant_model(s[None]).logits[0]
+        torch.testing.assert_close(out[row, -len(s):], alone, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out).all()  # padded positions see no key: zeros, never NaN
+
+
+def test_beam_search_reorders_the_whole_cache(variant_model):
+    ids = torch.stack(prompts([7, 7], seed=4))
+    kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, early_stopping=True)
+    assert torch.equal(variant_model.generate(ids, use_cache=True, **kwargs),
+                       variant_model.generate(ids, use_cache=False, **kwargs))
+
+
+def test_generate_returns_attentions_and_cache_type():
+    model = tiny_model()
+    ids = torch.stack(prompts([6]))
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                         output_attentions=True)
+    assert len(out.attentions) == 3 and out.attentions[-1][0].shape == (1, 4, 1, 8)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert isinstance(cache, ForgettingTransformerCache)
+
+
+@pytest.mark.parametrize("variant", ["fox-pro"])
+def test_cache_crop_refuses_kv_shift_state(variant):
+    model = tiny_model(**VARIANTS[variant])
+    out = model(torch.stack(prompts([5])), use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    with pytest.raises(NotImplementedError, match="KV-shift"):
+        cache.crop(-2)
