@@ -25,10 +25,18 @@ and backward; ``triton`` runs the fused kernels; ``auto`` picks Triton on CUDA, 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton on this platform: the torch backends still work
+    triton = None
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 TORCH_CHUNK_SIZE = 256
@@ -179,6 +187,642 @@ def _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqle
     return torch.cat(outs, dim=1).to(q.dtype)
 
 
+# ==================================================================================================
+# Triton kernels (FlashAttention-2 structure).
+#
+# Everything below works in base 2: the wrapper stores c2 = log2(e) * c once, and the kernels scale
+# q k^T by qk_scale = log2(e) * sm_scale, so a logit in base 2 is
+#     s2_ij = qk_scale * q_i . k_j + (c2_{p_i} - c2_j)      and   P_ij = exp2(s2_ij - lse2_i).
+# The c difference is taken before it meets q.k: c grows to -1e4 and beyond on long sequences, and
+# subtracting two nearby float32 values is exact where adding a large one to q.k would round it.
+#
+# Visibility of key j from query row i (key position p_i = Tk - Tq + i):
+#     key_lo_i <= j <= p_i
+# key_lo (B, Tq) is seq_start[b] (left padding) or the start of the row's packed sequence (varlen);
+# query_hi (B, Tk) is its mirror for the backward pass: one past the last key position whose row can
+# still see key j. Both are int32, often stride-0 views, and only read when MASK_LO is set.
+#
+# Loop bounds come from two helpers, `_query_block_key_range` and `_key_block_query_range`: each splits
+# a block's range into blocks that need the causal mask (the diagonal) and blocks that do not. Adaptive
+# computation pruning (FOX.md section 3) only has to move `start` of the first and `end` of the second.
+# ==================================================================================================
+
+LOG2E = 1.4426950408889634
+# Without Triton the kernels stay plain (never called) functions, so the module still imports.
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+
+@_jit
+def _initial_max(BLOCK_M: tl.constexpr):
+    """Start of the running max. Masked logits are -inf; starting below every real base-2 logit but finite
+    means a row with no visible key never computes (-inf) - (-inf)."""
+    return tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+
+
+@_jit
+def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile, masking only what can run out: rows past n_rows, the padded head dim."""
+    if CHECK_ROWS:
+        mask = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@_jit
+def _load_vec(ptrs, idx, n, other, CHECK: tl.constexpr):
+    if CHECK:
+        vec = tl.load(ptrs, mask=idx < n, other=other)
+    else:
+        vec = tl.load(ptrs)
+    return vec
+
+
+@_jit
+def _mask_scores(s, q_pos, keys, key_lo, CAUSAL: tl.constexpr, MASK_LO: tl.constexpr):
+    """-inf where the key is not visible; q_pos, keys and key_lo come already broadcast to s's layout."""
+    if CAUSAL:
+        s = tl.where(keys <= q_pos, s, float("-inf"))
+    if MASK_LO:
+        s = tl.where(keys >= key_lo, s, float("-inf"))
+    return s
+
+
+@_jit
+def _query_block_key_range(m0, offset, Tk, first_key_lo, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys read by query rows [m0, m0 + BLOCK_M): [start, mid) needs no causal mask, [mid, end) does.
+
+    key_lo never decreases along the rows, so the block's first row has the smallest one.
+    """
+    start = (first_key_lo // BLOCK_N) * BLOCK_N
+    mid = tl.maximum(((offset + m0 + 1) // BLOCK_N) * BLOCK_N, start)
+    end = tl.minimum(offset + m0 + BLOCK_M, Tk)
+    return start, mid, end
+
+
+@_jit
+def _key_block_query_range(n0, offset, q_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query rows that read keys [n0, n0 + BLOCK_N): [start, mid) needs the causal mask, [mid, end) not.
+
+    q_end is one past the last row that may see the block (Tq, or the end of a packed sequence).
+    """
+    start = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
+    mid = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M, start)
+    return start, tl.minimum(mid, q_end), q_end
+
+
+@_jit
+def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
+               start, end, offs_n, offs_d,
+               CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [start, end). Only causal (diagonal) blocks can run past Tk."""
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + offs_n
+        k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        c_k = _load_vec(C + keys, keys, Tk, 0.0, CAUSAL)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + (c_q[:, None] - c_k[None, :])
+        s = _mask_scores(s, q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(V + keys[:, None] * stride_vt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@_jit
+def _fwd_kernel(Q, K, V, C, KEY_LO, O, LSE,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lob, stride_lot,
+                H, Tq, Tk, qk_scale,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head). Writes O and the base-2 log-sum-exp."""
+    # Latest query blocks first: they have the most keys, and the short ones fill the tail of the grid.
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offset = Tk - Tq
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + (h // GROUP) * stride_kh
+    V += b * stride_vb + (h // GROUP) * stride_vh
+    C += bh * Tk
+
+    q = _load_tile(Q + rows[:, None] * stride_qt + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    q_pos = offset + rows
+    c_q = tl.load(C + q_pos, mask=rows < Tq, other=0.0)
+    if MASK_LO:
+        key_lo = tl.load(KEY_LO + b * stride_lob + rows * stride_lot, mask=rows < Tq, other=Tk)
+        first_key_lo = tl.load(KEY_LO + b * stride_lob + m0 * stride_lot)
+    else:
+        key_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+        first_key_lo = 0
+    start, mid, end = _query_block_key_range(m0, offset, Tk, first_key_lo, BLOCK_M, BLOCK_N)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = _initial_max(BLOCK_M)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
+                               start, mid, offs_n, offs_d, False, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
+                               mid, end, offs_n, offs_d, True, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+
+    # A row with no visible key has l = 0: it returns 0, and a finite lse keeps its backward at 0 too.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    o_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    O += b * stride_ob + h * stride_oh
+    tl.store(O + rows[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + bh * Tq + rows, m_i + tl.log2(l_safe), mask=rows < Tq)
+
+
+@_jit
+def _fwd_split_kernel(Q, K, V, C, KEY_LO, O_PART, LSE_PART,
+                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                      stride_vb, stride_vt, stride_vh, stride_lob, stride_lot,
+                      H, Tq, Tk, qk_scale, keys_per_split,
+                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """Decoding (flash-decoding): all Tq <= BLOCK_M rows of one (batch, head) against one slice of the keys.
+
+    A handful of query rows cannot fill the GPU one program per (batch, head), so the keys are split
+    across programs; each writes a normalized partial output and its lse, `_fwd_combine_kernel` merges.
+    """
+    split = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offset = Tk - Tq
+    rows = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + (h // GROUP) * stride_kh
+    V += b * stride_vb + (h // GROUP) * stride_vh
+    C += bh * Tk
+
+    q = _load_tile(Q + rows[:, None] * stride_qt + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    q_pos = offset + rows
+    c_q = tl.load(C + q_pos, mask=rows < Tq, other=0.0)
+    start = split * keys_per_split
+    if MASK_LO:
+        key_lo = tl.load(KEY_LO + b * stride_lob + rows * stride_lot, mask=rows < Tq, other=Tk)
+        start = tl.maximum(start, (tl.load(KEY_LO + b * stride_lob) // BLOCK_N) * BLOCK_N)
+    else:
+        key_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+    end = tl.minimum(split * keys_per_split + keys_per_split, Tk)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = _initial_max(BLOCK_M)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
+                               start, end, offs_n, offs_d, True, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    part = (split * tl.num_programs(1) + bh) * Tq
+    o_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(O_PART + (part + rows[:, None]) * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=o_mask)
+    tl.store(LSE_PART + part + rows, m_i + tl.log2(l_safe), mask=rows < Tq)
+
+
+@_jit
+def _fwd_combine_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_ot, stride_oh, H, Tq, num_splits,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program per (query row, batch * head): O = sum_s 2^(lse_s - lse) O_s, lse = log2 sum_s 2^lse_s."""
+    row = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    splits = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    part = (splits * tl.num_programs(1) + bh) * Tq + row
+    lse_s = tl.load(LSE_PART + part, mask=splits < num_splits, other=float("-inf"))
+    lse_max = tl.max(lse_s, 0)
+    w = tl.exp2(lse_s - lse_max)
+    o_mask = (splits[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM)
+    o_s = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
+    total = tl.sum(w, 0)
+    o = tl.sum(w[:, None] * o_s, 0) / total
+    O += (bh // H) * stride_ob + (bh % H) * stride_oh + row * stride_ot
+    tl.store(O + offs_d, o.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(LSE + bh * Tq + row, lse_max + tl.log2(total))
+
+
+@_jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+                      H, Tq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d O_id dO_id in float32, laid out (B, H, Tq) like the lse."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    b = bh // H
+    h = bh % H
+    o = _load_tile(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+                   rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                    rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * Tq + rows, delta, mask=rows < Tq)
+
+
+@_jit
+def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, stride_qt, stride_dot,
+                    stride_lot, offset, Tq, qk_scale, start, end, offs_m, offs_d,
+                    CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, EVEN_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV and the column sums of dS of one key block over query blocks [start, end).
+
+    Works on transposed scores (keys x queries) so that dK and dV come straight out of tl.dot.
+    Rows past Tq load lse = +inf, which makes their P exactly 0.
+    """
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + offs_m
+        q = _load_tile(Q + rows[:, None] * stride_qt + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D,
+                       not EVEN_M)
+        lse = _load_vec(LSE + rows, rows, Tq, float("inf"), not EVEN_M)
+        c_q = _load_vec(C + offset + rows, rows, Tq, 0.0, not EVEN_M)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale + (c_q[None, :] - c_k[:, None])
+        if MASK_LO:
+            key_lo = _load_vec(KEY_LO + rows * stride_lot, rows, Tq, 0, not EVEN_M)
+        else:
+            key_lo = rows
+        s_t = _mask_scores(s_t, (offset + rows)[None, :], keys[:, None], key_lo[None, :], CAUSAL, MASK_LO)
+        p_t = tl.exp2(s_t - lse[None, :])
+        do = _load_tile(DO + rows[:, None] * stride_dot + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D,
+                        not EVEN_M)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        delta = _load_vec(DELTA + rows, rows, Tq, 0.0, not EVEN_M)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dc += tl.sum(ds_t, 1)
+    return dk, dv, dc
+
+
+@_jit
+def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, DK, DV, DC_COL,
+                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                     stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                     stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                     stride_lob, stride_lot, stride_hib, stride_hit,
+                     H, Tq, Tk, sm_scale, qk_scale,
+                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, EVEN_M: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads that share them.
+
+    dK = s dS^T Q and dV = P^T dO are summed over the group in registers; the column sums of dS (one
+    vector per query head) go to DC_COL (B, H, Tk).
+    """
+    n0 = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1).to(tl.int64)
+    hkv = H // GROUP
+    b = bhk // hkv
+    hk = bhk % hkv
+    offset = Tk - Tq
+    keys = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + b * stride_kb + hk * stride_kh + keys[:, None] * stride_kt + offs_d[None, :],
+                   keys, Tk, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh + keys[:, None] * stride_vt + offs_d[None, :],
+                   keys, Tk, offs_d, HEAD_DIM, BLOCK_D, True)
+    if MASK_LO:
+        last_key = tl.minimum(n0 + BLOCK_N, Tk) - 1
+        q_end = tl.minimum(tl.load(QUERY_HI + b * stride_hib + last_key * stride_hit) - offset, Tq)
+    else:
+        q_end = Tq
+    start, mid, end = _key_block_query_range(n0, offset, q_end, BLOCK_M, BLOCK_N)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_dob + h * stride_doh
+        c_k = tl.load(C + bh * Tk + keys, mask=keys < Tk, other=0.0)
+        dc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+                                     C + bh * Tk, KEY_LO + b * stride_lob, stride_qt, stride_dot, stride_lot,
+                                     offset, Tq, qk_scale, start, mid, offs_m, offs_d,
+                                     True, MASK_LO, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+                                     C + bh * Tk, KEY_LO + b * stride_lob, stride_qt, stride_dot, stride_lot,
+                                     offset, Tq, qk_scale, mid, end, offs_m, offs_d,
+                                     False, MASK_LO, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        tl.store(DC_COL + bh * Tk + keys, dc, mask=keys < Tk)
+
+    kv_mask = (keys[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@_jit
+def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
+                  start, end, offs_n, offs_d,
+                  CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ and the row sums of dS of one query block over key blocks [start, end)."""
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + offs_n
+        k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        v = _load_tile(V + keys[:, None] * stride_vt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        c_k = _load_vec(C + keys, keys, Tk, 0.0, CAUSAL)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + (c_q[:, None] - c_k[None, :])
+        s = _mask_scores(s, q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dc += tl.sum(ds, 1)
+    return dq, dc
+
+
+@_jit
+def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, DQ, DC_ROW,
+                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                   stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                   stride_dqb, stride_dqt, stride_dqh, stride_lob, stride_lot,
+                   H, Tq, Tk, sm_scale, qk_scale,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head). dQ = s dS K; row sums of dS go to DC_ROW."""
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offset = Tk - Tq
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    K += b * stride_kb + (h // GROUP) * stride_kh
+    V += b * stride_vb + (h // GROUP) * stride_vh
+    C += bh * Tk
+
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                   rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                    rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    lse = tl.load(LSE + bh * Tq + rows, mask=rows < Tq, other=float("inf"))
+    delta = tl.load(DELTA + bh * Tq + rows, mask=rows < Tq, other=0.0)
+    q_pos = offset + rows
+    c_q = tl.load(C + q_pos, mask=rows < Tq, other=0.0)
+    if MASK_LO:
+        key_lo = tl.load(KEY_LO + b * stride_lob + rows * stride_lot, mask=rows < Tq, other=Tk)
+        first_key_lo = tl.load(KEY_LO + b * stride_lob + m0 * stride_lot)
+    else:
+        key_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+        first_key_lo = 0
+    start, mid, end = _query_block_key_range(m0, offset, Tk, first_key_lo, BLOCK_M, BLOCK_N)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk,
+                           qk_scale, start, mid, offs_n, offs_d, False, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N,
+                           DOT_PRECISION)
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk,
+                           qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N,
+                           DOT_PRECISION)
+
+    dq_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=dq_mask)
+    tl.store(DC_ROW + bh * Tq + rows, dc, mask=rows < Tq)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton launch: block sizes, the autograd Function, the wrapper.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _KernelConfig:
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+# First choice per (kernel, padded head dim) for 16-bit inputs on sm80+, tuned on an H100
+# (benchmarks/NOTES.md). Anything that does not fit a GPU's shared memory falls back along
+# _FALLBACK_CONFIGS, so no GPU needs an entry of its own.
+_GPU_CONFIGS = {
+    ("fwd", 16): _KernelConfig(128, 64, 4, 3),
+    ("fwd", 32): _KernelConfig(128, 64, 4, 3),
+    ("fwd", 64): _KernelConfig(128, 64, 4, 3),
+    ("fwd", 128): _KernelConfig(128, 64, 8, 3),
+    ("fwd", 256): _KernelConfig(64, 64, 8, 2),
+    ("dkdv", 16): _KernelConfig(64, 128, 8, 3),
+    ("dkdv", 32): _KernelConfig(64, 128, 8, 3),
+    ("dkdv", 64): _KernelConfig(64, 128, 8, 3),
+    ("dkdv", 128): _KernelConfig(64, 128, 8, 3),
+    ("dkdv", 256): _KernelConfig(32, 64, 8, 2),
+    ("dq", 16): _KernelConfig(128, 64, 8, 3),
+    ("dq", 32): _KernelConfig(128, 64, 8, 3),
+    ("dq", 64): _KernelConfig(128, 64, 8, 3),
+    ("dq", 128): _KernelConfig(128, 64, 8, 3),
+    ("dq", 256): _KernelConfig(64, 32, 8, 2),
+    ("decode", 16): _KernelConfig(16, 64, 4, 3),
+    ("decode", 32): _KernelConfig(16, 64, 4, 3),
+    ("decode", 64): _KernelConfig(16, 64, 4, 3),
+    ("decode", 128): _KernelConfig(16, 64, 4, 3),
+    ("decode", 256): _KernelConfig(16, 32, 4, 2),
+}
+_FALLBACK_CONFIGS = (_KernelConfig(64, 64, 4, 2), _KernelConfig(32, 32, 4, 1), _KernelConfig(16, 16, 4, 1))
+# Under TRITON_INTERPRET: small tiles, unequal so that tests cross block edges both ways.
+_INTERPRET_CONFIGS = {
+    "fwd": _KernelConfig(32, 16, 1, 1),
+    "dkdv": _KernelConfig(16, 32, 1, 1),
+    "dq": _KernelConfig(32, 16, 1, 1),
+    "decode": _KernelConfig(16, 16, 1, 1),
+}
+# Tests and the benchmark's tuning sweep pin a configuration per kernel kind here.
+_CONFIG_OVERRIDES: dict[str, _KernelConfig] = {}
+_CONFIG_CHOSEN: dict[tuple, _KernelConfig] = {}
+# Up to this many query rows (one tile), the forward pass splits the keys instead (decoding).
+_DECODE_MAX_ROWS = 16
+
+
+def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torch.device) -> list[_KernelConfig]:
+    if device.type != "cuda":
+        return [_INTERPRET_CONFIGS[kind]]
+    first = _GPU_CONFIGS[(kind, block_d)]
+    if dtype == torch.float32:  # twice the bytes per tile: start from half the tile
+        first = _KernelConfig(max(16, first.block_m // 2), max(16, first.block_n // 2), first.num_warps, 2)
+    if kind == "decode":  # every query row must fit one tile
+        return [first, _KernelConfig(16, 16, 4, 1)]
+    return [first, *(c for c in _FALLBACK_CONFIGS if c.block_m * c.block_n < first.block_m * first.block_n)]
+
+
+def _launch(kind: str, q: torch.Tensor, block_d: int, launch) -> None:
+    """Call ``launch(config)`` with the first configuration whose tiles fit the GPU's shared memory."""
+    if kind in _CONFIG_OVERRIDES:
+        return launch(_CONFIG_OVERRIDES[kind])
+    key = (kind, block_d, q.dtype, q.device)
+    if key in _CONFIG_CHOSEN:
+        return launch(_CONFIG_CHOSEN[key])
+    for config in _candidate_configs(kind, block_d, q.dtype, q.device):
+        try:
+            launch(config)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        _CONFIG_CHOSEN[key] = config
+        return
+    raise RuntimeError(f"no Triton configuration of the {kind} kernel fits this GPU (head dim {block_d}, {q.dtype})")
+
+
+def _common_meta(q: torch.Tensor, k: torch.Tensor, key_lo) -> dict:
+    D = q.shape[-1]
+    return dict(GROUP=q.shape[2] // k.shape[2], HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                MASK_LO=key_lo is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _strides(t, n=3):
+    """The first n strides of t; (0, ...) for an absent optional tensor (its kernel flag is off)."""
+    return t.stride()[:n] if t is not None else (0,) * n
+
+
+def _triton_forward(q, k, v, c2, key_lo, scale):
+    """O (B, Tq, H, D) in q's dtype and the base-2 lse (B, H, Tq) in float32."""
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    meta = _common_meta(q, k, key_lo)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    lo = key_lo if key_lo is not None else c2  # any tensor: the kernel does not read it without MASK_LO
+    args = (q, k, v, c2, lo)
+    strides = (*_strides(q), *_strides(k), *_strides(v))
+    if Tq > _DECODE_MAX_ROWS:
+        _launch("fwd", q, meta["BLOCK_D"], lambda cfg: _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
+            *args, o, lse, *strides, *o.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
+        return o, lse
+
+    def split_forward(cfg):
+        splits, keys_per_split = _decode_splits(B * H, Tk, cfg.block_n, q.device)
+        o_part = torch.empty(splits, B * H, Tq, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(splits, B * H, Tq, dtype=torch.float32, device=q.device)
+        _fwd_split_kernel[(splits, B * H)](
+            *args, o_part, lse_part, *strides, *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E, keys_per_split,
+            BLOCK_M=_DECODE_MAX_ROWS, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **meta)
+        _fwd_combine_kernel[(Tq, B * H)](o_part, lse_part, o, lse, *o.stride()[:3], H, Tq, splits, HEAD_DIM=D,
+                                         BLOCK_D=meta["BLOCK_D"], BLOCK_S=triton.next_power_of_2(splits))
+
+    _launch("decode", q, meta["BLOCK_D"], split_forward)
+    return o, lse
+
+
+def _decode_splits(programs: int, Tk: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """Split the keys so that about two programs run per multiprocessor; return (splits, keys per split)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    blocks = triton.cdiv(Tk, block_n)
+    per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(2 * sms, programs), 128))) * block_n
+    return triton.cdiv(Tk, per_split), per_split
+
+
+def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, scale):
+    """dq, dk, dv in their inputs' dtypes and dc (B, Tk, H) float32 (gradient of c, not of c2)."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    meta = _common_meta(q, k, key_lo)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq,
+                                                    HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
+    dc_col = torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)
+    dc_row = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    lo = key_lo if key_lo is not None else c2
+    hi = query_hi if query_hi is not None else c2
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    qk_scale = scale * LOG2E
+    _launch("dkdv", q, meta["BLOCK_D"], lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * Hkv)](
+        q, k, v, c2, do, lse, delta, lo, hi, dk, dv, dc_col, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        *_strides(key_lo, 2), *_strides(query_hi, 2), H, Tq, Tk, scale, qk_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_M=Tq % cfg.block_m == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
+    _launch("dq", q, meta["BLOCK_D"], lambda cfg: _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
+        q, k, v, c2, do, lse, delta, lo, dq, dc_row, *strides, *dq.stride()[:3], *_strides(key_lo, 2),
+        H, Tq, Tk, scale, qk_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
+    # dc_t = (row sum of dS at the query sitting at position t) - (column sum of dS at key t).
+    dc = dc_col.neg_()
+    dc[:, :, Tk - Tq:] += dc_row
+    return dq, dk, dv, dc.transpose(1, 2)
+
+
+class _TritonForgettingAttention(torch.autograd.Function):
+    """O = forgetting attention of (q, k, v, c) with c = cumsum(log f) given; gradients for all four."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, c, scale, key_lo, query_hi):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        c2 = (c * LOG2E).transpose(1, 2).contiguous()  # (B, H, Tk): one row of keys per head
+        o, lse = _triton_forward(q, k, v, c2, key_lo, scale)
+        ctx.save_for_backward(q, k, v, c2, o, lse, key_lo, query_hi)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, c2, o, lse, key_lo, query_hi = ctx.saved_tensors
+        dq, dk, dv, dc = _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, ctx.scale)
+        return dq, dk, dv, dc, None, None, None
+
+
+def _visibility_bounds(q, k, seq_start, cu_seqlens):
+    """key_lo (B, Tq) and query_hi (B, Tk) int32 as the kernels read them (see the section header)."""
+    B, Tq = q.shape[:2]
+    Tk = k.shape[1]
+    if seq_start is not None:
+        key_lo = seq_start.to(torch.int32).clamp(0, Tk)[:, None].expand(B, Tq)
+        return key_lo, torch.full((1, 1), Tk, dtype=torch.int32, device=q.device).expand(B, Tk)
+    if cu_seqlens is not None:
+        offsets = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        lengths = offsets.diff()
+        starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=Tk)
+        ends = torch.repeat_interleave(offsets[1:], lengths, output_size=Tk)
+        return starts[None], ends[None]
+    return None, None
+
+
+def _triton_unavailable_reason(q: torch.Tensor) -> str | None:
+    if triton is None:
+        return "Triton is not installed"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernels take float16, bfloat16 or float32, not {q.dtype}"
+    if q.shape[-1] > 256:
+        return f"the Triton kernels take head dims up to 256, not {q.shape[-1]}"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them on the CPU)"
+    return None
+
+
+def _forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens):
+    reason = _triton_unavailable_reason(q)
+    if reason is not None:
+        raise ValueError(f"backend='triton': {reason}")
+    c = log_fgate.float().cumsum(dim=1)  # autograd turns dc into dlog f (a reverse cumsum)
+    key_lo, query_hi = _visibility_bounds(q, k, seq_start, cu_seqlens)
+    return _TritonForgettingAttention.apply(q, k, v, c, scale, key_lo, query_hi)
+
+
 # --------------------------------------------------------------------------------------------------
 # Public entry point.
 # --------------------------------------------------------------------------------------------------
@@ -203,13 +847,13 @@ def forgetting_attention(q, k, v, log_fgate, *, sm_scale=None, seq_start=None, c
     if adaptive_threshold is not None:
         raise NotImplementedError("adaptive_threshold (adaptive computation pruning) is not implemented yet")
     if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
+        backend = "triton" if q.is_cuda and _triton_unavailable_reason(q) is None else "torch"
     if backend == "reference":
         return forgetting_attention_reference(q, k, v, log_fgate, sm_scale=scale, seq_start=seq_start,
                                               cu_seqlens=cu_seqlens)
     if backend == "torch":
         return _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqlens)
-    raise NotImplementedError("the Triton backend is not implemented yet; use backend='torch' or 'reference'")
+    return _forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens)
 
 
 def log_forget_gate(logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""The Triton kernels on the CPU (TRITON_INTERPRET=1) against the float64 reference.
+
+Every test draws fresh random inputs and compares the output and all four gradients (q, k, v, log f)
+by relative error ||a - b|| / ||b||. Shapes stay tiny: the interpreter runs each program in Python.
+Run with `make test-interpret` (TRITON_INTERPRET must be set before Triton is imported).
+bfloat16 is left to tests/test_triton_gpu.py: the interpreter's tl.dot miscomputes bfloat16 operands.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.interpret
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 set before Triton is imported: run `make test-interpret`",
+                allow_module_level=True)
+
+from foxlab import kernels  # noqa: E402
+from foxlab.kernels import forgetting_attention, forgetting_attention_reference  # noqa: E402
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b||, with a floor for gradients that vanish exactly (a single visible key, say)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(0.1)).item()
+
+
+def make_inputs(B, Tq, Tk, H, Hkv, D, dtype=torch.float32):
+    q = torch.randn(B, Tq, H, D, dtype=dtype)
+    k = torch.randn(B, Tk, Hkv, D, dtype=dtype)
+    v = torch.randn(B, Tk, Hkv, D, dtype=dtype)
+    # Gates between ~0.3 and ~0.99 so that c spans a few units over these lengths.
+    log_f = F.logsigmoid(torch.randn(B, Tk, H) * 1.5 + 2.0)
+    return q, k, v, log_f
+
+
+def run_both(q, k, v, log_f, **kw):
+    """(Triton output, its 4 gradients), (float64 reference output, its 4 gradients) for one random dO."""
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, log_f)]
+    out = forgetting_attention(*leaves, backend="triton", **kw)
+    d_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, d_out)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, log_f)]
+    ref = forgetting_attention_reference(*ref_leaves, **kw)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, d_out.double())
+    return (out, *grads), (ref, *ref_grads)
+
+
+def check(B=2, Tq=33, Tk=None, H=2, Hkv=None, D=32, dtype=torch.float32, tol=1e-4, **kw):
+    Tk = Tq if Tk is None else Tk
+    Hkv = H if Hkv is None else Hkv
+    ours, ref = run_both(*make_inputs(B, Tq, Tk, H, Hkv, D, dtype), **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dlog_f"), ours, ref):
+        assert a.shape == b.shape, name
+        assert torch.isfinite(a).all(), f"{name} has NaN/inf"
+        assert rel_err(a, b) <= tol, f"{name}: relative error {rel_err(a, b):.2e}"
+    return ours
+
+
+@pytest.mark.parametrize("T", [1, 7, 33, 65])
+def test_causal_lengths(T):
+    check(Tq=T)
+
+
+@pytest.mark.parametrize("D", [16, 48, 80])
+def test_head_dims(D):
+    check(Tq=21, D=D)
+
+
+@pytest.mark.parametrize("Hkv", [1, 2])
+def test_gqa(Hkv):
+    check(Tq=33, H=4, Hkv=Hkv, D=48)
+
+
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 40), (7, 65), (16, 33), (17, 64), (20, 33)])
+def test_queries_aligned_to_last_keys(Tq, Tk):
+    """Tq <= 16 takes the split-key (decoding) forward, longer ones the blocked forward."""
+    check(Tq=Tq, Tk=Tk, H=4, Hkv=2)
+
+
+def test_sm_scale():
+    check(Tq=33, sm_scale=0.3)
+
+
+def test_seq_start_left_padding():
+    check(Tq=65, seq_start=torch.tensor([0, 40]))
+    check(Tq=5, Tk=40, seq_start=torch.tensor([3, 37]), H=4, Hkv=1)
+
+
+def test_rows_without_keys_give_zeros():
+    """Rows before seq_start see no key: zero output and zero gradients, never NaN (both forward paths)."""
+    for Tq, Tk in ((33, 33), (4, 20)):
+        seq_start = torch.tensor([Tk, 10])  # batch row 0 sees nothing at all
+        out, dq, dk, dv, dlog_f = check(Tq=Tq, Tk=Tk, seq_start=seq_start)
+        assert out[0].abs().max() == 0 and dq[0].abs().max() == 0
+        assert dk[0].abs().max() == 0 and dv[0].abs().max() == 0 and dlog_f[0].abs().max() == 0
+        first_seen = 10 - (Tk - Tq)  # query rows of batch row 1 before key 10
+        if first_seen > 0:
+            assert out[1, :first_seen].abs().max() == 0
+
+
+@pytest.mark.parametrize("offsets", [[0, 7, 7, 30, 50], [0, 50], [0, 1, 17, 50]])
+def test_varlen(offsets):
+    check(B=1, Tq=50, H=4, Hkv=2, cu_seqlens=torch.tensor(offsets))
+
+
+def test_strided_inputs():
+    """Head-major storage (B, H, T, D) viewed as (B, T, H, D): only the last dim is contiguous."""
+    q, k, v, log_f = make_inputs(2, 33, 33, 2, 2, 32)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    ours, ref = run_both(q, k, v, log_f)
+    assert max(rel_err(a, b) for a, b in zip(ours, ref)) <= 1e-4
+
+
+def test_float16():
+    check(Tq=33, D=48, dtype=torch.float16, tol=1e-2)
+
+
+@pytest.mark.parametrize("tiles", [(16, 16), (16, 32), (32, 16)])
+def test_other_tile_shapes(monkeypatch, tiles):
+    """The loop bounds for other (BLOCK_M, BLOCK_N) pairs, with an offset and left padding."""
+    config = kernels._KernelConfig(*tiles, 1, 1)
+    for kind in ("fwd", "dkdv", "dq"):
+        monkeypatch.setitem(kernels._CONFIG_OVERRIDES, kind, config)
+    check(Tq=37, Tk=50, H=2, Hkv=1, seq_start=torch.tensor([0, 13]))
+    check(B=1, Tq=45, cu_seqlens=torch.tensor([0, 16, 29, 45]))
+
+
+def test_dispatch():
+    q, k, v, log_f = make_inputs(1, 5, 5, 2, 2, 16)
+    # "auto" on CPU tensors stays on the torch path, float64 included; "triton" refuses float64.
+    forgetting_attention(q.double(), k.double(), v.double(), log_f, backend="auto")
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        forgetting_attention(q.double(), k.double(), v.double(), log_f, backend="triton")
