@@ -1,0 +1,327 @@
+"""foxlab.viz: the figures carry the model's real numbers; explorer, export and report work offline."""
+
+import math
+import re
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM
+from foxlab import viz
+
+T = 24
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_model(**overrides) -> ForgettingTransformerForCausalLM:
+    torch.manual_seed(0)
+    config = ForgettingTransformerConfig.from_preset("tiny", num_hidden_layers=2, **overrides)
+    return ForgettingTransformerForCausalLM(config)
+
+
+def random_ids(n: int = T, seed: int = 1) -> torch.Tensor:
+    return torch.randint(4, 260, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+class ByteTokenizer:
+    """Minimal stand-in: bytes at 4..259, specials 0..3 with HTML-like names."""
+
+    specials = ["<pad>", "<bos>", "<eos>", "<reset>"]
+
+    def encode(self, text):
+        return [b + 4 for b in text.encode()]
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.specials[i] if i < 4 else chr(i - 4) for i in ids]
+
+    def decode(self, ids):
+        return bytes(i - 4 for i in ids if i >= 4).decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def model():
+    # Spread gate biases so heads forget at different rates (timescales 2..64 tokens).
+    return make_model(fgate_init_timescales=[2.0, 64.0])
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return random_ids()
+
+
+@pytest.fixture(scope="module")
+def reference(model, ids):
+    with torch.no_grad():
+        return model.eval()(ids[None], output_attentions=True, output_forget_gates=True, use_cache=False)
+
+
+@pytest.fixture(scope="module")
+def insp(model, ids):
+    return viz.inspect(model, ids)
+
+
+def z(trace) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(trace.z, dtype=np.float64))
+
+
+def decay_by_loop(log_f: torch.Tensor) -> torch.Tensor:
+    """F_ij = prod_{s=j+1..i} f_s (float64, NaN above the diagonal), straight from FOX.md."""
+    n = log_f.shape[0]
+    out = torch.full((n, n), math.nan, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1):
+            out[i, j] = math.exp(log_f[j + 1 : i + 1].double().sum().item())
+    return out
+
+
+def lower(a: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(a.double(), nan=0.0).tril()
+
+
+# --- inspect ----------------------------------------------------------------------------------------
+
+
+def test_inspection_holds_the_models_numbers(insp, reference, ids):
+    assert insp.token_ids == ids.tolist() and insp.tokens == [str(i) for i in ids.tolist()]
+    assert (insp.num_layers, insp.num_heads, insp.num_tokens, insp.window_start) == (2, 4, T, 0)
+    for layer in range(2):
+        torch.testing.assert_close(insp.log_f[layer], reference.forget_gates[layer][0])
+        torch.testing.assert_close(insp.attentions[layer], reference.attentions[layer][0])
+        torch.testing.assert_close(insp.c[layer], reference.forget_gates[layer][0].double().cumsum(0))
+
+
+def test_inspect_text_2d_and_batches(model, ids):
+    tok = ByteTokenizer()
+    from_text = viz.inspect(model, "hi <there>", tok)
+    assert from_text.tokens == ["h", "i", "␣", "<", "t", "h", "e", "r", "e", ">"]
+    assert viz.inspect(model, ids[None]).token_ids == ids.tolist()
+    batch = torch.stack([ids, random_ids(seed=2)])
+    with pytest.raises(ValueError, match="row="):
+        viz.inspect(model, batch)
+    assert viz.inspect(model, batch, row=1).token_ids == batch[1].tolist()
+    with pytest.raises(TypeError, match="tokenizer"):
+        viz.inspect(model, "text without a tokenizer")
+
+
+def test_inspect_restores_training_mode(ids):
+    model = make_model().train()
+    viz.inspect(model, ids)
+    assert model.training
+
+
+# --- figures ----------------------------------------------------------------------------------------
+
+
+def test_gate_heatmap_is_exp_log_f(insp, reference):
+    fig = viz.plot_forget_gates(insp)
+    assert len(fig.data) == 2 and "all layers" in fig.layout.title.text
+    for layer, trace in enumerate(fig.data):
+        torch.testing.assert_close(z(trace), reference.forget_gates[layer][0].T.double().exp())
+        assert trace.coloraxis == "coloraxis"  # one shared colour scale
+    assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmax == 1
+    one = viz.plot_forget_gates(insp, layer=1, heads=[3, 1])
+    assert len(one.data) == 1 and "layer 1" in one.layout.title.text
+    assert list(one.data[0].y) == ["head 3", "head 1"]
+    torch.testing.assert_close(z(one.data[0]), reference.forget_gates[1][0][:, [3, 1]].T.double().exp())
+    with pytest.raises(IndexError, match="layer 5"):
+        viz.plot_forget_gates(insp, layer=5)
+
+
+def test_hover_labels_hold_tokens_and_positions(model):
+    tok = ByteTokenizer()
+    ids = [1] + tok.encode("ab\nc") + [3]
+    insp = viz.inspect(model, ids, tok)
+    expected = ["0:&lt;bos&gt;", "1:a", "2:b", "3:↵", "4:c", "5:&lt;reset&gt;"]
+    gates = viz.plot_forget_gates(insp, layer=0).data[0]
+    assert list(gates.x) == expected and "%{x}" in gates.hovertemplate
+    attention = viz.plot_attention(insp, 0, 0, with_decay=False).data[0]
+    assert list(attention.x) == expected and list(attention.y) == expected
+    assert "%{x}" in attention.hovertemplate and "%{y}" in attention.hovertemplate
+
+
+def test_decay_is_exp_of_cumsum_differences(insp, reference):
+    for layer, head in [(0, 0), (1, 3)]:
+        expected = decay_by_loop(reference.forget_gates[layer][0][:, head])
+        fig = viz.plot_decay(insp, layer, head)
+        assert f"Layer {layer}, head {head}" in fig.layout.title.text
+        log10 = z(fig.data[0])
+        assert torch.isnan(log10[torch.ones(T, T, dtype=torch.bool).triu(1)]).all()  # upper triangle blank
+        torch.testing.assert_close(lower(10 ** log10), lower(expected), rtol=1e-5, atol=1e-12)
+        linear = z(viz.plot_decay(insp, layer, head, log=False).data[0])
+        torch.testing.assert_close(lower(linear), lower(expected), rtol=1e-5, atol=1e-12)
+
+
+def test_attention_map_is_output_attentions(insp, reference):
+    fig = viz.plot_attention(insp, 1, 2)
+    assert len(fig.data) == 2 and "Layer 1, head 2" in fig.layout.title.text
+    decay, attention = fig.data
+    expected = reference.attentions[1][0][2].double()
+    torch.testing.assert_close(lower(z(attention)), expected)
+    torch.testing.assert_close(lower(10 ** z(decay)), lower(decay_by_loop(reference.forget_gates[1][0][:, 2])),
+                               rtol=1e-5, atol=1e-12)
+    alone = viz.plot_attention(insp, 1, 2, with_decay=False)
+    assert len(alone.data) == 1
+    torch.testing.assert_close(lower(z(alone.data[0])), expected)
+    for trace in fig.data:
+        assert trace.colorscale is not None and trace.colorbar.title.text
+
+
+def test_head_timescales_from_model_and_sample(model, insp):
+    # sigmoid(b) = exp(-1/T_h) with T_h log-spaced 2..64: the model's timescales are those T_h.
+    expected = torch.logspace(math.log10(2), math.log10(64), 4, dtype=torch.float64)
+    torch.testing.assert_close(viz.head_timescales(model), expected.expand(2, 4), rtol=1e-5, atol=0)
+    measured = viz.head_timescales(insp)
+    for layer in range(2):
+        c = insp.c[layer]
+        for head in range(4):
+            dist = next((d for d in range(1, T) if (c[d:, head] - c[:-d, head]).exp().mean() < math.exp(-1)),
+                        math.inf)
+            assert measured[layer, head] == dist
+    fig = viz.plot_head_timescales(insp)
+    assert len(fig.data) == 1 and "measured on 24 tokens" in fig.layout.title.text
+    assert list(fig.data[0].y) == ["layer 0", "layer 1"] and len(fig.data[0].x) == 4
+    from_model = viz.plot_head_timescales(model)
+    assert "gate biases" in from_model.layout.title.text and "input-independent" in from_model.layout.title.text
+
+
+def test_long_inputs_are_cropped_with_a_note(model):
+    ids = random_ids(600, seed=3)
+    with torch.no_grad():
+        ref = model.eval()(ids[None], output_attentions=True, output_forget_gates=True, use_cache=False)
+    insp = viz.inspect(model, ids)
+    assert insp.num_tokens == 600 and insp.window_start == 600 - viz.MAX_MAP_TOKENS
+    fig = viz.plot_attention(insp, 0, 1)
+    assert "last 512 of 600 tokens" in fig.layout.title.text
+    assert np.asarray(fig.data[1].z).shape == (512, 512) and fig.data[1].x[0].startswith("88:")
+    torch.testing.assert_close(lower(z(fig.data[1])), ref.attentions[0][0][1, -512:, -512:].double().tril())
+    decay = z(fig.data[0])
+    c = ref.forget_gates[0][0][:, 1].double().cumsum(0)[-512:]
+    torch.testing.assert_close(lower(10 ** decay), lower((c[:, None] - c[None, :]).exp()), rtol=1e-5, atol=1e-12)
+    cropped = viz.inspect(model, ids, max_tokens=100)
+    assert cropped.num_tokens == 100 and cropped.labels()[0].startswith("500:")
+    assert "last 100 of 600 tokens" in viz.plot_forget_gates(cropped).layout.title.text
+
+
+def test_model_without_gate_forgets_nothing(ids):
+    model = make_model(fgate_type="none")
+    insp = viz.inspect(model, ids)
+    for trace in viz.plot_forget_gates(insp).data:
+        assert (z(trace) == 1).all()
+    assert (lower(z(viz.plot_decay(insp, 1, 2).data[0])) == 0).all()  # log10 F = 0: F = 1
+    assert torch.isinf(viz.head_timescales(insp)).all() and torch.isinf(viz.head_timescales(model)).all()
+    assert {t for row in viz.plot_head_timescales(insp).data[0].text for t in row} == {f"≥{T}"}
+    assert {t for row in viz.plot_head_timescales(model).data[0].text for t in row} == {"∞"}
+
+
+# --- explorer ---------------------------------------------------------------------------------------
+
+
+def test_explorer_updates_one_figure_in_place(model, ids):
+    app = viz.explore(model, ids)
+    fw = app.figure
+    assert isinstance(fw, go.FigureWidget) and fw in app.children
+    expected_traces = {"gates": 1, "decay": 1, "attention": 1, "decay+attention": 2}
+    assert app.view.value == "decay+attention" and len(fw.data) == 2
+    before = z(fw.data[1]).clone()
+    app.layer.value = 1
+    assert app.figure is fw and not torch.equal(z(fw.data[1]), before)
+    assert "Layer 1, head 0" in fw.layout.title.text
+    before = z(fw.data[0]).clone()
+    app.head.value = 3
+    assert not torch.equal(torch.nan_to_num(z(fw.data[0])), torch.nan_to_num(before))
+    for view, count in expected_traces.items():
+        app.view.value = view
+        assert len(fw.data) == count and app.head.disabled == (view == "gates")
+        want = app.current_figure()
+        assert fw.layout.to_plotly_json() == want.layout.to_plotly_json()  # no stale axes or titles
+        for got, ref in zip(fw.data, want.data):
+            torch.testing.assert_close(torch.nan_to_num(z(got)), torch.nan_to_num(z(ref)))
+    app.view.value = "decay"
+    assert "xaxis2" not in fw.layout.to_plotly_json()
+
+
+def test_explorer_text_box_reruns_the_model(model):
+    tok = ByteTokenizer()
+    app = viz.explore(model, "hello", tok)
+    assert app.text.value == "hello" and len(app.figure.data[0].x) == 5
+    app.text.value = "hello there"
+    assert app.inspection.num_tokens == 11 and len(app.figure.data[0].x) == 11
+    app_ids = viz.explore(model, [5, 6, 7])
+    assert app_ids.text.value == "5 6 7"
+    app_ids.text.value = "9 10"
+    assert app_ids.inspection.token_ids == [9, 10] and app_ids.status.value == ""
+    app_ids.text.value = "not ids"
+    assert "input not used" in app_ids.status.value and app_ids.inspection.token_ids == [9, 10]
+
+
+# --- export -----------------------------------------------------------------------------------------
+
+
+def assert_offline(page: str) -> None:
+    assert not re.search(r"<script[^>]*src=[\"']?http", page), "a script is loaded from the network"
+    assert page.count("plotly.js v") == 1, "plotly.js must be embedded exactly once"
+
+
+def test_save_html_is_offline(insp, tmp_path):
+    path = viz.save(viz.plot_attention(insp, 0, 0), tmp_path / "fig.html")
+    assert_offline(path.read_text(encoding="utf-8"))
+    with pytest.raises(ValueError, match="unknown figure format"):
+        viz.save(go.Figure(), tmp_path / "fig.txt")
+
+
+@pytest.mark.skipif(viz.find_chrome() is None, reason="no Chrome/Chromium (apt-get install -y chromium)")
+def test_save_png_makes_a_real_image(insp, tmp_path):
+    path = viz.save(viz.plot_decay(insp, 0, 1), tmp_path / "decay.png")
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (620, 560)
+
+
+def test_missing_browser_gives_install_advice(monkeypatch, tmp_path):
+    def no_chrome(*args, **kwargs):
+        raise RuntimeError("Kaleido requires Google Chrome to be installed.")
+
+    monkeypatch.setattr(viz, "find_chrome", lambda: None)
+    monkeypatch.setattr(viz.pio, "to_image", no_chrome)
+    with pytest.raises(viz.StaticExportError, match="apt-get install -y chromium"):
+        viz.save(go.Figure(), tmp_path / "fig.png")
+
+
+def test_show_adds_png_when_it_can_and_fails_soft(insp, monkeypatch, capsys):
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj, raw=False: shown.append(obj))
+    fig = viz.plot_forget_gates(insp, layer=0)
+    if viz.find_chrome() is not None:
+        viz.show(fig)
+        bundle = shown.pop()
+        assert "application/vnd.plotly.v1+json" in bundle and bundle["image/png"].startswith("iVBORw0KGgo")
+
+    def fail(*args, **kwargs):
+        raise viz.StaticExportError(viz.INSTALL_CHROME)
+
+    monkeypatch.setattr(viz, "to_image", fail)
+    viz.show(fig)
+    bundle = shown.pop()
+    assert "application/vnd.plotly.v1+json" in bundle and "image/png" not in bundle
+    assert "interactive only" in capsys.readouterr().out
+
+
+def test_write_report_has_every_section(model, ids, reference, tmp_path):
+    marks = [5, 17]
+    path = viz.write_report(tmp_path / "report.html", model, ids, losses=[5.5, 4.0, 3.2],
+                            marked_positions=marks, title="demo <run>")
+    page = path.read_text(encoding="utf-8")
+    assert_offline(page)
+    assert "<title>demo &lt;run&gt;</title>" in page
+    for section in ("Training loss", "Forget gates", "Decay and attention", "Head timescales"):
+        assert f"<h2>{section}" in page
+    assert page.count("Plotly.newPlot") == 4
+    scores = torch.stack([g[0][marks].mean(0) for g in reference.forget_gates])
+    layer, head = divmod(int(scores.argmin()), 4)
+    assert f"<h2>Decay and attention: layer {layer}, head {head}</h2>" in page
+    assert page.count('"dash":"dash"') == 2 * len(marks)  # one line per mark on each layer's subplot
+    plain = viz.write_report(tmp_path / "plain.html", model, ids).read_text(encoding="utf-8")
+    assert "Training loss" not in plain and "<h2>Decay and attention: layer 0, head 0</h2>" in plain
