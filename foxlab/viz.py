@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ipywidgets as widgets
+import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 import torch
@@ -242,7 +243,7 @@ def plot_attention(insp: Inspection, layer: int, head: int, with_decay: bool = T
     fig.add_trace(_attention_trace(insp, layer, head), 1, 2)
     _map_layout(fig, f"Layer {layer}, head {head}: forget-gate matrix F and attention A{insp.note(True)}")
     fig.update_xaxes(matches="x")
-    fig.update_layout(width=None, height=560)
+    fig.update_layout(width=1080)
     return fig
 
 
@@ -380,9 +381,12 @@ class Explorer(widgets.VBox):
             value = " ".join(map(str, self.inspection.token_ids))
         self.text = widgets.Textarea(value=value, description="text" if tokenizer else "token ids",
                                      continuous_update=False, layout=widgets.Layout(width="100%"))
-        self.layer = widgets.Dropdown(options=list(range(self.inspection.num_layers)), value=0, description="layer")
-        self.head = widgets.Dropdown(options=list(range(self.inspection.num_heads)), value=0, description="head")
-        self.view = widgets.ToggleButtons(options=VIEWS, value="decay+attention")
+        narrow = widgets.Layout(width="150px")
+        self.layer = widgets.Dropdown(options=list(range(self.inspection.num_layers)), value=0, description="layer",
+                                      layout=narrow)
+        self.head = widgets.Dropdown(options=list(range(self.inspection.num_heads)), value=0, description="head",
+                                     layout=narrow)
+        self.view = widgets.ToggleButtons(options=VIEWS, value="decay+attention", style={"button_width": "auto"})
         self.status = widgets.HTML()
         self.figure = go.FigureWidget()
         super().__init__([self.text, widgets.HBox([self.layer, self.head, self.view]), self.status, self.figure])
@@ -409,14 +413,14 @@ class Explorer(widgets.VBox):
         same = [sorted(t.to_plotly_json()) for t in fw.data] == [sorted(t.to_plotly_json()) for t in new.data]
         if not same:
             fw.data = []
-            fw.add_traces(list(new.data))
+            fw.add_traces([_json_safe(trace.to_plotly_json()) for trace in new.data])
         stale = set(fw.layout.to_plotly_json()) - set(layout)  # e.g. decay+attention's second axes
         if stale:
             fw.plotly_relayout({key: None for key in stale})  # (a None set inside batch_update is dropped)
         with fw.batch_update():
             if same:
                 for old, trace in zip(fw.data, new.data):
-                    old.update(trace.to_plotly_json(), overwrite=True)
+                    old.update(_json_safe(trace.to_plotly_json()), overwrite=True)
             fw.layout.update(layout, overwrite=True)
 
     def _on_text(self, change) -> None:
@@ -429,6 +433,14 @@ class Explorer(widgets.VBox):
             return
         self.inspection, self.status.value = insp, ""
         self.redraw()
+
+
+def _json_safe(trace: dict) -> dict:
+    """The trace with NaN in z as None: the widget sends 2-D arrays as JSON lists, and JSON has no NaN."""
+    z = trace.get("z")
+    if isinstance(z, np.ndarray) and z.dtype.kind == "f" and np.isnan(z).any():
+        trace["z"] = np.where(np.isnan(z), None, z).tolist()
+    return trace
 
 
 def explore(model, inputs, tokenizer=None, *, row: int | None = None) -> Explorer:
@@ -487,17 +499,23 @@ def save(fig: go.Figure, path, **kwargs) -> Path:
 
 
 def show(fig: go.Figure) -> None:
-    """Display ``fig`` in a notebook as ONE output holding the interactive figure (JupyterLab, VS Code) and, when
-    kaleido can start Chrome/Chromium, a static PNG too (what GitHub and nbviewer show). Without a browser it
-    shows the interactive figure only, with a one-line note."""
+    """Display ``fig`` in a notebook: the interactive figure at once, then the same output updated to carry a
+    static PNG too (kaleido; what GitHub and nbviewer show). Without Chrome/Chromium: interactive only, with a
+    one-line note.
+
+    Why an update and not one bundle: JupyterLab's plotly renderer shows a bundle's PNG instead of the interactive
+    plot, but keeps an already drawn plot when its output is updated. VS Code and nbconvert take the updated output.
+    """
     from IPython.display import display
 
     bundle = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
+    handle = display(bundle, raw=True, display_id=True)
     try:
-        bundle["image/png"] = base64.b64encode(to_image(fig, "png")).decode("ascii")
+        png = to_image(fig, "png")
     except StaticExportError as err:
         print(f"foxlab.viz.show: interactive only, no static PNG ({str(err).splitlines()[0][:200]})")
-    display(bundle, raw=True)
+        return
+    handle.update({**bundle, "image/png": base64.b64encode(png).decode("ascii")}, raw=True)
 
 
 def write_report(path, model, input_ids, *, tokenizer=None, losses=None, marked_positions=None,

@@ -1,5 +1,6 @@
 """foxlab.viz: the figures carry the model's real numbers; explorer, export and report work offline."""
 
+import base64
 import math
 import re
 
@@ -238,6 +239,7 @@ def test_explorer_updates_one_figure_in_place(model, ids):
         assert fw.layout.to_plotly_json() == want.layout.to_plotly_json()  # no stale axes or titles
         for got, ref in zip(fw.data, want.data):
             torch.testing.assert_close(torch.nan_to_num(z(got)), torch.nan_to_num(z(ref)))
+            assert not any(v != v for row in got.z for v in row), "NaN cannot cross the widget's JSON: use None"
     app.view.value = "decay"
     assert "xaxis2" not in fw.layout.to_plotly_json()
 
@@ -290,22 +292,41 @@ def test_missing_browser_gives_install_advice(monkeypatch, tmp_path):
         viz.save(go.Figure(), tmp_path / "fig.png")
 
 
-def test_show_adds_png_when_it_can_and_fails_soft(insp, monkeypatch, capsys):
-    shown = []
-    monkeypatch.setattr("IPython.display.display", lambda obj, raw=False: shown.append(obj))
+class Display:
+    """Stands in for IPython's display(): records the shown bundle and its later updates."""
+
+    def __init__(self):
+        self.bundles = []
+
+    def __call__(self, obj, raw=False, display_id=None):
+        assert raw and display_id is True
+        self.bundles.append(obj)
+        return self
+
+    def update(self, obj, raw=False):
+        assert raw
+        self.bundles.append(obj)
+
+
+def test_show_interactive_first_then_png_or_a_note(insp, monkeypatch, capsys):
     fig = viz.plot_forget_gates(insp, layer=0)
     if viz.find_chrome() is not None:
+        shown = Display()
+        monkeypatch.setattr("IPython.display.display", shown)
         viz.show(fig)
-        bundle = shown.pop()
-        assert "application/vnd.plotly.v1+json" in bundle and bundle["image/png"].startswith("iVBORw0KGgo")
+        first, updated = shown.bundles
+        assert list(first) == ["application/vnd.plotly.v1+json"]
+        assert updated["application/vnd.plotly.v1+json"] == first["application/vnd.plotly.v1+json"]
+        assert base64.b64decode(updated["image/png"])[:8] == PNG_SIGNATURE
 
     def fail(*args, **kwargs):
         raise viz.StaticExportError(viz.INSTALL_CHROME)
 
+    shown = Display()
+    monkeypatch.setattr("IPython.display.display", shown)
     monkeypatch.setattr(viz, "to_image", fail)
     viz.show(fig)
-    bundle = shown.pop()
-    assert "application/vnd.plotly.v1+json" in bundle and "image/png" not in bundle
+    assert [list(b) for b in shown.bundles] == [["application/vnd.plotly.v1+json"]]
     assert "interactive only" in capsys.readouterr().out
 
 
