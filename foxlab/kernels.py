@@ -292,7 +292,7 @@ def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(V + keys[:, None] * stride_vt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -460,11 +460,11 @@ def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, s
         p_t = tl.exp2(s_t - lse[None, :])
         do = _load_tile(DO + rows[:, None] * stride_dot + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D,
                         not EVEN_M)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         delta = _load_vec(DELTA + rows, rows, Tq, 0.0, not EVEN_M)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
         dc += tl.sum(ds_t, 1)
     return dk, dv, dc
 
@@ -546,7 +546,7 @@ def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, K, V, C, stride
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
         dc += tl.sum(ds, 1)
     return dq, dc
 
@@ -619,6 +619,29 @@ class _KernelConfig:
 # First choice per (kernel, padded head dim) for 16-bit inputs on sm80+, tuned on an H100
 # (benchmarks/NOTES.md). Anything that does not fit a GPU's shared memory falls back along
 # _FALLBACK_CONFIGS, so no GPU needs an entry of its own.
+_GPU_CONFIGS = {
+    ("fwd", 16): _KernelConfig(128, 64, 8, 3),
+    ("fwd", 32): _KernelConfig(128, 64, 8, 3),
+    ("fwd", 64): _KernelConfig(128, 64, 8, 3),
+    ("fwd", 128): _KernelConfig(128, 64, 8, 3),
+    ("fwd", 256): _KernelConfig(64, 64, 8, 2),
+    ("dkdv", 16): _KernelConfig(64, 128, 8, 3),
+    ("dkdv", 32): _KernelConfig(64, 128, 8, 3),
+    ("dkdv", 64): _KernelConfig(64, 128, 8, 3),
+    ("dkdv", 128): _KernelConfig(32, 128, 8, 3),
+    ("dkdv", 256): _KernelConfig(32, 32, 8, 2),
+    ("dq", 16): _KernelConfig(128, 64, 8, 3),
+    ("dq", 32): _KernelConfig(128, 64, 8, 3),
+    ("dq", 64): _KernelConfig(128, 64, 8, 3),
+    ("dq", 128): _KernelConfig(128, 64, 8, 3),
+    ("dq", 256): _KernelConfig(128, 32, 8, 2),
+    ("decode", 16): _KernelConfig(16, 64, 4, 3),
+    ("decode", 32): _KernelConfig(16, 64, 4, 3),
+    ("decode", 64): _KernelConfig(16, 64, 4, 3),
+    ("decode", 128): _KernelConfig(16, 64, 4, 3),
+    ("decode", 256): _KernelConfig(16, 32, 4, 3),
+}
+_FALLBACK_CONFIGS, so no GPU needs an entry of its own.
 _GPU_CONFIGS = {
     ("fwd", 16): _KernelConfig(128, 64, 4, 3),
     ("fwd", 32): _KernelConfig(128, 64, 4, 3),

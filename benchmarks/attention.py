@@ -1,0 +1,236 @@
+"""Forgetting-attention speed on one CUDA GPU: foxlab's Triton kernels against the alternatives.
+
+    python benchmarks/attention.py            # the five FOX.md shapes, bf16, causal
+    python benchmarks/attention.py --quick    # two small shapes, a smoke test
+    python benchmarks/attention.py --tune     # sweep block sizes per kernel and head dim first
+
+Rows: foxlab (Triton), torch SDPA with the flash backend and no gate (the ceiling), torch flex_attention
+with a FoX score_mod (forward; its backward is attempted and whatever it does is recorded), the exact
+reference (small T only), and fla's parallel_forgetting_attn when importable. Times are medians of
+triton.testing.do_bench; TFLOP/s count causal FLOPs as FOX.md section 5 does: forward = 2 B H T^2 D,
+backward = 2.5 x forward. "x SDPA" is the ratio of SDPA's time to this row's, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from foxlab import kernels  # noqa: E402
+from foxlab.kernels import forgetting_attention  # noqa: E402
+
+SHAPES = [(4, 4096, 16, 128), (1, 16384, 16, 128), (8, 2048, 32, 64), (2, 8192, 16, 64), (1, 32768, 16, 64)]
+QUICK_SHAPES = [(2, 2048, 16, 128), (4, 2048, 16, 64)]
+# --tune: one representative shape per head dim, and candidate (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# per kernel that compile for sm_90 without register spills (benchmarks/NOTES.md).
+TUNE_SHAPES = {64: (8, 2048, 32, 64), 128: (4, 4096, 16, 128), 256: (2, 4096, 8, 256)}
+TUNE_CANDIDATES = {
+    ("fwd", 64): [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                  (128, 32, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2)],
+    ("fwd", 128): [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3),
+                   (64, 64, 4, 2)],
+    ("fwd", 256): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 3)],
+    ("dkdv", 64): [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3),
+                   (64, 64, 4, 3), (32, 64, 4, 3)],
+    ("dkdv", 128): [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3), (16, 64, 4, 3), (32, 64, 8, 3)],
+    ("dkdv", 256): [(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)],
+    ("dq", 64): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2),
+                 (128, 128, 8, 2)],
+    ("dq", 128): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+    ("dq", 256): [(128, 32, 8, 2), (128, 16, 8, 2), (128, 32, 8, 3), (64, 16, 4, 2)],
+}
+
+
+def make_inputs(B, T, H, D, dtype=torch.bfloat16):
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dtype) for _ in range(3))
+    log_f = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 3.0)  # gate logits ~ N(3, 1)
+    return q, k, v, log_f
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def peak_mib(fn) -> float:
+    """Memory allocated by one call beyond what was already held."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure(attn, leaves, backward=True) -> dict:
+    """Forward and forward+backward medians (ms) and peak memory of attn(*leaves) -> (B, T, H, D)."""
+    with torch.no_grad():
+        out = {"fwd_ms": bench(lambda: attn(*leaves))}
+    if backward:
+        d_out = torch.randn_like(attn(*leaves))
+        try:
+            def step():
+                torch.autograd.grad(attn(*leaves), leaves, d_out)
+            out["fwdbwd_ms"] = bench(step)
+            out["peak_mib"] = peak_mib(step)
+        except Exception as e:  # flex_attention's backward through the captured gate, typically
+            out["bwd_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            torch.cuda.empty_cache()
+    if "peak_mib" not in out:
+        with torch.no_grad():
+            out["peak_mib"] = peak_mib(lambda: attn(*leaves))
+    return out
+
+
+def sdpa_flash(q, k, v, log_f):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return o.transpose(1, 2)
+
+
+def make_flex(T):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T)
+
+    def attn(q, k, v, log_f):
+        c = log_f.cumsum(1).transpose(1, 2)  # (B, H, T)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + c[b, h, q_idx] - c[b, h, kv_idx]
+
+        o = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod, block_mask=block_mask)
+        return o.transpose(1, 2)
+
+    return attn
+
+
+def fla_attention():
+    try:
+        from fla.ops.forgetting_attn import parallel_forgetting_attn
+    except ImportError:
+        return None
+    return lambda q, k, v, log_f: parallel_forgetting_attn(q, k, v, log_f)
+
+
+def run_shape(shape, with_flex, with_reference) -> list[dict]:
+    B, T, H, D = shape
+    q, k, v, log_f = make_inputs(B, T, H, D)
+    leaves = [t.requires_grad_() for t in (q, k, v, log_f)]
+    impls = [("foxlab triton", lambda *a: forgetting_attention(*a, backend="triton"), True),
+             ("SDPA flash (no gate)", sdpa_flash, True)]
+    if with_flex:
+        impls.append(("flex_attention", make_flex(T), True))
+    if with_reference and B * H * T * T <= 2**30:
+        impls.append(("reference", lambda *a: forgetting_attention(*a, backend="reference"), True))
+    fla = fla_attention()
+    if fla is not None:
+        impls.append(("fla parallel_forgetting_attn", fla, True))
+    rows = []
+    for name, attn, backward in impls:
+        try:
+            result = measure(attn, leaves, backward)
+        except Exception as e:
+            result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+            torch.cuda.empty_cache()
+        rows.append({"shape": shape, "impl": name, **result})
+        print(f"  {name}: {result}", flush=True)
+    return rows
+
+
+def print_table(rows):
+    fwd_flops = {r["shape"]: 2 * math.prod(r["shape"][:1] + r["shape"][2:]) * r["shape"][1] ** 2 for r in rows}
+    sdpa = {r["shape"]: r for r in rows if r["impl"].startswith("SDPA")}
+    head = (f"| (B, T, H, D) | implementation | fwd ms | fwd TFLOP/s | fwd x SDPA | fwd+bwd ms | fwd+bwd TFLOP/s "
+            f"| fwd+bwd x SDPA | peak MiB |")
+    print(head)
+    print("|---" * 9 + "|")
+    for r in rows:
+        s, base = r["shape"], sdpa.get(r["shape"], {})
+        if "error" in r:
+            print(f"| {s} | {r['impl']} | {r['error']} | | | | | | |")
+            continue
+        fwd = r["fwd_ms"]
+        cells = [f"{fwd:.3f}", f"{fwd_flops[s] / fwd / 1e9:.0f}",
+                 f"{base['fwd_ms'] / fwd:.2f}" if "fwd_ms" in base else "-"]
+        if "fwdbwd_ms" in r:
+            t = r["fwdbwd_ms"]
+            cells += [f"{t:.3f}", f"{3.5 * fwd_flops[s] / t / 1e9:.0f}",
+                      f"{base['fwdbwd_ms'] / t:.2f}" if "fwdbwd_ms" in base else "-"]
+        else:
+            cells += [r.get("bwd_error", "-"), "", ""]
+        print(f"| {s} | {r['impl']} | " + " | ".join(cells) + f" | {r['peak_mib']:.0f} |")
+
+
+def tune():
+    """Time each candidate configuration of each kernel per head dim; return the fastest of each."""
+    best = {}
+    for D, (B, T, H, _) in TUNE_SHAPES.items():
+        q, k, v, log_f = make_inputs(B, T, H, D)
+        scale = D ** -0.5
+        c2 = (log_f.cumsum(1) * kernels.LOG2E).transpose(1, 2).contiguous()
+        o, lse = kernels._triton_forward(q, k, v, c2, None, scale)
+        d_out = torch.randn_like(o)
+        calls = {"fwd": lambda: kernels._triton_forward(q, k, v, c2, None, scale),
+                 "dkdv": lambda: kernels._triton_backward(d_out, q, k, v, c2, o, lse, None, None, scale),
+                 "dq": lambda: kernels._triton_backward(d_out, q, k, v, c2, o, lse, None, None, scale)}
+        for kind in ("fwd", "dkdv", "dq"):  # the whole backward is timed; dq with the best dkdv pinned
+            times = {}
+            for cand in TUNE_CANDIDATES[(kind, D)]:
+                kernels._CONFIG_OVERRIDES[kind] = kernels._KernelConfig(*cand)
+                try:
+                    times[cand] = bench(calls[kind])
+                except Exception as e:
+                    print(f"  D={D} {kind} {cand}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            ranked = sorted(times.items(), key=lambda kv: kv[1])
+            print(f"D={D} {kind} {(B, T, H, D)}: " + ", ".join(f"{c}: {t:.3f}" for c, t in ranked), flush=True)
+            best[(kind, D)] = ranked[0][0]
+            kernels._CONFIG_OVERRIDES[kind] = kernels._KernelConfig(*ranked[0][0])
+        kernels._CONFIG_OVERRIDES.clear()
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two small shapes, no flex_attention")
+    parser.add_argument("--tune", action="store_true", help="sweep block sizes first and use the best")
+    parser.add_argument("--no-flex", action="store_true", help="skip flex_attention (its compile is slow)")
+    parser.add_argument("--json", help="write all measurements here")
+    args = parser.parse_args()
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{datetime.date.today().isoformat()}", flush=True)
+    best = {}
+    if args.tune:
+        best = tune()
+        for (kind, D), cand in best.items():
+            print(f"best {kind} D={D}: {cand}", flush=True)
+    rows = []
+    for shape in shapes:
+        if best:  # the tuned tiles of this head dim
+            for (kind, D), cand in best.items():
+                if D == shape[3]:
+                    kernels._CONFIG_OVERRIDES[kind] = kernels._KernelConfig(*cand)
+        print(f"{shape}:", flush=True)
+        rows += run_shape(shape, with_flex=not (args.quick or args.no_flex), with_reference=True)
+        kernels._CONFIG_OVERRIDES.clear()
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": props.name, "torch": torch.__version__,
+                                               "triton": triton.__version__, "rows": rows,
+                                               "tuned": {f"{k}/{d}": c for (k, d), c in best.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

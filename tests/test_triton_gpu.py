@@ -1,0 +1,124 @@
+"""The Triton kernels on a CUDA GPU: realistic shapes, 16-bit inputs, all four gradients.
+
+References run on the GPU too: the exact float64 reference where the (T, T) scores fit, else the
+chunked torch path on float32 copies. bf16/fp16 must land within 1e-2 relative error, float32 (which
+the kernels multiply in IEEE float32, not tf32) within 1e-4.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from foxlab.kernels import forgetting_attention, forgetting_attention_reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(0.1)).item()
+
+
+def make_inputs(B, Tq, Tk, H, Hkv, D, dtype):
+    q = torch.randn(B, Tq, H, D, device="cuda", dtype=dtype)
+    k = torch.randn(B, Tk, Hkv, D, device="cuda", dtype=dtype)
+    v = torch.randn(B, Tk, Hkv, D, device="cuda", dtype=dtype)
+    log_f = F.logsigmoid(torch.randn(B, Tk, H, device="cuda") + 3.0)  # FOX.md: gate logits ~ N(3, 1)
+    return q, k, v, log_f
+
+
+def check(B, Tq, H, D, dtype=torch.bfloat16, Tk=None, Hkv=None, **kw):
+    """Compare output and gradients with the reference; returns the Triton output and gradients."""
+    Tk = Tq if Tk is None else Tk
+    Hkv = H if Hkv is None else Hkv
+    q, k, v, log_f = make_inputs(B, Tq, Tk, H, Hkv, D, dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, log_f)]
+    out = forgetting_attention(*leaves, backend="triton", **kw)
+    d_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, d_out)
+
+    exact = B * H * Tq * Tk <= 2**25
+    ref_dtype = torch.float64 if exact else torch.float32
+    ref_leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v, log_f)]
+    if exact:
+        ref = forgetting_attention_reference(*ref_leaves, **kw)
+    else:
+        ref = forgetting_attention(*ref_leaves, backend="torch", **kw)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, d_out.to(ref_dtype))
+
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dlog_f"), (out, *grads), (ref, *ref_grads)):
+        assert not torch.isnan(a).any(), f"{name} has NaN"
+        err = rel_err(a, b)
+        print(f"{name} {err:.1e}", end="  ")
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol}"
+    print()
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_head_dims_and_dtypes(D, dtype):
+    check(2, 1024, 4, D, dtype)
+
+
+@pytest.mark.parametrize("D", [48, 80, 96, 192])
+def test_non_power_of_two_head_dims(D):
+    check(2, 777, 4, D)
+
+
+@pytest.mark.parametrize("T,D", [(8192, 64), (8192, 128), (4096, 256)])
+def test_long_sequences(T, D):
+    check(1, T, 4, D)
+
+
+def test_float32_is_ieee_accurate():
+    check(2, 700, 4, 64, torch.float32)
+
+
+def test_gqa():
+    check(2, 2048, 8, 64, Hkv=2)
+    check(1, 1000, 8, 128, Hkv=1)
+
+
+def test_varlen():
+    lengths = torch.randint(1, 1500, (6,))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).cuda()
+    check(1, int(offsets[-1]), 4, 128, Hkv=2, cu_seqlens=offsets)
+
+
+@pytest.mark.parametrize("Tq,Tk", [(256, 2048), (333, 1001), (17, 4096)])
+def test_chunked_prefill(Tq, Tk):
+    check(2, Tq, 4, 128, Tk=Tk)
+
+
+@pytest.mark.parametrize("Tq", [1, 4, 16])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_decode(Tq, D):
+    check(4, Tq, 8, D, Tk=4099, Hkv=2)
+
+
+def test_decode_matches_full_forward():
+    """The split-key decode of the last position equals the last row of the full forward."""
+    q, k, v, log_f = make_inputs(2, 3000, 3000, 4, 4, 128, torch.bfloat16)
+    full = forgetting_attention(q, k, v, log_f, backend="triton")
+    last = forgetting_attention(q[:, -1:], k, v, log_f, backend="triton")
+    assert rel_err(last, full[:, -1:]) <= 1e-2
+
+
+def test_left_padding_rows_without_keys():
+    seq_start = torch.tensor([0, 700, 2048], device="cuda")
+    out, grads = check(3, 2048, 4, 64, seq_start=seq_start)
+    assert out[2].abs().max() == 0 and out[1, :700].abs().max() == 0
+    assert all(g[2].abs().max() == 0 for g in grads)
+    out, grads = check(3, 1, 4, 64, Tk=2048, seq_start=seq_start)  # decode: batch row 2 sees nothing
+    assert out[2].abs().max() == 0
+
+
+def test_auto_backend_uses_triton_on_cuda():
+    q, k, v, log_f = make_inputs(1, 300, 300, 2, 2, 64, torch.bfloat16)
+    out = forgetting_attention(q.requires_grad_(), k, v, log_f)
+    assert "Triton" in type(out.grad_fn).__name__
