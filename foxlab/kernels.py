@@ -618,53 +618,7 @@ class _KernelConfig:
 
 # First choice per (kernel, padded head dim) for 16-bit inputs on sm80+, tuned on an H100
 # (benchmarks/NOTES.md). Anything that does not fit a GPU's shared memory falls back along
-# _FALLBACK_CONFIGS, so no GPU needs an entry of its own.
-_GPU_CONFIGS = {
-    ("fwd", 16): _KernelConfig(128, 64, 8, 3),
-    ("fwd", 32): _KernelConfig(128, 64, 8, 3),
-    ("fwd", 64): _KernelConfig(128, 64, 8, 3),
-    ("fwd", 128): _KernelConfig(128, 64, 8, 3),
-    ("fwd", 256): _KernelConfig(64, 64, 8, 2),
-    ("dkdv", 16): _KernelConfig(64, 128, 8, 3),
-    ("dkdv", 32): _KernelConfig(64, 128, 8, 3),
-    ("dkdv", 64): _KernelConfig(64, 128, 8, 3),
-    ("dkdv", 128): _KernelConfig(32, 128, 8, 3),
-    ("dkdv", 256): _KernelConfig(32, 32, 8, 2),
-    ("dq", 16): _KernelConfig(128, 64, 8, 3),
-    ("dq", 32): _KernelConfig(128, 64, 8, 3),
-    ("dq", 64): _KernelConfig(128, 64, 8, 3),
-    ("dq", 128): _KernelConfig(128, 64, 8, 3),
-    ("dq", 256): _KernelConfig(128, 32, 8, 2),
-    ("decode", 16): _KernelConfig(16, 64, 4, 3),
-    ("decode", 32): _KernelConfig(16, 64, 4, 3),
-    ("decode", 64): _KernelConfig(16, 64, 4, 3),
-    ("decode", 128): _KernelConfig(16, 64, 4, 3),
-    ("decode", 256): _KernelConfig(16, 32, 4, 3),
-}
-_FALLBACK_CONFIGS, so no GPU needs an entry of its own.
-_GPU_CONFIGS = {
-    ("fwd", 16): _KernelConfig(128, 64, 4, 3),
-    ("fwd", 32): _KernelConfig(128, 64, 4, 3),
-    ("fwd", 64): _KernelConfig(128, 64, 4, 3),
-    ("fwd", 128): _KernelConfig(128, 64, 8, 3),
-    ("fwd", 256): _KernelConfig(64, 64, 8, 2),
-    ("dkdv", 16): _KernelConfig(64, 128, 8, 3),
-    ("dkdv", 32): _KernelConfig(64, 128, 8, 3),
-    ("dkdv", 64): _KernelConfig(64, 128, 8, 3),
-    ("dkdv", 128): _KernelConfig(64, 128, 8, 3),
-    ("dkdv", 256): _KernelConfig(32, 64, 8, 2),
-    ("dq", 16): _KernelConfig(128, 64, 8, 3),
-    ("dq", 32): _KernelConfig(128, 64, 8, 3),
-    ("dq", 64): _KernelConfig(128, 64, 8, 3),
-    ("dq", 128): _KernelConfig(128, 64, 8, 3),
-    ("dq", 256): _KernelConfig(64, 32, 8, 2),
-    ("decode", 16): _KernelConfig(16, 64, 4, 3),
-    ("decode", 32): _KernelConfig(16, 64, 4, 3),
-    ("decode", 64): _KernelConfig(16, 64, 4, 3),
-    ("decode", 128): _KernelConfig(16, 64, 4, 3),
-    ("decode", 256): _KernelConfig(16, 32, 4, 2),
-}
-_FALLBACK_CONFIGS = (_KernelConfig(64, 64, 4, 2), _KernelConfig(32, 32, 4, 1), _KernelConfig(16, 16, 4, 1))
+# _FALLBACK_CONFIGS = (_KernelConfig(64, 64, 4, 2), _KernelConfig(32, 32, 4, 1), _KernelConfig(16, 16, 4, 1))
 # Under TRITON_INTERPRET: small tiles, unequal so that tests cross block edges both ways.
 _INTERPRET_CONFIGS = {
     "fwd": _KernelConfig(32, 16, 1, 1),
