@@ -39,6 +39,12 @@ import torch
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+__all__ = [
+    "Explorer", "Inspection", "StaticExportError", "explore", "find_chrome", "head_timescales", "inspect",
+    "plot_attention", "plot_decay", "plot_forget_gates", "plot_head_timescales", "save", "show", "to_image",
+    "write_report",
+]
+
 MAX_TOKENS = 4096  # tokens an inspection keeps (the end of a longer input)
 MAX_MAP_TOKENS = 512  # tokens per axis of a T x T map (the end of a longer inspection)
 THRESHOLD = math.exp(-1)  # head timescale: the distance at which the decay falls below this
@@ -55,7 +61,7 @@ INSTALL_CHROME = ("static images (PNG/SVG) need Chrome or Chromium for kaleido: 
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(repr=False)
 class Inspection:
     """One forward pass of a model over one sequence: everything the figures draw.
 
@@ -92,6 +98,10 @@ class Inspection:
     def window_start(self) -> int:
         """Index (into the kept tokens) of the first token of the T x T maps."""
         return self.num_tokens - self.attentions[0].shape[-1]
+
+    def __repr__(self) -> str:
+        return (f"Inspection({self.num_tokens} tokens{self.note()}, {self.num_layers} layers x {self.num_heads} heads, "
+                f"maps over the last {self.num_tokens - self.window_start}, fgate_type={self.fgate_type!r})")
 
     def labels(self, start: int = 0) -> list[str]:
         """Axis and hover labels ``position:token`` from kept token ``start`` on (positions count from the input's start)."""
@@ -255,7 +265,7 @@ def _decay_trace(insp: Inspection, layer: int, head: int, log: bool, colorbar_x:
         zmin, zmax = min(max(low, LOG10_FLOOR), -1.0), 0.0
     else:
         z, name, zmin, zmax = d.exp(), "F", 0.0, 1.0
-    z = z.masked_fill(~torch.isfinite(d), math.nan).numpy()
+    z = z.masked_fill(~torch.isfinite(d), math.nan).float().numpy()  # float32 halves the exported size
     labels = insp.labels(insp.window_start)
     return go.Heatmap(z=z, x=labels, y=labels, zmin=zmin, zmax=zmax, colorscale=DECAY_SCALE, name=name,
                       colorbar=dict(title=name, x=colorbar_x),
@@ -346,12 +356,13 @@ def _fmt_tokens(t: float) -> str:
 
 
 def _plot_losses(losses) -> go.Figure:
-    """Training loss over steps: a sequence of losses, of (step, loss) pairs, or a mapping name -> either."""
+    """Training loss over steps: a sequence of losses (steps 1, 2, ...), of (step, loss) pairs, or a mapping
+    name -> either (e.g. {"train": [...], "eval": [(step, loss), ...]})."""
     curves = losses if isinstance(losses, Mapping) else {"loss": losses}
     fig = go.Figure()
     for name, values in curves.items():
         values = list(values)
-        steps, ys = (zip(*values) if values and isinstance(values[0], Sequence) else (range(len(values)), values))
+        steps, ys = zip(*values) if values and isinstance(values[0], Sequence) else (range(1, len(values) + 1), values)
         fig.add_trace(go.Scatter(x=list(steps), y=[float(y) for y in ys], mode="lines", name=str(name)))
     fig.update_layout(title="Training loss", xaxis_title="step", yaxis_title="loss", height=380)
     return fig
@@ -520,12 +531,15 @@ def show(fig: go.Figure) -> None:
 
 def write_report(path, model, input_ids, *, tokenizer=None, losses=None, marked_positions=None,
                  title: str = "foxlab report") -> Path:
-    """One offline HTML page (plotly.js embedded once): the loss curve (when ``losses``), every layer's gates over
-    ``input_ids`` with ``marked_positions`` (input positions, e.g. reset tokens) as dashed lines, F and A of the
-    head that forgets most at the marked positions (else layer 0, head 0), and the head-timescale grid."""
+    """One offline HTML page (plotly.js embedded once): the loss curve (when ``losses``, see _plot_losses), every
+    layer's gates over ``input_ids`` with ``marked_positions`` (input positions such as reset tokens, or a boolean
+    mask over the input) as dashed lines, F and A of the head that forgets most at the marked positions (else
+    layer 0, head 0), and the head-timescale grid."""
     insp = inspect(model, input_ids, tokenizer)
     offset = insp.input_length - insp.num_tokens
-    marks = sorted({p - offset for p in marked_positions or () if offset <= p < insp.input_length})
+    marks = torch.as_tensor([] if marked_positions is None else marked_positions).flatten()
+    marks = marks.nonzero().flatten() if marks.dtype == torch.bool else marks.long()
+    marks = sorted({p - offset for p in marks.tolist() if offset <= p < insp.input_length})
     gates = plot_forget_gates(insp)
     for m in marks:
         gates.add_vline(x=m, line=dict(color="#e8590c", dash="dash", width=1), row="all", col=1)

@@ -344,5 +344,9 @@ def test_write_report_has_every_section(model, ids, reference, tmp_path):
     layer, head = divmod(int(scores.argmin()), 4)
     assert f"<h2>Decay and attention: layer {layer}, head {head}</h2>" in page
     assert page.count('"dash":"dash"') == 2 * len(marks)  # one line per mark on each layer's subplot
+    mask = torch.zeros(T, dtype=torch.bool)
+    mask[marks] = True
+    from_mask = viz.write_report(tmp_path / "mask.html", model, ids[None], marked_positions=mask[None])
+    assert f"<h2>Decay and attention: layer {layer}, head {head}</h2>" in from_mask.read_text(encoding="utf-8")
     plain = viz.write_report(tmp_path / "plain.html", model, ids).read_text(encoding="utf-8")
     assert "Training loss" not in plain and "<h2>Decay and attention: layer 0, head 0</h2>" in plain
