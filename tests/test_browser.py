@@ -658,8 +658,8 @@ def change_head_and_check_redraw(nbpage: NotebookPage, probe: dict) -> str:
     fingerprint = _plots_fingerprint_js(head["description"])
     before = page.evaluate(fingerprint)
     assert before, f"no explorer plot in the cell of the widget labelled {head['description']!r}"
-    control = page.locator(".jp-Notebook .jupyter-widgets", has=page.locator(".widget-label", has_text=re.compile(
-        "^" + re.escape(head["description"]) + "$")))  # fmt: skip
+    label = page.locator(".jp-Notebook .widget-label", has_text=re.compile("^" + re.escape(head["description"]) + "$"))
+    control = label.first.locator("xpath=..")  # the widget the label belongs to, not the boxes around it
     if head["widget"] in ("Dropdown", "Select"):
         control.locator("select").first.select_option(label=new_value)
     elif head["widget"] == "ToggleButtons":
