@@ -6,6 +6,8 @@ apt-get when it is missing and we are root.
 
     python tests/browser_setup.py      # install if needed; exit 0 when usable, 1 otherwise
 
+FOXLAB_CHROMIUM points it at another Chromium binary (default /usr/bin/chromium).
+
 `find_chromium()` is what tests/test_browser.py uses: it returns the executable or
 raises `ChromiumUnavailable` with the reason.
 """
