@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     t.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps, at most 100")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--eval-every", type=_positive_int, default=None)
+    t.add_argument("--eval-every", type=_positive_int, default=None, help="evaluate every N steps (and at the end)")
+    t.add_argument("--eval-batches", type=_positive_int, default=2, help="batches per evaluation (default: 2)")
     t.add_argument("--save-every", type=_positive_int, default=None, help="checkpoint every K steps")
     t.add_argument("--out", required=True, help="run folder: metrics.json and checkpoint/")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
@@ -120,7 +121,8 @@ def _train(args) -> int:
     task_kwargs = {"path": args.text_file} if args.text_file else None
     result = train(preset=args.preset, overrides=dict(args.override), task=args.task, task_kwargs=task_kwargs,
                    seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                   warmup_steps=args.warmup_steps, eval_every=args.eval_every, save_every=args.save_every,
+                   warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                   save_every=args.save_every,
                    out=args.out, resume=args.resume, seed=args.seed, device=args.device,
                    progress=not args.no_progress)
     if result.interrupted:

