@@ -7,7 +7,9 @@
 Rows: foxlab (Triton), torch SDPA with the flash backend and no gate (the ceiling), torch flex_attention
 with a FoX score_mod (forward; its backward is attempted and whatever it does is recorded), the exact
 reference (small T only), and fla's parallel_forgetting_attn when importable. Times are medians of
-triton.testing.do_bench; TFLOP/s count causal FLOPs as FOX.md section 5 does: forward = 2 B H T^2 D,
+GPU time, replayed from CUDA graphs (triton.testing.do_bench_cudagraph) so that host-side launch cost
+stays out; the last column times foxlab and SDPA launched eagerly from Python (do_bench), host
+overhead included. TFLOP/s count causal FLOPs as FOX.md section 5 does: forward = 2 B H T^2 D,
 backward = 2.5 x forward. "x SDPA" is the ratio of SDPA's time to this row's, measured in the same run.
 """
 
@@ -18,12 +20,13 @@ import datetime
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from foxlab import kernels  # noqa: E402
@@ -33,21 +36,20 @@ SHAPES = [(4, 4096, 16, 128), (1, 16384, 16, 128), (8, 2048, 32, 64), (2, 8192, 
 QUICK_SHAPES = [(2, 2048, 16, 128), (4, 2048, 16, 64)]
 # --tune: one representative shape per head dim, and candidate (BLOCK_M, BLOCK_N, num_warps, num_stages)
 # per kernel that compile for sm_90 without register spills (benchmarks/NOTES.md).
-TUNE_SHAPES = {64: (8, 2048, 32, 64), 128: (4, 4096, 16, 128), 256: (2, 4096, 8, 256)}
+TUNE_SHAPES = {64: (2, 8192, 16, 64), 128: (1, 16384, 16, 128), 256: (2, 4096, 8, 256)}
 TUNE_CANDIDATES = {
-    ("fwd", 64): [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                  (128, 32, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2)],
-    ("fwd", 128): [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3),
-                   (64, 64, 4, 2)],
-    ("fwd", 256): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 3)],
-    ("dkdv", 64): [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3),
-                   (64, 64, 4, 3), (32, 64, 4, 3)],
-    ("dkdv", 128): [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3), (16, 64, 4, 3), (32, 64, 8, 3)],
-    ("dkdv", 256): [(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)],
-    ("dq", 64): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2),
-                 (128, 128, 8, 2)],
-    ("dq", 128): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
-    ("dq", 256): [(128, 32, 8, 2), (128, 16, 8, 2), (128, 32, 8, 3), (64, 16, 4, 2)],
+    ("fwd", 64): [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 3), (64, 128, 4, 2), (128, 32, 8, 3),
+                  (128, 128, 8, 3), (128, 64, 8, 3)],
+    ("fwd", 128): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)],
+    ("fwd", 256): [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
+    ("dkdv", 64): [(64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 4), (64, 128, 8, 3),
+                   (32, 128, 8, 3), (16, 64, 4, 3)],
+    ("dkdv", 128): [(32, 128, 8, 3), (32, 128, 8, 2), (16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 4, 3)],
+    ("dkdv", 256): [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+    ("dq", 64): [(64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (128, 128, 8, 2),
+                 (128, 64, 8, 3)],
+    ("dq", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+    ("dq", 256): [(128, 32, 8, 2), (128, 32, 8, 3), (64, 16, 4, 2)],
 }
 
 
@@ -58,7 +60,24 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16):
 
 
 def bench(fn) -> float:
+    """Median GPU time (ms) of fn replayed from a CUDA graph: host-side launch cost left out."""
+    return do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def bench_eager(fn) -> float:
+    """Median time (ms) of fn launched from Python as a user would, host overhead included."""
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def host_overhead_us() -> float:
+    """Microseconds of host time per tiny CUDA op (a launch-bound lower bound for eager code)."""
+    x = torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(1000):
+        x.add_(1)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
 
 
 def peak_mib(fn) -> float:
@@ -71,23 +90,30 @@ def peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure(attn, leaves, backward=True) -> dict:
+def measure(attn, leaves, eager=False) -> dict:
     """Forward and forward+backward medians (ms) and peak memory of attn(*leaves) -> (B, T, H, D)."""
-    with torch.no_grad():
-        out = {"fwd_ms": bench(lambda: attn(*leaves))}
-    if backward:
-        d_out = torch.randn_like(attn(*leaves))
-        try:
-            def step():
-                torch.autograd.grad(attn(*leaves), leaves, d_out)
-            out["fwdbwd_ms"] = bench(step)
-            out["peak_mib"] = peak_mib(step)
-        except Exception as e:  # flex_attention's backward through the captured gate, typically
-            out["bwd_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            torch.cuda.empty_cache()
-    if "peak_mib" not in out:
+    def forward():
         with torch.no_grad():
-            out["peak_mib"] = peak_mib(lambda: attn(*leaves))
+            attn(*leaves)
+
+    d_out = torch.randn_like(attn(*leaves))
+
+    def step():
+        torch.autograd.grad(attn(*leaves), leaves, d_out, allow_unused=True)
+
+    out = {"fwd_ms": bench(forward)}
+    try:
+        step()
+    except Exception as e:  # flex_attention's backward through the captured gate, typically
+        out["bwd_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        out["peak_mib"] = peak_mib(forward)
+        torch.cuda.empty_cache()
+        return out
+    out["fwdbwd_ms"] = bench(step)
+    out["peak_mib"] = peak_mib(step)
+    if eager:
+        out["eager_fwd_ms"] = bench_eager(forward)
+        out["eager_fwdbwd_ms"] = bench_eager(step)
     return out
 
 
@@ -128,18 +154,18 @@ def run_shape(shape, with_flex, with_reference) -> list[dict]:
     q, k, v, log_f = make_inputs(B, T, H, D)
     leaves = [t.requires_grad_() for t in (q, k, v, log_f)]
     impls = [("foxlab triton", lambda *a: forgetting_attention(*a, backend="triton"), True),
-             ("SDPA flash (no gate)", sdpa_flash, True)]
+             ("SDPA flash (no gate)", sdpa_flash, True)]  # (name, function, also time it eagerly)
     if with_flex:
-        impls.append(("flex_attention", make_flex(T), True))
+        impls.append(("flex_attention", make_flex(T), False))
     if with_reference and B * H * T * T <= 2**30:
-        impls.append(("reference", lambda *a: forgetting_attention(*a, backend="reference"), True))
+        impls.append(("reference", lambda *a: forgetting_attention(*a, backend="reference"), False))
     fla = fla_attention()
     if fla is not None:
-        impls.append(("fla parallel_forgetting_attn", fla, True))
+        impls.append(("fla parallel_forgetting_attn", fla, False))
     rows = []
-    for name, attn, backward in impls:
+    for name, attn, eager in impls:
         try:
-            result = measure(attn, leaves, backward)
+            result = measure(attn, leaves, eager)
         except Exception as e:
             result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
             torch.cuda.empty_cache()
@@ -148,17 +174,35 @@ def run_shape(shape, with_flex, with_reference) -> list[dict]:
     return rows
 
 
+DECODE_SHAPES = [(1, 4096, 16, 16, 128), (8, 8192, 32, 8, 128), (1, 32768, 16, 16, 64), (32, 2048, 16, 4, 64)]
+
+
+def run_decode():
+    """One query against a cache of Tk keys: GPU time and the K/V bytes read per second."""
+    print("| (B, Tk, H, Hkv, D) | foxlab decode us | GB/s of K+V | SDPA (no gate) us |")
+    print("|---|---|---|---|")
+    for B, Tk, H, Hkv, D in DECODE_SHAPES:
+        q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Tk, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        log_f = F.logsigmoid(torch.randn(B, Tk, H, device="cuda") + 3.0)
+        fox = bench(lambda: forgetting_attention(q, k, v, log_f, backend="triton"))
+        sdpa = bench(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                            enable_gqa=True))
+        print(f"| {(B, Tk, H, Hkv, D)} | {fox * 1e3:.1f} | {2 * k.numel() * 2 / fox / 1e6:.0f} | {sdpa * 1e3:.1f} |",
+              flush=True)
+
+
 def print_table(rows):
     fwd_flops = {r["shape"]: 2 * math.prod(r["shape"][:1] + r["shape"][2:]) * r["shape"][1] ** 2 for r in rows}
     sdpa = {r["shape"]: r for r in rows if r["impl"].startswith("SDPA")}
     head = (f"| (B, T, H, D) | implementation | fwd ms | fwd TFLOP/s | fwd x SDPA | fwd+bwd ms | fwd+bwd TFLOP/s "
-            f"| fwd+bwd x SDPA | peak MiB |")
+            f"| fwd+bwd x SDPA | peak MiB | eager fwd / fwd+bwd ms |")
     print(head)
-    print("|---" * 9 + "|")
+    print("|---" * 10 + "|")
     for r in rows:
         s, base = r["shape"], sdpa.get(r["shape"], {})
         if "error" in r:
-            print(f"| {s} | {r['impl']} | {r['error']} | | | | | | |")
+            print(f"| {s} | {r['impl']} | {r['error']} | | | | | | | |")
             continue
         fwd = r["fwd_ms"]
         cells = [f"{fwd:.3f}", f"{fwd_flops[s] / fwd / 1e9:.0f}",
@@ -169,7 +213,8 @@ def print_table(rows):
                       f"{base['fwdbwd_ms'] / t:.2f}" if "fwdbwd_ms" in base else "-"]
         else:
             cells += [r.get("bwd_error", "-"), "", ""]
-        print(f"| {s} | {r['impl']} | " + " | ".join(cells) + f" | {r['peak_mib']:.0f} |")
+        eager = f"{r['eager_fwd_ms']:.3f} / {r['eager_fwdbwd_ms']:.3f}" if "eager_fwd_ms" in r else "-"
+        print(f"| {s} | {r['impl']} | " + " | ".join(cells) + f" | {r['peak_mib']:.0f} | {eager} |")
 
 
 def tune():
@@ -210,7 +255,8 @@ def main():
     shapes = QUICK_SHAPES if args.quick else SHAPES
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{datetime.date.today().isoformat()}", flush=True)
+          f"{datetime.date.today().isoformat()}; host overhead {host_overhead_us():.1f} us per tiny CUDA op",
+          flush=True)
     best = {}
     if args.tune:
         best = tune()
@@ -226,6 +272,7 @@ def main():
         rows += run_shape(shape, with_flex=not (args.quick or args.no_flex), with_reference=True)
         kernels._CONFIG_OVERRIDES.clear()
     print_table(rows)
+    run_decode()
     if args.json:
         Path(args.json).write_text(json.dumps({"device": props.name, "torch": torch.__version__,
                                                "triton": triton.__version__, "rows": rows,

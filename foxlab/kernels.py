@@ -419,6 +419,40 @@ def _fwd_combine_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_ot, stride_o
 
 
 @_jit
+def _gate_cumsum_kernel(LOG_F, C2, stride_fb, stride_ft, stride_fh, H, T, BLOCK_T: tl.constexpr):
+    """c2[b, h, :] = log2(e) * cumsum(log f[b, :, h]) in float32, one program per (batch, head)."""
+    bh = tl.program_id(0).to(tl.int64)
+    LOG_F += (bh // H) * stride_fb + (bh % H) * stride_fh
+    offs = tl.arange(0, BLOCK_T)
+    carry = 0.0
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + offs
+        log_f = tl.load(LOG_F + t * stride_ft, mask=t < T, other=0.0)
+        tl.store(C2 + bh * T + t, (tl.cumsum(log_f, 0) + carry) * 1.4426950408889634, mask=t < T)
+        carry += tl.sum(log_f, 0)
+
+
+@_jit
+def _gate_grad_kernel(DC_COL, DC_ROW, DLOG_F, stride_gb, stride_gt, stride_gh, H, Tq, Tk, BLOCK_T: tl.constexpr):
+    """dlog f_t = sum_{u >= t} dc_u, dc_u = (row sum of dS of the query at u) - (column sum of dS at key u).
+
+    One program per (batch, head) walks the keys from the end, each block in reverse order, so that a
+    forward cumsum gives the suffix sums.
+    """
+    bh = tl.program_id(0).to(tl.int64)
+    DLOG_F += (bh // H) * stride_gb + (bh % H) * stride_gh
+    offset = Tk - Tq
+    offs = tl.arange(0, BLOCK_T)
+    carry = 0.0
+    for t0 in range(0, Tk, BLOCK_T):
+        t = Tk - 1 - (t0 + offs)
+        dc = tl.load(DC_ROW + bh * Tq + t - offset, mask=t >= offset, other=0.0)
+        dc -= tl.load(DC_COL + bh * Tk + t, mask=t >= 0, other=0.0)
+        tl.store(DLOG_F + t * stride_gt, tl.cumsum(dc, 0) + carry, mask=t >= 0)
+        carry += tl.sum(dc, 0)
+
+
+@_jit
 def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
                       H, Tq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = sum_d O_id dO_id in float32, laid out (B, H, Tq) like the lse."""
@@ -618,7 +652,30 @@ class _KernelConfig:
 
 # First choice per (kernel, padded head dim) for 16-bit inputs on sm80+, tuned on an H100
 # (benchmarks/NOTES.md). Anything that does not fit a GPU's shared memory falls back along
-# _FALLBACK_CONFIGS = (_KernelConfig(64, 64, 4, 2), _KernelConfig(32, 32, 4, 1), _KernelConfig(16, 16, 4, 1))
+# _FALLBACK_CONFIGS, so no GPU needs an entry of its own.
+_GPU_CONFIGS = {
+    ("fwd", 16): _KernelConfig(128, 64, 8, 3),
+    ("fwd", 32): _KernelConfig(128, 64, 8, 3),
+    ("fwd", 64): _KernelConfig(128, 64, 8, 3),
+    ("fwd", 128): _KernelConfig(128, 64, 8, 3),
+    ("fwd", 256): _KernelConfig(64, 64, 8, 2),
+    ("dkdv", 16): _KernelConfig(64, 128, 8, 3),
+    ("dkdv", 32): _KernelConfig(64, 128, 8, 3),
+    ("dkdv", 64): _KernelConfig(64, 128, 8, 3),
+    ("dkdv", 128): _KernelConfig(32, 128, 8, 3),
+    ("dkdv", 256): _KernelConfig(32, 32, 8, 2),
+    ("dq", 16): _KernelConfig(128, 64, 8, 3),
+    ("dq", 32): _KernelConfig(128, 64, 8, 3),
+    ("dq", 64): _KernelConfig(128, 64, 8, 3),
+    ("dq", 128): _KernelConfig(128, 64, 8, 3),
+    ("dq", 256): _KernelConfig(128, 32, 8, 2),
+    ("decode", 16): _KernelConfig(16, 64, 4, 3),
+    ("decode", 32): _KernelConfig(16, 64, 4, 3),
+    ("decode", 64): _KernelConfig(16, 64, 4, 3),
+    ("decode", 128): _KernelConfig(16, 64, 4, 3),
+    ("decode", 256): _KernelConfig(16, 32, 4, 3),
+}
+_FALLBACK_CONFIGS = (_KernelConfig(64, 64, 4, 2), _KernelConfig(32, 32, 4, 1), _KernelConfig(16, 16, 4, 1))
 # Under TRITON_INTERPRET: small tiles, unequal so that tests cross block edges both ways.
 _INTERPRET_CONFIGS = {
     "fwd": _KernelConfig(32, 16, 1, 1),
@@ -631,6 +688,8 @@ _CONFIG_OVERRIDES: dict[str, _KernelConfig] = {}
 _CONFIG_CHOSEN: dict[tuple, _KernelConfig] = {}
 # Up to this many query rows (one tile), the forward pass splits the keys instead (decoding).
 _DECODE_MAX_ROWS = 16
+# Positions per step of the gate's prefix sums (one program per batch row and head).
+_GATE_BLOCK = 1024
 
 
 def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torch.device) -> list[_KernelConfig]:
@@ -712,7 +771,7 @@ def _decode_splits(programs: int, Tk: int, block_n: int, device: torch.device) -
 
 
 def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, scale):
-    """dq, dk, dv in their inputs' dtypes and dc (B, Tk, H) float32 (gradient of c, not of c2)."""
+    """dq, dk, dv in their inputs' dtypes and dlog f (B, Tk, H) in float32."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     meta = _common_meta(q, k, key_lo)
@@ -738,19 +797,20 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, scale):
         q, k, v, c2, do, lse, delta, lo, dq, dc_row, *strides, *dq.stride()[:3], *_strides(key_lo, 2),
         H, Tq, Tk, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
-    # dc_t = (row sum of dS at the query sitting at position t) - (column sum of dS at key t).
-    dc = dc_col.neg_()
-    dc[:, :, Tk - Tq:] += dc_row
-    return dq, dk, dv, dc.transpose(1, 2)
+    dlog_f = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
+    _gate_grad_kernel[(B * H,)](dc_col, dc_row, dlog_f, *dlog_f.stride(), H, Tq, Tk, BLOCK_T=_GATE_BLOCK)
+    return dq, dk, dv, dlog_f
 
 
 class _TritonForgettingAttention(torch.autograd.Function):
-    """O = forgetting attention of (q, k, v, c) with c = cumsum(log f) given; gradients for all four."""
+    """O = forgetting attention of (q, k, v, log f), log f float32; gradients for all four."""
 
     @staticmethod
-    def forward(ctx, q, k, v, c, scale, key_lo, query_hi):
+    def forward(ctx, q, k, v, log_f, scale, key_lo, query_hi):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        c2 = (c * LOG2E).transpose(1, 2).contiguous()  # (B, H, Tk): one row of keys per head
+        B, Tk, H = log_f.shape
+        c2 = torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)  # one row of keys per head
+        _gate_cumsum_kernel[(B * H,)](log_f, c2, *log_f.stride(), H, Tk, BLOCK_T=_GATE_BLOCK)
         o, lse = _triton_forward(q, k, v, c2, key_lo, scale)
         ctx.save_for_backward(q, k, v, c2, o, lse, key_lo, query_hi)
         ctx.scale = scale
@@ -795,9 +855,8 @@ def _forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlen
     reason = _triton_unavailable_reason(q)
     if reason is not None:
         raise ValueError(f"backend='triton': {reason}")
-    c = log_fgate.float().cumsum(dim=1)  # autograd turns dc into dlog f (a reverse cumsum)
     key_lo, query_hi = _visibility_bounds(q, k, seq_start, cu_seqlens)
-    return _TritonForgettingAttention.apply(q, k, v, c, scale, key_lo, query_hi)
+    return _TritonForgettingAttention.apply(q, k, v, log_fgate.float(), scale, key_lo, query_hi)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def test_other_tile_shapes(monkeypatch, tiles):
     config = kernels._KernelConfig(*tiles, 1, 1)
     for kind in ("fwd", "dkdv", "dq"):
         monkeypatch.setitem(kernels._CONFIG_OVERRIDES, kind, config)
+    monkeypatch.setattr(kernels, "_GATE_BLOCK", 16)  # the gate's prefix sums carry across blocks too
     check(Tq=37, Tk=50, H=2, Hkv=1, seq_start=torch.tensor([0, 13]))
     check(B=1, Tq=45, cu_seqlens=torch.tensor([0, 16, 29, 45]))
 
