@@ -1,13 +1,15 @@
 """foxlab: the Forgetting Transformer (FoX) for learning, study and research.
 
 Importing foxlab registers the model with transformers' Auto classes, so ``AutoConfig``,
-``AutoModel`` and ``AutoModelForCausalLM`` (``from_config``, ``from_pretrained``) and ``generate`` work.
+``AutoModel`` and ``AutoModelForCausalLM`` (``from_config``, ``from_pretrained``) and ``generate`` work, and
+``AutoTokenizer`` loads the byte-level tokenizer saved with every checkpoint.
 Supported: transformers >= 5.0, < 6 (tested with 5.17 and 5.24).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .config import PRESETS, ForgettingTransformerConfig
+from .data import ByteTokenizer  # registers it with AutoTokenizer
 from .kernels import forgetting_attention, forgetting_attention_reference
 from .model import (
     ForgettingTransformerCache,
@@ -23,6 +25,7 @@ AutoModelForCausalLM.register(ForgettingTransformerConfig, ForgettingTransformer
 __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
+    "ByteTokenizer",
     "ForgettingTransformerCache",
     "ForgettingTransformerConfig",
     "ForgettingTransformerForCausalLM",
