@@ -10,7 +10,7 @@ PYTEST := $(PY) -m pytest
 # Notebooks run in their fast mode under the test suite.
 export FOXLAB_FAST ?= 1
 
-.PHONY: install test test-unit test-interpret test-notebooks test-browser demo lab clean
+.PHONY: install browser-deps test test-unit test-interpret test-notebooks test-browser demo lab clean
 
 install: $(STAMP)
 
@@ -21,7 +21,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[notebooks,dev]"
 	touch $@
 
-test: test-unit test-interpret test-notebooks test-browser
+test: browser-deps test-unit test-interpret test-notebooks test-browser
+
+# Debian's chromium, for PNG export and the browser test (Playwright's own download does not work offline).
+# Locally a machine without it only skips those tests; in CI it must be there.
+browser-deps: $(STAMP)
+	$(PY) tests/browser_setup.py || [ -z "$$CI" ]
 
 test-unit: $(STAMP)
 	$(PYTEST) tests -m "not interpret and not browser and not gpu"
