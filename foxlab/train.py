@@ -586,7 +586,16 @@ def demo(out: str | os.PathLike = "runs/demo", *, steps: int | None = None, seed
     out = Path(out)
     started = time.perf_counter()
     recipe = {**DEMO, "steps": steps or DEMO["steps"]}
-    result = train(out=out, seed=seed, progress=progress, device=device, **recipe)
+    on_cpu = str(device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    threads = torch.get_num_threads()
+    if on_cpu:
+        # The tiny model gains little from a second thread, and one thread keeps the time steady on a busy
+        # machine (two OpenMP threads sharing two cores with other work slowed steps by up to 10x in our runs).
+        torch.set_num_threads(1)
+    try:
+        result = train(out=out, seed=seed, progress=progress, device=device, **recipe)
+    finally:
+        torch.set_num_threads(threads)
     train_s = time.perf_counter() - started
     model, task = result.model, result.task
     sample = task.batch(0, 16, split="eval")["input_ids"]

@@ -19,6 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--override", "hidden_size=32", "--override", "num_heads=2", "--override", "intermediate_size=64"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and one thread stays fast when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def train_args(out, *extra):
     return ["train", "--preset", "tiny", *SMALL, "--task", "segments", "--seq-len", "32", "--batch-size", "4",
             "--steps", "6", "--seed", "1", "--eval-batches", "1", "--out", str(out), "--no-progress", *extra]

@@ -26,6 +26,15 @@ RUN = dict(overrides=SMALL, task="segments", seq_len=32, batch_size=4, steps=8, 
            eval_batches=1, seed=0, progress=False)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and one thread stays fast when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
