@@ -276,16 +276,23 @@ def _key_block_query_range(n0, offset, q_end, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @_jit
-def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, c_rows, stride_kt, stride_vt, Tk, qk_scale,
                start, end, offs_n, offs_d,
                CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over key blocks [start, end). Only causal (diagonal) blocks can run past Tk."""
+               BLOCK_N: tl.constexpr, GATE_PER_ROW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [start, end). Only causal (diagonal) blocks can run past Tk.
+
+    With GATE_PER_ROW the rows belong to different query heads (packed decoding): row r reads its keys'
+    c from C + c_rows[r]; otherwise C already points at the one head's row.
+    """
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
-        c_k = _load_vec(C + keys, keys, Tk, 0.0, CAUSAL)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + (c_q[:, None] - c_k[None, :])
+        if GATE_PER_ROW:
+            c_k = tl.load(C + c_rows[:, None] + keys[None, :], mask=keys[None, :] < Tk, other=0.0)
+        else:
+            c_k = _load_vec(C + keys, keys, Tk, 0.0, CAUSAL)[None, :]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + (c_q[:, None] - c_k)
         s = _mask_scores(s, q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -333,10 +340,12 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, O, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = _initial_max(BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
-                               start, mid, offs_n, offs_d, False, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
-                               mid, end, offs_n, offs_d, True, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, None, stride_kt, stride_vt, Tk,
+                               qk_scale, start, mid, offs_n, offs_d, False, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               False, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, None, stride_kt, stride_vt, Tk,
+                               qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               False, DOT_PRECISION)
 
     # A row with no visible key has l = 0: it returns 0, and a finite lse keeps its backward at 0 too.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -355,30 +364,36 @@ def _fwd_split_kernel(Q, K, V, C, KEY_LO, O_PART, LSE_PART,
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
-    """Decoding (flash-decoding): all Tq <= BLOCK_M rows of one (batch, head) against one slice of the keys.
+    """Decoding (flash-decoding): the Tq query rows of the GROUP heads that share one kv head, packed into
+    one tile (row r: head r // Tq of the group, query r % Tq), against one slice of the keys.
 
-    A handful of query rows cannot fill the GPU one program per (batch, head), so the keys are split
-    across programs; each writes a normalized partial output and its lse, `_fwd_combine_kernel` merges.
+    Packing reads K and V once per group instead of once per head. A handful of rows cannot fill the GPU
+    one program per head, so the keys are split across programs; each writes a normalized partial output
+    and its lse, and `_fwd_combine_kernel` merges them.
     """
     split = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // (H // GROUP)
+    hk = bhk % (H // GROUP)
     offset = Tk - Tq
     rows = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + (h // GROUP) * stride_kh
-    V += b * stride_vb + (h // GROUP) * stride_vh
-    C += bh * Tk
+    valid = rows < GROUP * Tq
+    t = rows % Tq
+    h = hk * GROUP + tl.minimum(rows // Tq, GROUP - 1)  # padding rows repeat the last head: in-bounds reads
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
 
-    q = _load_tile(Q + rows[:, None] * stride_qt + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
-    q_pos = offset + rows
-    c_q = tl.load(C + q_pos, mask=rows < Tq, other=0.0)
+    q_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :], mask=q_mask,
+                other=0.0)
+    c_rows = (b * H + h) * Tk
+    q_pos = offset + t
+    c_q = tl.load(C + c_rows + q_pos, mask=valid, other=0.0)
     start = split * keys_per_split
     if MASK_LO:
-        key_lo = tl.load(KEY_LO + b * stride_lob + rows * stride_lot, mask=rows < Tq, other=Tk)
+        key_lo = tl.load(KEY_LO + b * stride_lob + t * stride_lot, mask=valid, other=Tk)
         start = tl.maximum(start, (tl.load(KEY_LO + b * stride_lob) // BLOCK_N) * BLOCK_N)
     else:
         key_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -387,14 +402,15 @@ def _fwd_split_kernel(Q, K, V, C, KEY_LO, O_PART, LSE_PART,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = _initial_max(BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
-                               start, end, offs_n, offs_d, True, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, c_rows, stride_kt, stride_vt, Tk,
+                               qk_scale, start, end, offs_n, offs_d, True, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               True, DOT_PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    part = (split * tl.num_programs(1) + bh) * Tq
-    o_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(O_PART + (part + rows[:, None]) * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=o_mask)
-    tl.store(LSE_PART + part + rows, m_i + tl.log2(l_safe), mask=rows < Tq)
+    part = (split * tl.num_programs(1) * GROUP + b * H + h) * Tq + t  # O_PART: (splits, B * H, Tq, D)
+    o_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=o_mask)
+    tl.store(LSE_PART + part, m_i + tl.log2(l_safe), mask=valid)
 
 
 @_jit
@@ -654,20 +670,20 @@ class _KernelConfig:
 # (benchmarks/NOTES.md). Anything that does not fit a GPU's shared memory falls back along
 # _FALLBACK_CONFIGS, so no GPU needs an entry of its own.
 _GPU_CONFIGS = {
-    ("fwd", 16): _KernelConfig(128, 64, 8, 3),
-    ("fwd", 32): _KernelConfig(128, 64, 8, 3),
-    ("fwd", 64): _KernelConfig(128, 64, 8, 3),
-    ("fwd", 128): _KernelConfig(128, 64, 8, 3),
-    ("fwd", 256): _KernelConfig(64, 64, 8, 2),
-    ("dkdv", 16): _KernelConfig(64, 128, 8, 3),
-    ("dkdv", 32): _KernelConfig(64, 128, 8, 3),
-    ("dkdv", 64): _KernelConfig(64, 128, 8, 3),
-    ("dkdv", 128): _KernelConfig(32, 128, 8, 3),
-    ("dkdv", 256): _KernelConfig(32, 32, 8, 2),
-    ("dq", 16): _KernelConfig(128, 64, 8, 3),
-    ("dq", 32): _KernelConfig(128, 64, 8, 3),
-    ("dq", 64): _KernelConfig(128, 64, 8, 3),
-    ("dq", 128): _KernelConfig(128, 64, 8, 3),
+    ("fwd", 16): _KernelConfig(64, 64, 4, 3),
+    ("fwd", 32): _KernelConfig(64, 64, 4, 3),
+    ("fwd", 64): _KernelConfig(64, 64, 4, 3),
+    ("fwd", 128): _KernelConfig(64, 64, 4, 3),
+    ("fwd", 256): _KernelConfig(64, 32, 4, 2),
+    ("dkdv", 16): _KernelConfig(64, 64, 4, 3),
+    ("dkdv", 32): _KernelConfig(64, 64, 4, 3),
+    ("dkdv", 64): _KernelConfig(64, 64, 4, 3),
+    ("dkdv", 128): _KernelConfig(32, 64, 4, 3),
+    ("dkdv", 256): _KernelConfig(64, 32, 8, 2),
+    ("dq", 16): _KernelConfig(64, 64, 4, 3),
+    ("dq", 32): _KernelConfig(64, 64, 4, 3),
+    ("dq", 64): _KernelConfig(64, 64, 4, 3),
+    ("dq", 128): _KernelConfig(128, 64, 8, 2),
     ("dq", 256): _KernelConfig(128, 32, 8, 2),
     ("decode", 16): _KernelConfig(16, 64, 4, 3),
     ("decode", 32): _KernelConfig(16, 64, 4, 3),
@@ -686,8 +702,9 @@ _INTERPRET_CONFIGS = {
 # Tests and the benchmark's tuning sweep pin a configuration per kernel kind here.
 _CONFIG_OVERRIDES: dict[str, _KernelConfig] = {}
 _CONFIG_CHOSEN: dict[tuple, _KernelConfig] = {}
-# Up to this many query rows (one tile), the forward pass splits the keys instead (decoding).
-_DECODE_MAX_ROWS = 16
+# Up to this many query rows (queries x heads of a GQA group, one tile), the forward pass packs them
+# and splits the keys instead (decoding).
+_DECODE_MAX_ROWS = 64
 # Positions per step of the gate's prefix sums (one program per batch row and head).
 _GATE_BLOCK = 1024
 
@@ -698,7 +715,7 @@ def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torc
     first = _GPU_CONFIGS[(kind, block_d)]
     if dtype == torch.float32:  # twice the bytes per tile: start from half the tile
         first = _KernelConfig(max(16, first.block_m // 2), max(16, first.block_n // 2), first.num_warps, 2)
-    if kind == "decode":  # every query row must fit one tile
+    if kind == "decode":  # block_m is the least tile height: every query row must fit one tile
         return [first, _KernelConfig(16, 16, 4, 1)]
     return [first, *(c for c in _FALLBACK_CONFIGS if c.block_m * c.block_n < first.block_m * first.block_n)]
 
@@ -741,20 +758,21 @@ def _triton_forward(q, k, v, c2, key_lo, scale):
     lo = key_lo if key_lo is not None else c2  # any tensor: the kernel does not read it without MASK_LO
     args = (q, k, v, c2, lo)
     strides = (*_strides(q), *_strides(k), *_strides(v))
-    if Tq > _DECODE_MAX_ROWS:
+    if Tq * meta["GROUP"] > _DECODE_MAX_ROWS:
         _launch("fwd", q, meta["BLOCK_D"], lambda cfg: _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
             *args, o, lse, *strides, *o.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
         return o, lse
 
     def split_forward(cfg):
-        splits, keys_per_split = _decode_splits(B * H, Tk, cfg.block_n, q.device)
+        kv_heads = B * k.shape[2]
+        splits, keys_per_split = _decode_splits(kv_heads, Tk, cfg.block_n, q.device)
         o_part = torch.empty(splits, B * H, Tq, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(splits, B * H, Tq, dtype=torch.float32, device=q.device)
-        _fwd_split_kernel[(splits, B * H)](
+        _fwd_split_kernel[(splits, kv_heads)](
             *args, o_part, lse_part, *strides, *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E, keys_per_split,
-            BLOCK_M=_DECODE_MAX_ROWS, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **meta)
+            BLOCK_M=max(cfg.block_m, triton.next_power_of_2(Tq * meta["GROUP"])), BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
         _fwd_combine_kernel[(Tq, B * H)](o_part, lse_part, o, lse, *o.stride()[:3], H, Tq, splits, HEAD_DIM=D,
                                          BLOCK_D=meta["BLOCK_D"], BLOCK_S=triton.next_power_of_2(splits))
 
@@ -763,10 +781,11 @@ def _triton_forward(q, k, v, c2, key_lo, scale):
 
 
 def _decode_splits(programs: int, Tk: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """Split the keys so that about two programs run per multiprocessor; return (splits, keys per split)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    """Split the keys so that about four programs run per multiprocessor (enough loads in flight to
+    stream K and V at memory speed); return (splits, keys per split)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     blocks = triton.cdiv(Tk, block_n)
-    per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(2 * sms, programs), 128))) * block_n
+    per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(4 * sms, programs), 128))) * block_n
     return triton.cdiv(Tk, per_split), per_split
 
 

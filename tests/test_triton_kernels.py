@@ -75,10 +75,16 @@ def test_gqa(Hkv):
     check(Tq=33, H=4, Hkv=Hkv, D=48)
 
 
-@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 40), (7, 65), (16, 33), (17, 64), (20, 33)])
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 40), (7, 65), (16, 33), (20, 33), (33, 50), (40, 65)])
 def test_queries_aligned_to_last_keys(Tq, Tk):
-    """Tq <= 16 takes the split-key (decoding) forward, longer ones the blocked forward."""
+    """Up to 64 rows (Tq x the 2 heads of a group) take the packed split-key (decoding) forward."""
     check(Tq=Tq, Tk=Tk, H=4, Hkv=2)
+
+
+@pytest.mark.parametrize("Tq,Hkv", [(1, 1), (3, 2), (5, 1)])
+def test_decode_packs_gqa_groups(Tq, Hkv):
+    """Decoding packs the query heads of a group into one tile: 8 or 4 heads, 1 to 40 rows."""
+    check(Tq=Tq, Tk=50, H=8, Hkv=Hkv, D=48, seq_start=torch.tensor([0, 20]))
 
 
 def test_sm_scale():
