@@ -6,13 +6,16 @@
 Each notebook runs top to bottom in its own folder, as `jupyter nbconvert --to notebook --execute --inplace`
 would run it, with one fix that nbconvert cannot make: a tqdm progress bar in a notebook is a widget whose plain
 text copy (the one GitHub shows) is the bar at 0%. That copy is rewritten from the widget's final state, stored
-with the notebook, e.g. "train segments: 100%|██████████| 150/150 [00:28<00:00, ...]".
+with the notebook, e.g. "train segments: 100%|██████████| 150/150 [00:28<00:00, ...]". The stored widget state
+is then dropped when it is large (an explorer's FigureWidget holds megabytes of figure data that a viewer without
+a kernel cannot use anyway), to keep each notebook small on disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
+import json
 import os
 import sys
 import time
@@ -24,6 +27,7 @@ from nbclient import NotebookClient
 HERE = Path(__file__).resolve().parent
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+MAX_WIDGET_STATE = 200_000  # bytes of JSON
 
 
 def _progress_text(model_id: str, state: dict) -> str | None:
@@ -61,6 +65,8 @@ def run(path: Path, timeout: int) -> float:
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     elapsed = time.perf_counter() - started
     fix_progress_bars(nb)
+    if len(json.dumps(nb.metadata.get("widgets", {}))) > MAX_WIDGET_STATE:
+        del nb.metadata["widgets"]
     nbformat.write(nb, path)
     return elapsed
 
