@@ -146,7 +146,7 @@ def _demo(args) -> int:
     optimal = f" (optimal {m['optimal_loss']:.3f})" if m.get("optimal_loss") is not None else ""
     print(f"trained tiny FoX on 'segments' for {m['step']} steps in {m['train_time_s']:.0f} s: "
           f"loss {m['final_loss']:.3f}, eval loss {m['eval_loss']:.3f}{optimal}")
-    print(f"boundary_forget_ratio {m['boundary_forget_ratio']:.3f} (layer {head['layer']}, head {head['head']}: "
+    print(f"boundary_forget_ratio {m['boundary_forget_ratio']:.3g} (layer {head['layer']}, head {head['head']}: "
           f"mean f at <reset> / elsewhere): {verdict}")
     print(f"checkpoint: {out / 'checkpoint'}")
     print(f"metrics:    {out / 'metrics.json'}")

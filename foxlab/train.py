@@ -46,6 +46,7 @@ CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "training_state.pt"
 MARKER_FILE = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
 FORMAT_VERSION = 1
+METRICS_EVERY_S = 10.0  # metrics.json is also rewritten at every checkpoint and evaluation
 # Settings that may differ between a run and its resume (everything else must match, or the resumed run would
 # not be the same run).
 RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "progress", "device"}
@@ -472,6 +473,17 @@ def train(
 
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
+        existing = find_checkpoint(out) if not resume else None
+        if existing is not None:
+            say(f"note: {out} holds a checkpoint from an earlier run; starting over replaces it "
+                "(resume to continue that run instead)")
+    metrics_written = time.perf_counter()
+
+    def write_metrics() -> None:  # all the losses so far, in case the run dies between checkpoints
+        nonlocal metrics_written
+        if out is not None and is_main:
+            _write_json(out / "metrics.json", metrics())
+            metrics_written = time.perf_counter()
     bar = tqdm(total=steps, initial=result.step, desc=f"train {task.name}", disable=not (progress and is_main),
                dynamic_ncols=True)
     stop = _StopOnSigint(say)
@@ -507,6 +519,9 @@ def train(
                 if eval_every and result.step % eval_every == 0 and result.step < steps:
                     run_eval()
                     say(f"step {result.step}: eval loss {result.evals[-1]['loss']:.4f}")
+                    write_metrics()
+                elif time.perf_counter() - metrics_written > METRICS_EVERY_S:
+                    write_metrics()
                 stop_now = stop.requested
                 if world > 1:
                     flag = _all_reduce(torch.tensor(float(stop_now), device=dev), world)
@@ -524,7 +539,7 @@ def train(
             raise
     finally:
         bar.close()
-    if not result.interrupted:
+    if not result.interrupted and not (result.evals and result.evals[-1]["step"] == result.step):
         run_eval()
     checkpoint()
     if result.interrupted and out is not None:

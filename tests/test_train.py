@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import foxlab
+import foxlab.train
 from foxlab.data import RESET_ID, ByteTokenizer, TaskDataset, make_task
 from foxlab.model import ForgettingTransformerForCausalLM
 from foxlab.train import (boundary_forget_ratio, find_checkpoint, lr_factor, make_optimizer, save_checkpoint,
@@ -78,6 +79,19 @@ def test_training_learns_and_writes_metrics(uninterrupted, tmp_path):
     assert type(tok) is ByteTokenizer
     for name, p in model.state_dict().items():
         assert torch.equal(p, r.model.state_dict()[name].cpu()), name
+
+
+def test_metrics_json_follows_training(tmp_path, monkeypatch):
+    """metrics.json holds every loss so far while the run is going (here rewritten after every step)."""
+    monkeypatch.setattr(foxlab.train, "METRICS_EVERY_S", 0.0)
+    seen = []
+
+    def peek(step, loss):
+        if step > 1:
+            seen.append(len(json.loads((tmp_path / "metrics.json").read_text())["losses"]))
+
+    train(out=tmp_path, callback=peek, **{**RUN, "steps": 5, "eval_every": None})
+    assert seen == [1, 2, 3, 4]  # at step k's callback, the file has the k - 1 losses written after step k - 1
 
 
 @pytest.mark.parametrize("how", ["raise", "sigint"])
