@@ -58,7 +58,8 @@ SCRATCH_NOTEBOOK = "browser_scratch.ipynb"
 
 SERVER_START_TIMEOUT_S = 60
 NOTEBOOK_OPEN_TIMEOUT_S = 90  # page load + kernel start, on 2 busy cores
-RUN_ALL_TIMEOUT_S = 180  # the slowest notebook in fast mode
+# The slowest notebook in fast mode, with a margin for a busy machine; FOXLAB_BROWSER_TIMEOUT_S changes it.
+RUN_ALL_TIMEOUT_S = float(os.environ.get("FOXLAB_BROWSER_TIMEOUT_S", 300))
 RENDER_TIMEOUT_S = 30  # widgets and plots drawn after the kernel went idle
 REDRAW_TIMEOUT_S = 30  # a head change: kernel recompute + redraw
 VIEWPORT = {"width": 1400, "height": 900}
@@ -206,6 +207,10 @@ class Lab:
             os.environ,
             PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""),
             FOXLAB_FAST="1",
+            # One OpenMP thread for the kernel: the browser needs the other core, and two torch threads
+            # sharing two cores with other work made training steps up to 10x slower (see foxlab.train.demo).
+            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+            MKL_NUM_THREADS=os.environ.get("MKL_NUM_THREADS", "1"),
             JUPYTER_CONFIG_DIR=str(tmp / "config"),
             JUPYTER_DATA_DIR=str(tmp / "data"),
             JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
@@ -339,6 +344,10 @@ def browser(chromium_executable, lab):
 # Reads the notebook shown: per code cell, its prompt, outputs (model) and what is drawn (DOM).
 REPORT_JS = """
 () => {
+  // points per trace (x, else y, else z rows); null where the data is encoded (bdata without shape)
+  const size = (a) => a == null ? null : (Array.isArray(a) || ArrayBuffer.isView(a)) ? a.length
+                    : (a.shape ? Number(String(a.shape).split(',')[0]) : null);
+  const points = (traces) => (traces || []).map(t => size(t.x) ?? size(t.y) ?? size(t.z));
   const panel = window.jupyterapp.shell.currentWidget;
   const cells = [];
   panel.content.widgets.forEach((cell, index) => {
@@ -358,6 +367,7 @@ REPORT_JS = """
             : out.output_type === 'error' ? `${out.ename}: ${out.evalue}` : null,
         mimes: Object.keys(data),
         plotly_traces: data['application/vnd.plotly.v1+json'] ? (data['application/vnd.plotly.v1+json'].data || []).length : null,
+        plotly_points: data['application/vnd.plotly.v1+json'] ? points(data['application/vnd.plotly.v1+json'].data) : null,
         rendered_text: node ? [...node.querySelectorAll('.jp-RenderedText')].map(e => e.innerText.slice(0, 4000)) : [],
         stderr_dom: node ? [...node.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')].map(e => e.innerText.slice(0, 4000)) : [],
         loading_widgets: node ? (node.innerText.match(/Loading widget/g) || []).length : 0,
@@ -369,6 +379,7 @@ REPORT_JS = """
             traces: gd.data ? gd.data.length : null,
             full_traces: gd._fullData ? gd._fullData.length : null,
             types: gd.data ? gd.data.map(t => t.type || 'scatter') : [],
+            points: points(gd.data),
             drawn: gd.querySelectorAll('g.trace, g.hm, g.contour, .heatmaplayer image, .pielayer g.slice').length,
             width: box.width, height: box.height,
           };
@@ -544,8 +555,12 @@ class NotebookPage:
                 break
             elapsed = time.monotonic() - started
             if elapsed > RUN_ALL_TIMEOUT_S:
-                self.screenshot("timeout")
-                raise AssertionError(f"{self.name}: not done after {RUN_ALL_TIMEOUT_S}s: {state}")
+                self.screenshot("timeout", whole_notebook=True)
+                running = [i for i, p in enumerate(state["prompts"]) if p == "[*]:"][:1]
+                raise AssertionError(
+                    f"{self.name}: not done after {RUN_ALL_TIMEOUT_S:.0f}s (FOXLAB_BROWSER_TIMEOUT_S); code cell "
+                    f"#{running[0] + 1 if running else '?'} still running: {state}"
+                )
             self.page.wait_for_timeout(500)
         return time.monotonic() - started
 
@@ -634,6 +649,13 @@ def assert_plots_drawn(cells: list[dict], probe: dict, name: str) -> list[dict]:
                     problems.append(f"{where}: no trace drawn in the SVG ({plot['types']})")
                 if out["plotly_traces"] is not None:
                     expected = out["plotly_traces"]
+                    stale = [(i, shown, sent) for i, (shown, sent) in enumerate(zip(plot["points"], out["plotly_points"]))
+                             if shown is not None and sent is not None and shown != sent]  # fmt: skip
+                    if stale:
+                        # e.g. a display updated in place: jupyterlab-plotly keeps a plot once drawn and ignores
+                        # later updates of the output, so the page shows the first version of the figure
+                        problems.append(f"{where}: the page shows an old version of the figure: (trace, points "
+                                        f"drawn, points in the output) {stale}")
                 elif "application/vnd.jupyter.widget-view+json" in out["mimes"]:
                     match = [n for n, types in kernel_figures if n == plot["traces"] and types == plot["types"]]
                     expected = match[0] if match else f"one of the kernel's FigureWidgets {kernel_figures}"
