@@ -397,17 +397,22 @@ def train(
     run = dict(task=task.spec(), steps=steps, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio,
                warmup_steps=warmup, weight_decay=weight_decay, betas=list(betas), grad_clip=grad_clip,
                eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, seed=seed,
-               world_size=world)
+               world_size=world, preset=preset if model is None else None,
+               overrides=dict(overrides or {}) if model is None else None)
 
     # --- model, tokenizer, state ---
     state = None
     if resume:
+        if model is not None:
+            raise ValueError("resume loads the model from the checkpoint: pass no model")
         source = out if resume is True else Path(resume)
         ckpt = find_checkpoint(source)
         if ckpt is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {source}")
         model, tokenizer, state, info = load_checkpoint(ckpt, device="cpu")
         ignore = RESUMABLE_CHANGES | {"world_size", "model"}
+        if info["run"].get("preset") is None:  # that run was given a model: its preset/overrides are not known
+            ignore |= {"preset", "overrides"}
         saved = {k: v for k, v in info["run"].items() if k not in ignore}
         now = {k: v for k, v in run.items() if k not in ignore}
         if saved != now:
@@ -484,6 +489,7 @@ def train(
         if out is not None and is_main:
             _write_json(out / "metrics.json", metrics())
             metrics_written = time.perf_counter()
+
     bar = tqdm(total=steps, initial=result.step, desc=f"train {task.name}", disable=not (progress and is_main),
                dynamic_ncols=True)
     stop = _StopOnSigint(say)

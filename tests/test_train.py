@@ -116,6 +116,8 @@ def test_resume_refuses_different_settings(uninterrupted, tmp_path):
     train(out=tmp_path, **{**RUN, "steps": 2})
     with pytest.raises(ValueError, match="batch_size"):
         train(out=tmp_path, resume=True, **{**RUN, "batch_size": 8})
+    with pytest.raises(ValueError, match="overrides"):
+        train(out=tmp_path, resume=True, **{**RUN, "overrides": {**SMALL, "num_hidden_layers": 3}})
     with pytest.raises(FileNotFoundError):
         train(out=tmp_path / "empty", resume=True, **RUN)
 
