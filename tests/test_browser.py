@@ -139,7 +139,7 @@ def _copy_notebooks(root: Path) -> None:
     import nbformat
 
     if NOTEBOOKS.is_dir():
-        shutil.copytree(NOTEBOOKS, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+        shutil.copytree(NOTEBOOKS, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "runs"))
     for path in root.glob("*.ipynb"):
         nb = nbformat.read(path, as_version=4)
         for cell in nb.cells:
