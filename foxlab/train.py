@@ -439,7 +439,8 @@ def train(
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scheduler.lr_lambdas = [_Schedule(steps, warmup, min_lr_ratio) for _ in optimizer.param_groups]  # steps may grow
+        # the same schedule, for this run's steps (a resume may extend a finished run)
+        scheduler.lr_lambdas = [_Schedule(steps, warmup, min_lr_ratio) for _ in optimizer.param_groups]
         _set_rng_state(state["rng"])
         result.step, result.losses, result.lrs = state["step"], list(state["losses"]), list(state["lrs"])
         result.evals, result.elapsed_s = list(state["evals"]), state["elapsed_s"]

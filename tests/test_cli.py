@@ -30,7 +30,8 @@ def one_thread():
 
 def train_args(out, *extra):
     return ["train", "--preset", "tiny", *SMALL, "--task", "segments", "--seq-len", "32", "--batch-size", "4",
-            "--steps", "6", "--seed", "1", "--eval-batches", "1", "--out", str(out), "--no-progress", *extra]
+            "--steps", "6", "--seed", "1", "--eval-batches", "1", "--out", str(out), "--device", "cpu", "--no-progress",
+            *extra]
 
 
 def one_error_line(capsys, rc, expected_rc=2):
@@ -101,7 +102,7 @@ def test_train_ctrl_c_and_resume_from_the_command_line(tmp_path, capsys, monkeyp
 
 def test_demo_short_run(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "40", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "40", "--device", "cpu", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert str(out / "report.html") in printed and str(out / "checkpoint") in printed
     m = json.loads((out / "metrics.json").read_text())

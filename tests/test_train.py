@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A model of a few thousand parameters and short sequences: every run here takes about a second.
 SMALL = dict(hidden_size=32, num_heads=2, num_hidden_layers=2, intermediate_size=64)
 RUN = dict(overrides=SMALL, task="segments", seq_len=32, batch_size=4, steps=8, lr=3e-3, eval_every=3,
-           eval_batches=1, seed=0, progress=False)
+           eval_batches=1, seed=0, progress=False, device="cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -174,7 +174,8 @@ def test_ddp_two_processes_match_one(tmp_path):
     overrides = [arg for k, v in SMALL.items() for arg in ("--override", f"{k}={v}")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "foxlab",
            "train", *overrides, "--task", "segments", "--seq-len", "32", "--batch-size", "4", "--steps", "3",
-           "--lr", "3e-3", "--seed", "0", "--eval-batches", "1", "--out", str(tmp_path), "--no-progress"]
+           "--lr", "3e-3", "--seed", "0", "--eval-batches", "1", "--device", "cpu", "--out", str(tmp_path),
+           "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
