@@ -7,7 +7,9 @@ kernel to be idle, and asserts:
 * every code cell ran, and nothing shows an error (error outputs, tracebacks on stderr, rendered text
   with a traceback or an ``XxxError:``, widgets that failed to render or are still "Loading widget...");
 * each plotly figure is drawn: a ``.js-plotly-plot`` with a non-empty SVG, as many traces in the browser
-  (``gd.data``) as the figure Python sent (the output's plotly JSON, or the kernel's FigureWidget);
+  (``gd.data``) as the figure Python sent (the output's plotly JSON, or the kernel's FigureWidget), and
+  the last version of it (as many points per trace as the output holds: an output updated in place
+  is not redrawn by jupyterlab-plotly once drawn), not a static PNG in its place;
 * the explorer (``foxlab.viz.explore``) is shown, and picking another option in its head dropdown
   changes the head in the kernel and redraws its FigureWidget in the browser;
 * no JavaScript page errors or console errors (the benign ones are listed with the reason).
