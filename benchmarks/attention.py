@@ -126,6 +126,7 @@ def sdpa_flash(q, k, v, log_f):
 
 def make_flex(T):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    torch._dynamo.reset()  # a fresh compile per shape: past 8 recompiles dynamo falls back to unfused code
     flex = torch.compile(flex_attention, dynamic=False)
     block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T)
 

@@ -188,7 +188,19 @@ def _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqle
 
 
 # ==================================================================================================
-# Triton kernels (FlashAttention-2 structure).
+# Triton kernels (FlashAttention-2 structure), reached through `_TritonForgettingAttention`.
+#
+# Per batch row b and query head h (kv head h // GROUP), with q (Tq, D), k, v (Tk, D), log f (Tk,):
+#   forward    c = cumsum(log f)                          `_gate_cumsum_kernel`, float32
+#              O = softmax(s q k^T + D) v, lse per row     `_fwd_kernel`; Tq x GROUP <= 64 rows (decoding):
+#                                                         `_fwd_split_kernel` + `_fwd_combine_kernel`
+#   backward   delta_i = sum_d O_id dO_id                  `_bwd_delta_kernel`
+#              P = softmax(...), dS = P * (dO v^T - delta)
+#              dK = s dS^T q, dV = P^T dO (summed over the GROUP heads), colsum(dS)   `_bwd_dkdv_kernel`
+#              dQ = s dS k, rowsum(dS)                                               `_bwd_dq_kernel`
+#              dc_t = rowsum(dS)_{query at t} - colsum(dS)_t,  dlog f_t = sum_{u >= t} dc_u
+#                                                         `_gate_grad_kernel`
+# P is never stored: both backward kernels recompute it from q, k, c and the forward's lse.
 #
 # Everything below works in base 2: the wrapper stores c2 = log2(e) * c once, and the kernels scale
 # q k^T by qk_scale = log2(e) * sm_scale, so a logit in base 2 is
@@ -505,7 +517,7 @@ def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, s
         if MASK_LO:
             key_lo = _load_vec(KEY_LO + rows * stride_lot, rows, Tq, 0, not EVEN_M)
         else:
-            key_lo = rows
+            key_lo = rows  # unread without MASK_LO
         s_t = _mask_scores(s_t, (offset + rows)[None, :], keys[:, None], key_lo[None, :], CAUSAL, MASK_LO)
         p_t = tl.exp2(s_t - lse[None, :])
         do = _load_tile(DO + rows[:, None] * stride_dot + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D,
