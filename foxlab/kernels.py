@@ -733,13 +733,18 @@ def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torc
 
 
 def _launch(kind: str, q: torch.Tensor, block_d: int, launch) -> None:
-    """Call ``launch(config)`` with the first configuration whose tiles fit the GPU's shared memory."""
+    """Call ``launch(config)`` with the first configuration whose tiles fit the GPU's shared memory.
+
+    The last one that fitted is tried first next time (decoding tiles grow with Tq x GROUP, so it may not
+    fit every call).
+    """
     if kind in _CONFIG_OVERRIDES:
         return launch(_CONFIG_OVERRIDES[kind])
     key = (kind, block_d, q.dtype, q.device)
+    configs = _candidate_configs(kind, block_d, q.dtype, q.device)
     if key in _CONFIG_CHOSEN:
-        return launch(_CONFIG_CHOSEN[key])
-    for config in _candidate_configs(kind, block_d, q.dtype, q.device):
+        configs = [_CONFIG_CHOSEN[key], *configs]
+    for config in configs:
         try:
             launch(config)
         except triton.runtime.errors.OutOfResources:
@@ -906,7 +911,8 @@ def forgetting_attention(q, k, v, log_fgate, *, sm_scale=None, seq_start=None, c
         seq_start: optional (B,) int, the first visible key of each row (left padding).
         cu_seqlens: optional (N + 1,) int offsets of packed sequences (B = 1, Tq = Tk).
         adaptive_threshold: adaptive computation pruning (not available yet).
-        backend: "auto" (Triton on CUDA, else "torch"), "triton", "torch" or "reference".
+        backend: "auto" (Triton on CUDA for float16/bfloat16/float32 and head dims <= 256, else "torch"),
+            "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" or "reference".
     Returns:
         (B, Tq, H, D) in q's dtype.
     """
