@@ -21,7 +21,8 @@ is not scored. The model's loss shifts labels itself (``labels[t]`` is the targe
   ``optimal_loss`` gives the Bayes-optimal loss for comparison.
 - ``recall``: multi-query associative recall. ``num_pairs`` key-value pairs, then filler, then queries: a key
   from the pairs followed by its value. Only the values after queries are scored: the model must hold every pair
-  across the filler (long memory).
+  across the filler (long memory). ``tiny`` solves the default (128 tokens, 8 pairs) to ~0 loss in about 600 steps
+  of batch 32 at lr 1e-3 (a few minutes on 2 CPU cores); at lr 3e-3 it stalled near 1.9 nats in our runs.
 - ``text``: byte-level language modelling on random windows of a text file; by default a corpus made of the
   Python standard library's own source files (found with ``sysconfig``; no download), one ``<reset>`` between
   files.
