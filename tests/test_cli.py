@@ -101,6 +101,7 @@ def test_train_ctrl_c_and_resume_from_the_command_line(tmp_path, capsys, monkeyp
 
 
 def test_demo_short_run(tmp_path, capsys):
+    pytest.importorskip("plotly", reason="the demo's report needs plotly (a foxlab dependency)")
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "40", "--device", "cpu", "--no-progress"]) == 0
     printed = capsys.readouterr().out

@@ -5,9 +5,10 @@ import math
 import re
 
 import numpy as np
-import plotly.graph_objects as go
 import pytest
 import torch
+
+go = pytest.importorskip("plotly.graph_objects", reason="plotly is a foxlab dependency; only bare GPU images lack it")
 
 from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM
 from foxlab import viz
