@@ -11,16 +11,21 @@ VARIANTS = {
 }
 
 
-def tiny_model(seed=0, **overrides) -> ForgettingTransformerForCausalLM:
+# Generation parity runs on every device here: on CUDA the model goes through the Triton kernels.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def tiny_model(seed=0, device="cpu", **overrides) -> ForgettingTransformerForCausalLM:
     """A seeded `tiny` model in eval mode; gate biases spread so heads forget at different rates."""
     torch.manual_seed(seed)
     overrides.setdefault("num_kv_heads", 2)
     if overrides.get("fgate_type") != "none":
         overrides.setdefault("fgate_init_timescales", [2.0, 64.0])
     config = ForgettingTransformerConfig.from_preset("tiny", **overrides)
-    return ForgettingTransformerForCausalLM(config).eval()
+    return ForgettingTransformerForCausalLM(config).eval().to(device)
 
 
-@pytest.fixture(params=list(VARIANTS))
+@pytest.fixture(params=[(v, d) for d in DEVICES for v in VARIANTS], ids=lambda p: "-".join(p))
 def variant_model(request):
-    return tiny_model(**VARIANTS[request.param])
+    variant, device = request.param
+    return tiny_model(device=device, **VARIANTS[variant])

@@ -10,29 +10,29 @@ from conftest import VARIANTS, tiny_model
 PAD = 0
 
 
-def prompts(lengths, seed=0):
+def prompts(lengths, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(4, 260, (n,), generator=g) for n in lengths]
+    return [torch.randint(4, 260, (n,), generator=g).to(device) for n in lengths]
 
 
 def left_pad(seqs):
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), PAD)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    ids = torch.full((len(seqs), width), PAD, device=seqs[0].device)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=seqs[0].device)
     for row, s in enumerate(seqs):
         ids[row, width - len(s):], mask[row, width - len(s):] = s, 1
     return ids, mask
 
 
 def test_generate_with_cache_equals_without(variant_model):
-    ids = torch.stack(prompts([9, 9]))
+    ids = torch.stack(prompts([9, 9], device=variant_model.device))
     cached = variant_model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=True)
     uncached = variant_model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
 
 
 def test_step_by_step_cached_logits_equal_full_forward(variant_model):
-    ids = torch.stack(prompts([14, 14]))
+    ids = torch.stack(prompts([14, 14], device=variant_model.device))
     full = variant_model(ids, use_cache=False).logits
     cache = ForgettingTransformerCache(variant_model.config)
     steps = [variant_model(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
@@ -41,7 +41,7 @@ def test_step_by_step_cached_logits_equal_full_forward(variant_model):
 
 
 def test_chunked_prefill_equals_single_prefill(variant_model):
-    ids = torch.stack(prompts([15, 15], seed=1))
+    ids = torch.stack(prompts([15, 15], seed=1, device=variant_model.device))
     single = variant_model(ids, use_cache=True)
     cache = ForgettingTransformerCache(variant_model.config)
     first = variant_model(ids[:, :6], cache=cache, use_cache=True).logits
@@ -54,7 +54,7 @@ def test_chunked_prefill_equals_single_prefill(variant_model):
 
 
 def test_left_padded_batch_generates_what_each_generates_alone(variant_model):
-    seqs = prompts([5, 11, 8], seed=2)
+    seqs = prompts([5, 11, 8], seed=2, device=variant_model.device)
     ids, mask = left_pad(seqs)
     batch = variant_model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD)
     for row, s in enumerate(seqs):
@@ -63,7 +63,7 @@ def test_left_padded_batch_generates_what_each_generates_alone(variant_model):
 
 
 def test_left_padded_logits_match_unpadded(variant_model):
-    seqs = prompts([4, 10], seed=3)
+    seqs = prompts([4, 10], seed=3, device=variant_model.device)
     ids, mask = left_pad(seqs)
     out = variant_model(ids, attention_mask=mask).logits
     for row, s in enumerate(seqs):
@@ -73,7 +73,7 @@ def test_left_padded_logits_match_unpadded(variant_model):
 
 
 def test_beam_search_reorders_the_whole_cache(variant_model):
-    ids = torch.stack(prompts([7, 7], seed=4))
+    ids = torch.stack(prompts([7, 7], seed=4, device=variant_model.device))
     kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, early_stopping=True)
     assert torch.equal(variant_model.generate(ids, use_cache=True, **kwargs),
                        variant_model.generate(ids, use_cache=False, **kwargs))
@@ -81,7 +81,7 @@ def test_beam_search_reorders_the_whole_cache(variant_model):
 
 def test_generate_returns_attentions_and_cache_type():
     model = tiny_model()
-    ids = torch.stack(prompts([6]))
+    ids = torch.stack(prompts([6], device="cpu"))
     out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
                          output_attentions=True)
     assert len(out.attentions) == 3 and out.attentions[-1][0].shape == (1, 4, 1, 8)
@@ -92,7 +92,7 @@ def test_generate_returns_attentions_and_cache_type():
 @pytest.mark.parametrize("variant", ["fox-pro"])
 def test_cache_crop_refuses_kv_shift_state(variant):
     model = tiny_model(**VARIANTS[variant])
-    out = model(torch.stack(prompts([5])), use_cache=True)
+    out = model(torch.stack(prompts([5], device="cpu")), use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values
     with pytest.raises(NotImplementedError, match="KV-shift"):
         cache.crop(-2)

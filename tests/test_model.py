@@ -127,3 +127,18 @@ def test_bad_model_inputs():
 
 def test_version_is_exported():
     assert foxlab.__version__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_triton_backend_trains_like_the_reference_on_gpu(variant):
+    ids = torch.randint(4, 260, (2, 200), device="cuda")
+    results = {}
+    for backend in ("triton", "reference"):
+        model = tiny_model(seed=7, device="cuda", attn_backend=backend, **VARIANTS[variant]).train()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results[backend] = out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], rtol=1e-4, atol=1e-4)
+    for name, grad in results["reference"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
