@@ -512,13 +512,18 @@ def save(fig: go.Figure, path, **kwargs) -> Path:
 def show(fig: go.Figure) -> None:
     """Display ``fig`` in a notebook: the interactive figure at once, then the same output updated to carry a
     static PNG too (kaleido; what GitHub and nbviewer show). Without Chrome/Chromium: interactive only, with a
-    one-line note.
+    one-line note, through plotly's default renderer (so Colab, whose renderer is HTML, draws it too).
 
     Why an update and not one bundle: JupyterLab's plotly renderer shows a bundle's PNG instead of the interactive
     plot, but keeps an already drawn plot when its output is updated. VS Code and nbconvert take the updated output.
     """
     from IPython.display import display
 
+    if find_chrome() is None or "colab" in str(pio.renderers.default):
+        fig.show()
+        if find_chrome() is None:
+            print("foxlab.viz.show: interactive only, no static PNG (no Chrome/Chromium: apt-get install -y chromium)")
+        return
     bundle = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
     handle = display(bundle, raw=True, display_id=True)
     try:

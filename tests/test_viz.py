@@ -331,6 +331,17 @@ def test_show_interactive_first_then_png_or_a_note(insp, monkeypatch, capsys):
     assert "interactive only" in capsys.readouterr().out
 
 
+def test_show_without_chrome_uses_the_default_renderer(insp, monkeypatch, capsys):
+    """No Chromium (Colab, say): plotly's own renderer draws the figure, whatever the front end."""
+    fig = viz.plot_forget_gates(insp, layer=0)
+    shown = []
+    monkeypatch.setattr(viz, "find_chrome", lambda: None)
+    monkeypatch.setattr(go.Figure, "show", lambda self, *a, **k: shown.append(self))
+    viz.show(fig)
+    assert shown == [fig]
+    assert "apt-get install -y chromium" in capsys.readouterr().out
+
+
 def test_write_report_has_every_section(model, ids, reference, tmp_path):
     marks = [5, 17]
     path = viz.write_report(tmp_path / "report.html", model, ids, losses=[5.5, 4.0, 3.2],
