@@ -29,3 +29,12 @@ def tiny_model(seed=0, device="cpu", **overrides) -> ForgettingTransformerForCau
 def variant_model(request):
     variant, device = request.param
     return tiny_model(device=device, **VARIANTS[variant])
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and one thread stays fast when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--override", "hidden_size=32", "--override", "num_heads=2", "--override", "intermediate_size=64"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and one thread stays fast when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_args(out, *extra):

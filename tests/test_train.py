@@ -27,13 +27,7 @@ RUN = dict(overrides=SMALL, task="segments", seq_len=32, batch_size=4, steps=8, 
            eval_batches=1, seed=0, progress=False, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and one thread stays fast when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
