@@ -277,6 +277,23 @@ def _query_block_key_range(m0, offset, Tk, first_key_lo, BLOCK_M: tl.constexpr, 
 
 
 @_jit
+def _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob, stride_lot,
+                      MASK_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a block of query rows needs before its key loop (forward and dQ alike): key positions q_pos, gate
+    prefix sums c_q, first visible key per row key_lo, and the block's key range start <= mid <= end."""
+    q_pos = offset + rows
+    c_q = tl.load(C + q_pos, mask=rows < Tq, other=0.0)
+    if MASK_LO:
+        key_lo = tl.load(KEY_LO + b * stride_lob + rows * stride_lot, mask=rows < Tq, other=Tk)
+        first_key_lo = tl.load(KEY_LO + b * stride_lob + m0 * stride_lot)
+    else:
+        key_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+        first_key_lo = 0
+    start, mid, end = _query_block_key_range(m0, offset, Tk, first_key_lo, BLOCK_M, BLOCK_N)
+    return q_pos, c_q, key_lo, start, mid, end
+
+
+@_jit
 def _key_block_query_range(n0, offset, q_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query rows that read keys [n0, n0 + BLOCK_N): [start, mid) needs the causal mask, [mid, end) not.
 
@@ -339,15 +356,8 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, O, LSE,
     C += bh * Tk
 
     q = _load_tile(Q + rows[:, None] * stride_qt + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
-    q_pos = offset + rows
-    c_q = tl.load(C + q_pos, mask=rows < Tq, other=0.0)
-    if MASK_LO:
-        key_lo = tl.load(KEY_LO + b * stride_lob + rows * stride_lot, mask=rows < Tq, other=Tk)
-        first_key_lo = tl.load(KEY_LO + b * stride_lob + m0 * stride_lot)
-    else:
-        key_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
-        first_key_lo = 0
-    start, mid, end = _query_block_key_range(m0, offset, Tk, first_key_lo, BLOCK_M, BLOCK_N)
+    q_pos, c_q, key_lo, start, mid, end = _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob,
+                                                            stride_lot, MASK_LO, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -640,15 +650,8 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, DQ, DC_ROW,
                     rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
     lse = tl.load(LSE + bh * Tq + rows, mask=rows < Tq, other=float("inf"))
     delta = tl.load(DELTA + bh * Tq + rows, mask=rows < Tq, other=0.0)
-    q_pos = offset + rows
-    c_q = tl.load(C + q_pos, mask=rows < Tq, other=0.0)
-    if MASK_LO:
-        key_lo = tl.load(KEY_LO + b * stride_lob + rows * stride_lot, mask=rows < Tq, other=Tk)
-        first_key_lo = tl.load(KEY_LO + b * stride_lob + m0 * stride_lot)
-    else:
-        key_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
-        first_key_lo = 0
-    start, mid, end = _query_block_key_range(m0, offset, Tk, first_key_lo, BLOCK_M, BLOCK_N)
+    q_pos, c_q, key_lo, start, mid, end = _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob,
+                                                            stride_lot, MASK_LO, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dc = tl.zeros([BLOCK_M], dtype=tl.float32)
