@@ -70,6 +70,10 @@ class ForgettingTransformerConfig(PretrainedConfig):
             the fused kernels (the model runs the plain PyTorch ops until they land).
         attn_backend: "auto" (Triton on CUDA, else the memory-efficient PyTorch path), "triton", "torch" or
             "reference" (exact, materialized scores).
+        acp_log_tolerance: None (exact attention) or log eps <= 0 for adaptive computation pruning: every layer
+            skips the scores its forget gates have decayed so far that at most eps = e^acp_log_tolerance of any
+            query's attention weight is lost (foxlab.acp; -10 is the paper's choice). Training, prefill and
+            decoding all prune; ``output_attentions`` stays exact. The reference backend ignores it.
         use_cache: whether forward returns a ForgettingTransformerCache by default (generation needs it).
     """
 
@@ -105,6 +109,7 @@ class ForgettingTransformerConfig(PretrainedConfig):
         fuse_swiglu: bool = False,
         fuse_cross_entropy: bool = False,
         attn_backend: str = "auto",
+        acp_log_tolerance: float | None = None,
         use_cache: bool = True,
         pad_token_id: int | None = 0,
         bos_token_id: int | None = 1,
@@ -137,6 +142,7 @@ class ForgettingTransformerConfig(PretrainedConfig):
         self.fuse_swiglu = fuse_swiglu
         self.fuse_cross_entropy = fuse_cross_entropy
         self.attn_backend = attn_backend
+        self.acp_log_tolerance = acp_log_tolerance
         self.use_cache = use_cache
         self._validate_and_derive()
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
@@ -173,6 +179,9 @@ class ForgettingTransformerConfig(PretrainedConfig):
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         if self.use_rope and self.head_dim % 2:
             raise ValueError(f"use_rope needs an even head_dim, got {self.head_dim}")
+        tol = self.acp_log_tolerance
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not -1e4 <= tol <= 0):
+            raise ValueError(f"acp_log_tolerance must be None or a number in [-1e4, 0] (log eps), got {tol!r}")
         for name in ("norm_eps", "initializer_range", "rope_theta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import acp
+
 try:
     import triton
     import triton.language as tl
@@ -165,13 +167,16 @@ def forgetting_attention_reference(q, k, v, log_fgate, *, sm_scale=None, seq_sta
     return (out, probs) if return_probs else out
 
 
-def _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqlens, chunk_size=TORCH_CHUNK_SIZE):
+def _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqlens, threshold=None,
+                                  chunk_size=TORCH_CHUNK_SIZE):
     """The reference computed one block of ``chunk_size`` queries at a time.
 
     Each block only reads the keys it can see causally, and is checkpointed, so neither forward nor
-    backward ever holds more than (chunk_size, Tk) scores per head.
+    backward ever holds more than (chunk_size, Tk) scores per head. With a pruning ``threshold`` (B, H) a
+    block also skips the keys that all its rows prune (acp.py) and masks the scores with decay < threshold.
     """
     qa, ka, va, c, q_pos, k_pos, segment_ids = _prepare(q, k, v, log_fgate, seq_start, cu_seqlens)
+    c_heads = c.transpose(1, 2)  # (B, H, Tk)
 
     def block(qb, kb, vb, cqb, ckb, vis):
         return _attend(qb, kb, vb, cqb, ckb, vis, scale)[0]
@@ -179,9 +184,15 @@ def _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqle
     outs = []
     for start in range(0, q.shape[1], chunk_size):
         qp = q_pos[start:start + chunk_size]
-        kp = k_pos[: int(qp[-1]) + 1]
-        vis = _visible(qp, kp, seq_start, segment_ids)
-        args = (qa[:, start:start + chunk_size], ka[:, : len(kp)], va[:, : len(kp)], c[:, qp], c[:, : len(kp)], vis)
+        first = 0
+        if threshold is not None:  # the block's first row prunes least
+            first = int(acp.first_kept_key(c_heads, c_heads[:, :, qp[:1]], threshold.to(c.dtype)).min())
+        keys = slice(first, int(qp[-1]) + 1)
+        vis = _visible(qp, k_pos[keys], seq_start, segment_ids)
+        if threshold is not None:
+            decay = c[:, qp].transpose(1, 2)[..., :, None] - c_heads[:, :, None, keys]
+            vis = vis & (decay >= threshold.to(c.dtype)[:, :, None, None])
+        args = (qa[:, start:start + chunk_size], ka[:, keys], va[:, keys], c[:, qp], c[:, keys], vis)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, log_fgate))
         outs.append(checkpoint(block, *args, use_reentrant=False) if needs_grad else block(*args))
     return torch.cat(outs, dim=1).to(q.dtype)
@@ -255,13 +266,68 @@ def _load_vec(ptrs, idx, n, other, CHECK: tl.constexpr):
 
 
 @_jit
-def _mask_scores(s, q_pos, keys, key_lo, CAUSAL: tl.constexpr, MASK_LO: tl.constexpr):
-    """-inf where the key is not visible; q_pos, keys and key_lo come already broadcast to s's layout."""
+def _mask_scores(s, decay, delta, q_pos, keys, key_lo, CAUSAL: tl.constexpr, MASK_LO: tl.constexpr,
+                 PRUNE: tl.constexpr):
+    """-inf where the key is not visible, or (PRUNE) where its decay c_q - c_k is below the threshold delta.
+
+    q_pos, keys, key_lo and delta come already broadcast to s's layout; decay is s's gate term.
+    """
     if CAUSAL:
         s = tl.where(keys <= q_pos, s, float("-inf"))
     if MASK_LO:
         s = tl.where(keys >= key_lo, s, float("-inf"))
+    if PRUNE:
+        s = tl.where(decay >= delta, s, float("-inf"))
     return s
+
+
+@_jit
+def _first_kept_key_block(C, c_row, delta, lo, hi, KEY_IN_BLOCK: tl.constexpr, Tk, BLOCK_N: tl.constexpr):
+    """Binary search: the first key block n in [lo, hi) whose key n * BLOCK_N + KEY_IN_BLOCK (clamped to Tk - 1)
+    is kept for a query row with prefix sum c_row (c_row - c_key >= delta), else hi.
+
+    c falls along the keys, so "kept" is false up to some block and true after it.
+    """
+    lo += tl.full([], 0, tl.int32)
+    hi += tl.full([], 0, tl.int32)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        kept = c_row - tl.load(C + tl.minimum(mid * BLOCK_N + KEY_IN_BLOCK, Tk - 1)) >= delta
+        hi = tl.where(kept, mid, hi)
+        lo = tl.where(kept, lo, mid + 1)
+    return lo
+
+
+@_jit
+def _first_kept_key_block_rows(C, c_rows, c_limit, valid, lo, hi, Tk, BLOCK_N: tl.constexpr):
+    """Binary search for packed rows of several heads (decoding): the first key block n in [lo, hi) whose last
+    key some valid row r keeps (c at that key >= c_limit[r] = c_q[r] - delta[r]; row r's gates at C + c_rows[r]),
+    else hi."""
+    lo += tl.full([], 0, tl.int32)
+    hi += tl.full([], 0, tl.int32)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        c_key = tl.load(C + c_rows + tl.minimum(mid * BLOCK_N + BLOCK_N - 1, Tk - 1), mask=valid, other=0.0)
+        kept = tl.max(tl.where(valid & (c_key <= c_limit), 1, 0), 0) > 0
+        hi = tl.where(kept, mid, hi)
+        lo = tl.where(kept, lo, mid + 1)
+    return lo
+
+
+@_jit
+def _first_pruned_query_block(C, c_key, delta, lo, hi, ROW_IN_BLOCK: tl.constexpr, offset, q_end,
+                              BLOCK_M: tl.constexpr):
+    """Binary search: the first query block m in [lo, hi) whose row m * BLOCK_M + ROW_IN_BLOCK (clamped to
+    q_end - 1) prunes a key with prefix sum c_key (c_q - c_key < delta), else hi. c_q falls along the rows."""
+    lo += tl.full([], 0, tl.int32)
+    hi += tl.full([], 0, tl.int32)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        row = tl.minimum(mid * BLOCK_M + ROW_IN_BLOCK, q_end - 1)
+        pruned = tl.load(C + offset + row) - c_key < delta
+        hi = tl.where(pruned, mid, hi)
+        lo = tl.where(pruned, lo, mid + 1)
+    return lo
 
 
 @_jit
@@ -294,6 +360,51 @@ def _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob, stride
 
 
 @_jit
+def _pruned_key_range(C, m0, offset, Tq, Tk, delta, start, mid, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Adaptive computation pruning for query rows [m0, m0 + BLOCK_M): returns (first, band_end).
+
+    Key blocks before `first` are pruned for every row (even the block's first row, which prunes least, drops
+    their last key); blocks from `band_end` on keep every score (even the last row keeps their first key).
+    Only [first, band_end) and the diagonal blocks need the threshold mask. A row always keeps its own key
+    (decay 0 >= delta), so `first` never passes the first row's block.
+    """
+    p_first = offset + m0
+    p_last = offset + tl.minimum(m0 + BLOCK_M, Tq) - 1
+    first = _first_kept_key_block(C, tl.load(C + p_first), delta, start // BLOCK_N, p_first // BLOCK_N,
+                                  BLOCK_N - 1, Tk, BLOCK_N)
+    band_end = _first_kept_key_block(C, tl.load(C + p_last), delta, first, mid // BLOCK_N, 0, Tk, BLOCK_N)
+    return tl.maximum(first * BLOCK_N, start), tl.maximum(band_end * BLOCK_N, start)
+
+
+@_jit
+def _pruned_query_range(C, n0, offset, Tk, delta, mid, end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Adaptive computation pruning for keys [n0, n0 + BLOCK_N) over the non-diagonal query rows [mid, end):
+    returns (band, stop). Rows in [mid, band) keep every score of the block; [band, stop) prune some; from
+    `stop` on a query block's first row (the one that prunes least) drops even the last key: all pruned.
+    """
+    c_first = tl.load(C + n0)
+    c_last = tl.load(C + tl.minimum(n0 + BLOCK_N, Tk) - 1)
+    n_blocks = tl.cdiv(end, BLOCK_M)
+    band = _first_pruned_query_block(C, c_first, delta, mid // BLOCK_M, n_blocks, BLOCK_M - 1, offset, end, BLOCK_M)
+    stop = _first_pruned_query_block(C, c_last, delta, band, n_blocks, 0, offset, end, BLOCK_M)
+    return tl.maximum(band * BLOCK_M, mid), tl.maximum(tl.minimum(stop * BLOCK_M, end), mid)
+
+
+@_jit
+def _query_block_pruning(C, DELTA, bh, m0, offset, Tq, Tk, start, mid, PRUNE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """(delta per row, start, band) for a query block (forward and dQ alike): the block's threshold (zeros
+    without PRUNE), its first key block to read and the end of its partly pruned band (start without PRUNE)."""
+    if PRUNE:
+        delta = tl.load(DELTA + bh)
+        start, band = _pruned_key_range(C, m0, offset, Tq, Tk, delta, start, mid, BLOCK_M, BLOCK_N)
+    else:
+        delta = 0.0
+        band = start
+    return tl.zeros([BLOCK_M], dtype=tl.float32) + delta, start, band
+
+
+@_jit
 def _key_block_query_range(n0, offset, q_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query rows that read keys [n0, n0 + BLOCK_N): [start, mid) needs the causal mask, [mid, end) not.
 
@@ -305,14 +416,16 @@ def _key_block_query_range(n0, offset, q_end, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @_jit
-def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, c_rows, stride_kt, stride_vt, Tk, qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, stride_kt, stride_vt, Tk, qk_scale,
                start, end, offs_n, offs_d,
-               CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, GATE_PER_ROW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GATE_PER_ROW: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [start, end). Only causal (diagonal) blocks can run past Tk.
 
     With GATE_PER_ROW the rows belong to different query heads (packed decoding): row r reads its keys'
-    c from C + c_rows[r]; otherwise C already points at the one head's row.
+    c from C + c_rows[r]; otherwise C already points at the one head's row. delta: the pruning threshold
+    (per row, read only with PRUNE).
     """
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
@@ -321,8 +434,10 @@ def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, c_rows, stride_kt,
             c_k = tl.load(C + c_rows[:, None] + keys[None, :], mask=keys[None, :] < Tk, other=0.0)
         else:
             c_k = _load_vec(C + keys, keys, Tk, 0.0, CAUSAL)[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + (c_q[:, None] - c_k)
-        s = _mask_scores(s, q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO)
+        decay = c_q[:, None] - c_k
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + decay
+        s = _mask_scores(s, decay, delta[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO,
+                         PRUNE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -334,13 +449,17 @@ def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, c_rows, stride_kt,
 
 
 @_jit
-def _fwd_kernel(Q, K, V, C, KEY_LO, O, LSE,
+def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lob, stride_lot,
                 H, Tq, Tk, qk_scale,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program: BLOCK_M query rows of one (batch, head). Writes O and the base-2 log-sum-exp."""
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head). Writes O and the base-2 log-sum-exp.
+
+    Key blocks: [start, band) pruned in part (PRUNE only), [band, mid) plain, [mid, end) the diagonal.
+    """
     # Latest query blocks first: they have the most keys, and the short ones fill the tail of the grid.
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -359,15 +478,20 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, O, LSE,
     q_pos, c_q, key_lo, start, mid, end = _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob,
                                                             stride_lot, MASK_LO, BLOCK_M, BLOCK_N)
 
+    delta, start, band = _query_block_pruning(C, DELTA, bh, m0, offset, Tq, Tk, start, mid, PRUNE, BLOCK_M, BLOCK_N)
+
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = _initial_max(BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, None, stride_kt, stride_vt, Tk,
-                               qk_scale, start, mid, offs_n, offs_d, False, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N,
-                               False, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, None, stride_kt, stride_vt, Tk,
-                               qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N,
-                               False, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, None, stride_kt, stride_vt,
+                               Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, False, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, None, stride_kt, stride_vt,
+                               Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, False, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, None, stride_kt, stride_vt,
+                               Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, False, DOT_PRECISION)
 
     # A row with no visible key has l = 0: it returns 0, and a finite lse keeps its backward at 0 too.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -379,19 +503,20 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, O, LSE,
 
 
 @_jit
-def _fwd_split_kernel(Q, K, V, C, KEY_LO, O_PART, LSE_PART,
+def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O_PART, LSE_PART,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                       stride_vb, stride_vt, stride_vh, stride_lob, stride_lot,
                       H, Tq, Tk, qk_scale, keys_per_split,
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
     """Decoding (flash-decoding): the Tq query rows of the GROUP heads that share one kv head, packed into
     one tile (row r: head r // Tq of the group, query r % Tq), against one slice of the keys.
 
     Packing reads K and V once per group instead of once per head. A handful of rows cannot fill the GPU
     one program per head, so the keys are split across programs; each writes a normalized partial output
-    and its lse, and `_fwd_combine_kernel` merges them.
+    and its lse, and `_fwd_combine_kernel` merges them. With PRUNE a split starts at its first key block that
+    some row keeps (an all-pruned split reads nothing and contributes weight 0).
     """
     split = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
@@ -420,13 +545,19 @@ def _fwd_split_kernel(Q, K, V, C, KEY_LO, O_PART, LSE_PART,
     else:
         key_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
     end = tl.minimum(split * keys_per_split + keys_per_split, Tk)
+    if PRUNE:
+        delta = tl.load(DELTA + b * H + h)
+        start = _first_kept_key_block_rows(C, c_rows, c_q - delta, valid, start // BLOCK_N, tl.cdiv(end, BLOCK_N),
+                                           Tk, BLOCK_N) * BLOCK_N
+    else:
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = _initial_max(BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, K, V, C, c_rows, stride_kt, stride_vt, Tk,
-                               qk_scale, start, end, offs_n, offs_d, True, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N,
-                               True, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, stride_kt, stride_vt,
+                               Tk, qk_scale, start, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, True, DOT_PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     part = (split * tl.num_programs(1) * GROUP + b * H + h) * Tq + t  # O_PART: (splits, B * H, Tq, D)
@@ -508,10 +639,11 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob,
 
 
 @_jit
-def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, stride_qt, stride_dot,
+def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, threshold, stride_qt, stride_dot,
                     stride_lot, offset, Tq, qk_scale, start, end, offs_m, offs_d,
-                    CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, EVEN_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV and the column sums of dS of one key block over query blocks [start, end).
 
     Works on transposed scores (keys x queries) so that dK and dV come straight out of tl.dot.
@@ -523,12 +655,14 @@ def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, s
                        not EVEN_M)
         lse = _load_vec(LSE + rows, rows, Tq, float("inf"), not EVEN_M)
         c_q = _load_vec(C + offset + rows, rows, Tq, 0.0, not EVEN_M)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale + (c_q[None, :] - c_k[:, None])
+        decay_t = c_q[None, :] - c_k[:, None]
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale + decay_t
         if MASK_LO:
             key_lo = _load_vec(KEY_LO + rows * stride_lot, rows, Tq, 0, not EVEN_M)
         else:
             key_lo = rows  # unread without MASK_LO
-        s_t = _mask_scores(s_t, (offset + rows)[None, :], keys[:, None], key_lo[None, :], CAUSAL, MASK_LO)
+        s_t = _mask_scores(s_t, decay_t, threshold, (offset + rows)[None, :], keys[:, None], key_lo[None, :], CAUSAL,
+                           MASK_LO, PRUNE)
         p_t = tl.exp2(s_t - lse[None, :])
         do = _load_tile(DO + rows[:, None] * stride_dot + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D,
                         not EVEN_M)
@@ -542,19 +676,20 @@ def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, s
 
 
 @_jit
-def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, DK, DV, DC_COL,
+def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, DK, DV, DC_COL,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                      stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
                      stride_lob, stride_lot, stride_hib, stride_hit,
                      H, Tq, Tk, sm_scale, qk_scale,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, EVEN_M: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
+                     EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads that share them.
 
     dK = s dS^T Q and dV = P^T dO are summed over the group in registers; the column sums of dS (one
-    vector per query head) go to DC_COL (B, H, Tk).
+    vector per query head) go to DC_COL (B, H, Tk). Query blocks: [start, mid) the diagonal, [mid, band)
+    plain, then (PRUNE) [band, stop) pruned in part; later rows prune the whole key block.
     """
     n0 = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
@@ -584,15 +719,25 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, DK, DV, DC_CO
         Qh = Q + b * stride_qb + h * stride_qh
         DOh = DO + b * stride_dob + h * stride_doh
         c_k = tl.load(C + bh * Tk + keys, mask=keys < Tk, other=0.0)
+        if PRUNE:
+            threshold = tl.load(THRESHOLD + bh)
+            band, stop = _pruned_query_range(C + bh * Tk, n0, offset, Tk, threshold, mid, end, BLOCK_M, BLOCK_N)
+        else:
+            threshold = 0.0
+            band, stop = end, end
         dc = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
-                                     C + bh * Tk, KEY_LO + b * stride_lob, stride_qt, stride_dot, stride_lot,
-                                     offset, Tq, qk_scale, start, mid, offs_m, offs_d,
-                                     True, MASK_LO, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                     C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
+                                     stride_lot, offset, Tq, qk_scale, start, mid, offs_m, offs_d,
+                                     True, MASK_LO, PRUNE, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
-                                     C + bh * Tk, KEY_LO + b * stride_lob, stride_qt, stride_dot, stride_lot,
-                                     offset, Tq, qk_scale, mid, end, offs_m, offs_d,
-                                     False, MASK_LO, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                     C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
+                                     stride_lot, offset, Tq, qk_scale, mid, band, offs_m, offs_d,
+                                     False, MASK_LO, False, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+                                     C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
+                                     stride_lot, offset, Tq, qk_scale, band, stop, offs_m, offs_d,
+                                     False, MASK_LO, PRUNE, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         tl.store(DC_COL + bh * Tk + keys, dc, mask=keys < Tk)
 
     kv_mask = (keys[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
@@ -603,18 +748,20 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, DK, DV, DC_CO
 
 
 @_jit
-def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
-                  start, end, offs_n, offs_d,
-                  CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt, Tk,
+                  qk_scale, start, end, offs_n, offs_d,
+                  CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dQ and the row sums of dS of one query block over key blocks [start, end)."""
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
         v = _load_tile(V + keys[:, None] * stride_vt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
         c_k = _load_vec(C + keys, keys, Tk, 0.0, CAUSAL)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + (c_q[:, None] - c_k[None, :])
-        s = _mask_scores(s, q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO)
+        decay = c_q[:, None] - c_k[None, :]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + decay
+        s = _mask_scores(s, decay, threshold[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL,
+                         MASK_LO, PRUNE)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -624,14 +771,18 @@ def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, K, V, C, stride
 
 
 @_jit
-def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, DQ, DC_ROW,
+def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, DQ, DC_ROW,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                    stride_dqb, stride_dqt, stride_dqh, stride_lob, stride_lot,
                    H, Tq, Tk, sm_scale, qk_scale,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program: BLOCK_M query rows of one (batch, head). dQ = s dS K; row sums of dS go to DC_ROW."""
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head). dQ = s dS K; row sums of dS go to DC_ROW.
+
+    Key blocks as in the forward: [start, band) pruned in part, [band, mid) plain, [mid, end) the diagonal.
+    """
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -653,14 +804,20 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, DQ, DC_ROW,
     q_pos, c_q, key_lo, start, mid, end = _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob,
                                                             stride_lot, MASK_LO, BLOCK_M, BLOCK_N)
 
+    threshold, start, band = _query_block_pruning(C, THRESHOLD, bh, m0, offset, Tq, Tk, start, mid, PRUNE,
+                                                  BLOCK_M, BLOCK_N)
+
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk,
-                           qk_scale, start, mid, offs_n, offs_d, False, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N,
-                           DOT_PRECISION)
-    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, K, V, C, stride_kt, stride_vt, Tk,
-                           qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, HEAD_DIM, BLOCK_D, BLOCK_N,
-                           DOT_PRECISION)
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
+                           Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
+                           BLOCK_N, DOT_PRECISION)
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
+                           Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D,
+                           BLOCK_N, DOT_PRECISION)
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
+                           Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
+                           BLOCK_N, DOT_PRECISION)
 
     dq_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
@@ -757,10 +914,15 @@ def _launch(kind: str, q: torch.Tensor, block_d: int, launch) -> None:
     raise RuntimeError(f"no Triton configuration of the {kind} kernel fits this GPU (head dim {block_d}, {q.dtype})")
 
 
-def _common_meta(q: torch.Tensor, k: torch.Tensor, key_lo) -> dict:
+def _common_meta(q: torch.Tensor, k: torch.Tensor, key_lo, threshold2) -> dict:
     D = q.shape[-1]
     return dict(GROUP=q.shape[2] // k.shape[2], HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                MASK_LO=key_lo is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                MASK_LO=key_lo is not None, PRUNE=threshold2 is not None,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _or(t, placeholder):
+    return t if t is not None else placeholder
 
 
 def _strides(t, n=3):
@@ -768,15 +930,18 @@ def _strides(t, n=3):
     return t.stride()[:n] if t is not None else (0,) * n
 
 
-def _triton_forward(q, k, v, c2, key_lo, scale):
-    """O (B, Tq, H, D) in q's dtype and the base-2 lse (B, H, Tq) in float32."""
+def _triton_forward(q, k, v, c2, key_lo, threshold2, scale):
+    """O (B, Tq, H, D) in q's dtype and the base-2 lse (B, H, Tq) in float32.
+
+    threshold2: the pruning threshold in base 2 (B, H), or None. Optional tensors that are absent are passed
+    as c2: the kernels do not read them when their flag is off.
+    """
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
-    meta = _common_meta(q, k, key_lo)
+    meta = _common_meta(q, k, key_lo, threshold2)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    lo = key_lo if key_lo is not None else c2  # any tensor: the kernel does not read it without MASK_LO
-    args = (q, k, v, c2, lo)
+    args = (q, k, v, c2, _or(key_lo, c2), _or(threshold2, c2))
     strides = (*_strides(q), *_strides(k), *_strides(v))
     if Tq * meta["GROUP"] > _DECODE_MAX_ROWS:
         _launch("fwd", q, meta["BLOCK_D"], lambda cfg: _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
@@ -809,11 +974,11 @@ def _decode_splits(programs: int, Tk: int, block_n: int, device: torch.device) -
     return triton.cdiv(Tk, per_split), per_split
 
 
-def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, scale):
+def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scale):
     """dq, dk, dv in their inputs' dtypes and dlog f (B, Tk, H) in float32."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    meta = _common_meta(q, k, key_lo)
+    meta = _common_meta(q, k, key_lo, threshold2)
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq,
@@ -823,17 +988,16 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, scale):
     dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
     dc_col = torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)
     dc_row = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    lo = key_lo if key_lo is not None else c2
-    hi = query_hi if query_hi is not None else c2
+    lo, hi, thr = _or(key_lo, c2), _or(query_hi, c2), _or(threshold2, c2)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     qk_scale = scale * LOG2E
     _launch("dkdv", q, meta["BLOCK_D"], lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * Hkv)](
-        q, k, v, c2, do, lse, delta, lo, hi, dk, dv, dc_col, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        q, k, v, c2, do, lse, delta, lo, hi, thr, dk, dv, dc_col, *strides, *dk.stride()[:3], *dv.stride()[:3],
         *_strides(key_lo, 2), *_strides(query_hi, 2), H, Tq, Tk, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_M=Tq % cfg.block_m == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
     _launch("dq", q, meta["BLOCK_D"], lambda cfg: _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-        q, k, v, c2, do, lse, delta, lo, dq, dc_row, *strides, *dq.stride()[:3], *_strides(key_lo, 2),
+        q, k, v, c2, do, lse, delta, lo, thr, dq, dc_row, *strides, *dq.stride()[:3], *_strides(key_lo, 2),
         H, Tq, Tk, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
     dlog_f = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
@@ -845,21 +1009,22 @@ class _TritonForgettingAttention(torch.autograd.Function):
     """O = forgetting attention of (q, k, v, log f), log f float32; gradients for all four."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_f, scale, key_lo, query_hi):
+    def forward(ctx, q, k, v, log_f, scale, key_lo, query_hi, threshold):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         B, Tk, H = log_f.shape
         c2 = torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)  # one row of keys per head
         _gate_cumsum_kernel[(B * H,)](log_f, c2, *log_f.stride(), H, Tk, BLOCK_T=_GATE_BLOCK)
-        o, lse = _triton_forward(q, k, v, c2, key_lo, scale)
-        ctx.save_for_backward(q, k, v, c2, o, lse, key_lo, query_hi)
+        threshold2 = None if threshold is None else (threshold.float() * LOG2E).contiguous()
+        o, lse = _triton_forward(q, k, v, c2, key_lo, threshold2, scale)
+        ctx.save_for_backward(q, k, v, c2, o, lse, key_lo, query_hi, threshold2)
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, c2, o, lse, key_lo, query_hi = ctx.saved_tensors
-        dq, dk, dv, dc = _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, ctx.scale)
-        return dq, dk, dv, dc, None, None, None
+        q, k, v, c2, o, lse, key_lo, query_hi, threshold2 = ctx.saved_tensors
+        dq, dk, dv, dc = _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, ctx.scale)
+        return dq, dk, dv, dc, None, None, None, None
 
 
 def _visibility_bounds(q, k, seq_start, cu_seqlens):
@@ -890,12 +1055,12 @@ def _triton_unavailable_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def _forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens):
+def _forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens, threshold):
     reason = _triton_unavailable_reason(q)
     if reason is not None:
         raise ValueError(f"backend='triton': {reason}")
     key_lo, query_hi = _visibility_bounds(q, k, seq_start, cu_seqlens)
-    return _TritonForgettingAttention.apply(q, k, v, log_fgate.float(), scale, key_lo, query_hi)
+    return _TritonForgettingAttention.apply(q, k, v, log_fgate.float(), scale, key_lo, query_hi, threshold)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -904,7 +1069,7 @@ def _forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlen
 
 
 def forgetting_attention(q, k, v, log_fgate, *, sm_scale=None, seq_start=None, cu_seqlens=None,
-                         adaptive_threshold=None, backend="auto"):
+                         adaptive_threshold=None, log_eps=acp.DEFAULT_LOG_EPS, backend="auto"):
     """Forgetting attention, O = softmax(s q k^T + D) v with D_ij = c_i - c_j (module docstring).
 
     Args:
@@ -913,23 +1078,29 @@ def forgetting_attention(q, k, v, log_fgate, *, sm_scale=None, seq_start=None, c
         sm_scale: softmax scale, 1/sqrt(D) by default.
         seq_start: optional (B,) int, the first visible key of each row (left padding).
         cu_seqlens: optional (N + 1,) int offsets of packed sequences (B = 1, Tq = Tk).
-        adaptive_threshold: adaptive computation pruning (not available yet).
+        adaptive_threshold: adaptive computation pruning (acp.py): None (exact, the default); "auto", which drops
+            at most e^log_eps of any query's attention weight (threshold from the query and key norms); or a
+            log-space threshold delta <= 0, a number or a tensor broadcastable to (B, H): every score whose
+            decay c_i - c_j is below delta is dropped. Needs log_fgate <= 0. The reference backend never prunes.
+        log_eps: for "auto", the log of the largest attention weight a query may lose (default -10).
         backend: "auto" (Triton on CUDA for float16/bfloat16/float32 and head dims <= 256, else "torch"),
             "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" or "reference".
     Returns:
         (B, Tq, H, D) in q's dtype.
     """
     scale = _check_inputs(q, k, v, log_fgate, sm_scale, seq_start, cu_seqlens, backend)
-    if adaptive_threshold is not None:
-        raise NotImplementedError("adaptive_threshold (adaptive computation pruning) is not implemented yet")
+    threshold = acp.threshold(q, k, adaptive_threshold, log_eps=log_eps, sm_scale=scale)
+    if threshold is not None and backend == "reference":
+        raise ValueError("backend='reference' is exact and never prunes: drop adaptive_threshold or pick another "
+                         "backend")
     if backend == "auto":
         backend = "triton" if q.is_cuda and _triton_unavailable_reason(q) is None else "torch"
     if backend == "reference":
         return forgetting_attention_reference(q, k, v, log_fgate, sm_scale=scale, seq_start=seq_start,
                                               cu_seqlens=cu_seqlens)
     if backend == "torch":
-        return _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqlens)
-    return _forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens)
+        return _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqlens, threshold)
+    return _forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens, threshold)
 
 
 def log_forget_gate(logits: torch.Tensor) -> torch.Tensor:

@@ -232,12 +232,20 @@ class ForgettingAttention(nn.Module):
         if output_attentions:
             o, probs = forgetting_attention_reference(q, k, v, log_f_all, seq_start=seq_start, return_probs=True)
         else:
-            o = forgetting_attention(q, k, v, log_f_all, seq_start=seq_start, backend=self.config.attn_backend)
+            o = self.attend(q, k, v, log_f_all, seq_start)
         if self.o_norm is not None:
             o = self.o_norm(o)
         if self.g_proj is not None:
             o = o * torch.sigmoid(self.g_proj(x)).view_as(o)
         return self.o_proj(o.reshape(B, T, -1)), probs, log_f
+
+
+    def attend(self, q, k, v, log_f, seq_start):
+        """The attention kernel call, pruned when the config sets ``acp_log_tolerance`` (acp.py)."""
+        tolerance, backend = self.config.acp_log_tolerance, self.config.attn_backend
+        pruning = {} if tolerance is None or backend == "reference" else dict(adaptive_threshold="auto",
+                                                                               log_eps=tolerance)
+        return forgetting_attention(q, k, v, log_f, seq_start=seq_start, backend=backend, **pruning)
 
 
 class SwiGLU(nn.Module):

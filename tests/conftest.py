@@ -38,3 +38,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def masked_attention(q, k, v, log_f, threshold=None, *, seq_start=None, cu_seqlens=None, sm_scale=None):
+    """Dense forgetting attention in float64, keeping only the scores with decay c_i - c_j >= threshold (B, H).
+
+    Returns (output (B, Tq, H, D), probabilities (B, H, Tq, Tk), kept mask, visible mask). Written apart from
+    foxlab's code: the independent check of pruning (acp.py) and of its statistics.
+    """
+    q, k, v, log_f = (t.double() for t in (q, k, v, log_f))
+    B, Tq, H, D = q.shape
+    Tk, group = k.shape[1], H // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    c = log_f.cumsum(dim=1).transpose(1, 2)  # (B, H, Tk)
+    pos = torch.arange(Tk - Tq, Tk)
+    keys = torch.arange(Tk)
+    decay = c[:, :, pos, None] - c[:, :, None, :]
+    visible = (keys[None, :] <= pos[:, None]).expand(B, H, Tq, Tk)
+    if seq_start is not None:
+        visible = visible & (keys >= seq_start[:, None, None, None])
+    if cu_seqlens is not None:
+        segment = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), cu_seqlens.diff())
+        visible = visible & (segment[pos][:, None] == segment[None, :])
+    kept = visible if threshold is None else visible & (decay >= threshold.double()[:, :, None, None])
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + decay
+    probs = torch.softmax(scores.masked_fill(~kept, torch.finfo(torch.float64).min), dim=-1) * kept
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v), probs, kept, visible
+
+
+def quantized_gates(B, T, H, generator=None):
+    """log f on a grid of 1/16 (sums exact in float32) and thresholds halfway between grid points (B, H), so that
+    no decay sits within rounding of a threshold and every implementation prunes exactly the same scores."""
+    log_f = -torch.randint(0, 6, (B, T, H), generator=generator).float() / 16
+    threshold = -(torch.randint(8, 40, (B, H), generator=generator).float() + 0.5) / 16
+    return log_f, threshold
