@@ -4,7 +4,10 @@
     python benchmarks/attention.py --quick    # two small shapes, a smoke test
     python benchmarks/attention.py --tune     # sweep block sizes per kernel and head dim first
 
-Rows: foxlab (Triton), torch SDPA with the flash backend and no gate (the ceiling), torch flex_attention
+Rows: foxlab (Triton), foxlab with adaptive computation pruning ("+ ACP": threshold "auto", log eps = -10),
+the FoX paper's own kernel with and without its ACP (when a copy of it sits in `.anchors/`, a git-ignored
+folder: it is another project's code, benchmarked, never imported by foxlab), torch SDPA with the flash
+and cuDNN backends and no gate (the ceiling), torch flex_attention
 with a FoX score_mod (forward; its backward is attempted and whatever it does is recorded), the exact
 reference (small T only), and fla's parallel_forgetting_attn when importable. Times are medians of
 GPU time, replayed from CUDA graphs (triton.testing.do_bench_cudagraph) so that host-side launch cost
@@ -60,8 +63,14 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16):
 
 
 def bench(fn) -> float:
-    """Median GPU time (ms) of fn replayed from a CUDA graph: host-side launch cost left out."""
-    return do_bench_cudagraph(fn, rep=100, return_mode="median")
+    """Median GPU time (ms) of fn replayed from a CUDA graph: host-side launch cost left out (eager timing, with a
+    note, for code that cannot be captured)."""
+    try:
+        return do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception as e:
+        print(f"    (no CUDA graph: {type(e).__name__}: {str(e).splitlines()[0][:100]}; timed eagerly)", flush=True)
+        torch.cuda.synchronize()
+        return bench_eager(fn)
 
 
 def bench_eager(fn) -> float:
@@ -154,6 +163,25 @@ def make_flex(T):
     return attn
 
 
+def paper_attention(adaptive_threshold=None):
+    """The FoX paper's kernel (github zhixuan-lin/forgetting-transformer, ops/forgetting_attention.py), if a
+    copy is in .anchors/; on its own head-major layout (head_first=True)."""
+    anchors = Path(__file__).resolve().parents[1] / ".anchors"
+    if not (anchors / "paper_forgetting_attention.py").exists():
+        return None
+    sys.path.insert(0, str(anchors))
+    from paper_forgetting_attention import forgetting_attention as paper
+
+    def attn(q, k, v, log_f):
+        return paper(q, k, v, log_f, head_first=True, adaptive_threshold=adaptive_threshold)
+
+    return attn
+
+
+def foxlab_acp(q, k, v, log_f):
+    return forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto")
+
+
 def fla_attention():
     try:
         from fla.ops.forgetting_attn import parallel_forgetting_attn
@@ -162,16 +190,23 @@ def fla_attention():
     return lambda q, k, v, log_f: parallel_forgetting_attn(q, k, v, log_f)
 
 
-def run_shape(shape, with_flex, with_reference) -> list[dict]:
+def run_shape(shape, with_flex, with_reference, log_f=None) -> list[dict]:
     B, T, H, D = shape
-    q, k, v, log_f = make_inputs(B, T, H, D)
+    q, k, v, gates = make_inputs(B, T, H, D)
+    log_f = gates if log_f is None else log_f
     leaves = [t.requires_grad_() for t in (q, k, v, log_f)]
-    head_major = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in leaves[:3]] + [leaves[3]]
+    head_major = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in leaves[:3]]
+    head_major.append(log_f.detach().transpose(1, 2).contiguous().requires_grad_())
     impls = [("foxlab triton", lambda *a: forgetting_attention(*a, backend="triton"), True),
+             ("foxlab triton + ACP", foxlab_acp, True),
              ("SDPA flash (no gate)", sdpa_flash, True)]  # (name, function, also time it eagerly)
     # The same SDPA on its own contiguous head-major layout, flash and cuDNN: ratios use the fastest SDPA row.
     extra = [("SDPA flash (no gate), (B,H,T,D)", sdpa_head_major("FLASH_ATTENTION")),
              ("SDPA cuDNN (no gate), (B,H,T,D)", sdpa_head_major("CUDNN_ATTENTION"))]
+    for name, threshold in (("paper kernel", None), ("paper kernel + ACP", "auto")):
+        paper = paper_attention(threshold)
+        if paper is not None:
+            extra.append((name, paper))
     if with_flex:
         impls.append(("flex_attention", make_flex(T), False))
     if with_reference and B * H * T * T <= 2**30:
@@ -180,7 +215,8 @@ def run_shape(shape, with_flex, with_reference) -> list[dict]:
     if fla is not None:
         impls.append(("fla parallel_forgetting_attn", fla, False))
     rows = []
-    for name, attn, eager, inputs in [(*i, leaves) for i in impls] + [(n, a, False, head_major) for n, a in extra]:
+    for name, attn, eager, inputs in [(*i, leaves) for i in impls] + [(n, a, n.startswith("paper"), head_major)
+                                                                       for n, a in extra]:
         try:
             result = measure(attn, inputs, eager)
         except Exception as e:
@@ -191,22 +227,89 @@ def run_shape(shape, with_flex, with_reference) -> list[dict]:
     return rows
 
 
+def demo_gates(checkpoint: Path, B: int, T: int, H: int) -> torch.Tensor | None:
+    """Log forget gates (B, T, H) of a trained model: the `make demo` FoX (tiny, 300 steps on the segments task)
+    run on segments sequences of length T; its 2 layers x 4 heads, tiled over H heads. None without it."""
+    if not (checkpoint / "config.json").exists():
+        return None
+    from transformers import AutoModelForCausalLM
+
+    from foxlab.data import SegmentsTask
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).cuda().eval()
+    ids = SegmentsTask(seq_len=T).batch(0, B, split="eval")["input_ids"].cuda()
+    with torch.no_grad():
+        gates = torch.cat(model(ids, output_forget_gates=True).forget_gates, dim=-1)  # (B, T, 8)
+    return gates.repeat(1, 1, -(-H // gates.shape[-1]))[..., :H].contiguous()
+
+
+def run_acp(shapes, checkpoint: Path) -> None:
+    """Pruning's two limits: gates that allow none (log f = 0, ACP only adds its bookkeeping) and the gates of a
+    trained model (the demo FoX); foxlab with and without ACP, and the paper's kernel + ACP, same inputs."""
+    print("| (B, T, H, D) | gates | foxlab fwd / fwd+bwd ms | foxlab + ACP fwd / fwd+bwd ms | ACP speed-up "
+          "fwd+bwd | paper + ACP fwd+bwd ms (eager) | foxlab + ACP fwd+bwd ms (eager) |")
+    print("|---" * 7 + "|")
+    for shape in shapes:
+        B, T, H, D = shape
+        q, k, v, _ = make_inputs(B, T, H, D)
+        trained = demo_gates(checkpoint, B, T, H)
+        for label, log_f in (("log f = 0", torch.zeros(B, T, H, device="cuda")), ("demo model", trained)):
+            if log_f is None:
+                continue
+            leaves = [t.requires_grad_() for t in (q, k, v, log_f)]
+            plain = measure(lambda *a: forgetting_attention(*a, backend="triton"), leaves)
+            pruned = measure(foxlab_acp, leaves, eager=True)
+            paper, head_major = paper_attention("auto"), [t.detach().transpose(1, 2).contiguous().requires_grad_()
+                                                          for t in leaves]
+            paper_ms = measure(paper, head_major, eager=True)["eager_fwdbwd_ms"] if paper else float("nan")
+            print(f"| {shape} | {label} | {plain['fwd_ms']:.3f} / {plain['fwdbwd_ms']:.3f} | {pruned['fwd_ms']:.3f} / "
+                  f"{pruned['fwdbwd_ms']:.3f} | {plain['fwdbwd_ms'] / pruned['fwdbwd_ms']:.2f} | {paper_ms:.3f} | "
+                  f"{pruned['eager_fwdbwd_ms']:.3f} |", flush=True)
+
+
+def run_acp_training_step(T: int = 16384) -> None:
+    """Tokens/s of one fox-125m training step (forward, backward, AdamW; bf16 autocast) at T tokens, ACP off and
+    on, with the paper's initialization (gate bias 0) and with log-spaced gate timescales of 16 to 4096 tokens."""
+    from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM
+    ids = torch.randint(0, 50304, (1, T), device="cuda")
+    for init in (None, [16.0, 4096.0]):
+        for tolerance in (None, -10.0):
+            torch.manual_seed(0)
+            config = ForgettingTransformerConfig.from_preset("fox-125m", fgate_init_timescales=init,
+                                                             acp_log_tolerance=tolerance)
+            model = ForgettingTransformerForCausalLM(config).cuda().train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            ms = bench_eager(step)
+            print(f"fox-125m T={T} gate init {init or 'bias 0'} ACP {tolerance}: {ms:.1f} ms/step, "
+                  f"{T / ms * 1e3 / 1e3:.1f}k tokens/s", flush=True)
+            del model, opt
+            torch.cuda.empty_cache()
+
+
 DECODE_SHAPES = [(1, 4096, 16, 16, 128), (8, 8192, 32, 8, 128), (1, 32768, 16, 16, 64), (32, 2048, 16, 4, 64)]
 
 
 def run_decode():
     """One query against a cache of Tk keys: GPU time and the K/V bytes read per second."""
-    print("| (B, Tk, H, Hkv, D) | foxlab decode us | GB/s of K+V | SDPA (no gate) us |")
-    print("|---|---|---|---|")
+    print("| (B, Tk, H, Hkv, D) | foxlab decode us | GB/s of K+V | foxlab + ACP us | SDPA (no gate) us |")
+    print("|---|---|---|---|---|")
     for B, Tk, H, Hkv, D in DECODE_SHAPES:
         q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(B, Tk, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         log_f = F.logsigmoid(torch.randn(B, Tk, H, device="cuda") + 3.0)
         fox = bench(lambda: forgetting_attention(q, k, v, log_f, backend="triton"))
+        pruned = bench(lambda: forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto"))
         sdpa = bench(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                             enable_gqa=True))
-        print(f"| {(B, Tk, H, Hkv, D)} | {fox * 1e3:.1f} | {2 * k.numel() * 2 / fox / 1e6:.0f} | {sdpa * 1e3:.1f} |",
-              flush=True)
+        print(f"| {(B, Tk, H, Hkv, D)} | {fox * 1e3:.1f} | {2 * k.numel() * 2 / fox / 1e6:.0f} | {pruned * 1e3:.1f} "
+              f"| {sdpa * 1e3:.1f} |", flush=True)
 
 
 def print_table(rows):
@@ -245,11 +348,11 @@ def tune():
         q, k, v, log_f = make_inputs(B, T, H, D)
         scale = D ** -0.5
         c2 = (log_f.cumsum(1) * kernels.LOG2E).transpose(1, 2).contiguous()
-        o, lse = kernels._triton_forward(q, k, v, c2, None, scale)
+        o, lse = kernels._triton_forward(q, k, v, c2, None, None, scale)
         d_out = torch.randn_like(o)
-        calls = {"fwd": lambda: kernels._triton_forward(q, k, v, c2, None, scale),
-                 "dkdv": lambda: kernels._triton_backward(d_out, q, k, v, c2, o, lse, None, None, scale),
-                 "dq": lambda: kernels._triton_backward(d_out, q, k, v, c2, o, lse, None, None, scale)}
+        calls = {"fwd": lambda: kernels._triton_forward(q, k, v, c2, None, None, scale),
+                 "dkdv": lambda: kernels._triton_backward(d_out, q, k, v, c2, o, lse, None, None, None, scale),
+                 "dq": lambda: kernels._triton_backward(d_out, q, k, v, c2, o, lse, None, None, None, scale)}
         for kind in ("fwd", "dkdv", "dq"):  # the whole backward is timed; dq with the best dkdv pinned
             times = {}
             for cand in TUNE_CANDIDATES[(kind, D)]:
@@ -272,6 +375,10 @@ def main():
     parser.add_argument("--tune", action="store_true", help="sweep block sizes first and use the best")
     parser.add_argument("--no-flex", action="store_true", help="skip flex_attention (its compile is slow)")
     parser.add_argument("--json", help="write all measurements here")
+    parser.add_argument("--acp", action="store_true", help="also: ACP with log f = 0 and with trained gates, and "
+                        "a fox-125m training step at 16k tokens with ACP off and on")
+    parser.add_argument("--demo-checkpoint", default="runs/demo/checkpoint", type=Path,
+                        help="the trained model whose gates --acp uses (make demo writes it)")
     args = parser.parse_args()
     shapes = QUICK_SHAPES if args.quick else SHAPES
     props = torch.cuda.get_device_properties(0)
@@ -290,10 +397,13 @@ def main():
                 if D == shape[3]:
                     kernels._CONFIG_OVERRIDES[kind] = kernels._KernelConfig(*cand)
         print(f"{shape}:", flush=True)
-        rows += run_shape(shape, with_flex=not (args.quick or args.no_flex), with_reference=True)
+        rows += run_shape(shape, with_flex=not (args.quick or args.no_flex), with_reference=args.quick)
         kernels._CONFIG_OVERRIDES.clear()
     print_table(rows)
     run_decode()
+    if args.acp:
+        run_acp(shapes, args.demo_checkpoint)
+        run_acp_training_step()
     if args.json:
         Path(args.json).write_text(json.dumps({"device": props.name, "torch": torch.__version__,
                                                "triton": triton.__version__, "rows": rows,

@@ -44,9 +44,7 @@ def threshold(q, k, adaptive_threshold, *, log_eps: float = DEFAULT_LOG_EPS, sm_
     if isinstance(adaptive_threshold, str):
         if adaptive_threshold != "auto":
             raise ValueError(f'adaptive_threshold must be None, "auto", a number or a tensor, got {adaptive_threshold!r}')
-        if isinstance(log_eps, bool) or not isinstance(log_eps, (int, float)) or not -1e4 <= log_eps <= 0:
-            raise ValueError(f"log_eps must be a number in [-1e4, 0] (the log of the dropped attention mass), "
-                             f"got {log_eps!r}")
+        check_log_eps(log_eps)
         scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
         group = H // k.shape[2]
         q, k = q.detach(), k.detach()  # the threshold picks which scores to drop; no gradient flows through it
@@ -67,6 +65,12 @@ def threshold(q, k, adaptive_threshold, *, log_eps: float = DEFAULT_LOG_EPS, sm_
         raise ValueError("adaptive_threshold must be <= 0 everywhere (a log-space decay; 0 or above would prune "
                          "a query's own key)")
     return delta
+
+
+def check_log_eps(log_eps) -> None:
+    if isinstance(log_eps, bool) or not isinstance(log_eps, (int, float)) or not -1e4 <= log_eps <= 0:
+        raise ValueError(f"log_eps must be a number in [-1e4, 0] (the log of the dropped attention mass), got "
+                         f"{log_eps!r}")
 
 
 def first_kept_key(c: torch.Tensor, c_query: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -231,6 +231,8 @@ def _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqle
 # ==================================================================================================
 
 LOG2E = 1.4426950408889634
+# Blocks whose gate prefix sums one step of a pruning boundary search reads at once.
+_SCAN_BLOCKS = tl.constexpr(64) if triton is not None else 64
 # Without Triton the kernels stay plain (never called) functions, so the module still imports.
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 
@@ -283,19 +285,28 @@ def _mask_scores(s, decay, delta, q_pos, keys, key_lo, CAUSAL: tl.constexpr, MAS
 
 @_jit
 def _first_kept_key_block(C, c_row, delta, lo, hi, KEY_IN_BLOCK: tl.constexpr, Tk, BLOCK_N: tl.constexpr):
-    """Binary search: the first key block n in [lo, hi) whose key n * BLOCK_N + KEY_IN_BLOCK (clamped to Tk - 1)
-    is kept for a query row with prefix sum c_row (c_row - c_key >= delta), else hi.
+    """The first key block n in [lo, hi) whose key n * BLOCK_N + KEY_IN_BLOCK (clamped to Tk - 1) is kept for a
+    query row with prefix sum c_row (c_row - c_key >= delta), else hi.
 
-    c falls along the keys, so "kept" is false up to some block and true after it.
+    c falls along the keys, so the kept blocks are a suffix of [lo, hi). Rather than a binary search (a chain
+    of dependent loads, each a memory latency), look at block lo first (nothing pruned: done), else count the
+    kept blocks of _SCAN_BLOCKS-wide chunks from hi down until a chunk holds a pruned one (usually one chunk).
     """
     lo += tl.full([], 0, tl.int32)
-    hi += tl.full([], 0, tl.int32)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        kept = c_row - tl.load(C + tl.minimum(mid * BLOCK_N + KEY_IN_BLOCK, Tk - 1)) >= delta
-        hi = tl.where(kept, mid, hi)
-        lo = tl.where(kept, lo, mid + 1)
-    return lo
+    first = hi + tl.full([], 0, tl.int32)
+    if lo < hi:
+        if c_row - tl.load(C + tl.minimum(lo * BLOCK_N + KEY_IN_BLOCK, Tk - 1)) >= delta:
+            first = lo
+    top = tl.where(first == lo, lo, first)
+    offs = tl.arange(0, _SCAN_BLOCKS)
+    while top > lo:
+        blocks = top - _SCAN_BLOCKS + offs
+        valid = blocks >= lo
+        c_key = tl.load(C + tl.minimum(blocks * BLOCK_N + KEY_IN_BLOCK, Tk - 1), mask=valid, other=0.0)
+        n_kept = tl.sum(tl.where(valid & (c_row - c_key >= delta), 1, 0), 0)
+        first = top - n_kept
+        top = tl.where(n_kept == tl.sum(tl.where(valid, 1, 0), 0), top - _SCAN_BLOCKS, lo)
+    return first
 
 
 @_jit
@@ -317,17 +328,27 @@ def _first_kept_key_block_rows(C, c_rows, c_limit, valid, lo, hi, Tk, BLOCK_N: t
 @_jit
 def _first_pruned_query_block(C, c_key, delta, lo, hi, ROW_IN_BLOCK: tl.constexpr, offset, q_end,
                               BLOCK_M: tl.constexpr):
-    """Binary search: the first query block m in [lo, hi) whose row m * BLOCK_M + ROW_IN_BLOCK (clamped to
-    q_end - 1) prunes a key with prefix sum c_key (c_q - c_key < delta), else hi. c_q falls along the rows."""
+    """The first query block m in [lo, hi) whose row m * BLOCK_M + ROW_IN_BLOCK (clamped to q_end - 1) prunes a
+    key with prefix sum c_key (c_q - c_key < delta), else hi. c_q falls along the rows, so the pruned blocks are
+    a suffix: look at block hi - 1 first (nothing pruned: done), else count unpruned blocks chunk by chunk from lo.
+    """
     lo += tl.full([], 0, tl.int32)
     hi += tl.full([], 0, tl.int32)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        row = tl.minimum(mid * BLOCK_M + ROW_IN_BLOCK, q_end - 1)
-        pruned = tl.load(C + offset + row) - c_key < delta
-        hi = tl.where(pruned, mid, hi)
-        lo = tl.where(pruned, lo, mid + 1)
-    return lo
+    first = hi
+    bottom = hi
+    if lo < hi:
+        if tl.load(C + offset + tl.minimum(hi * BLOCK_M - BLOCK_M + ROW_IN_BLOCK, q_end - 1)) - c_key < delta:
+            bottom = lo
+    offs = tl.arange(0, _SCAN_BLOCKS)
+    while bottom < hi:
+        blocks = bottom + offs
+        valid = blocks < hi
+        rows = tl.minimum(blocks * BLOCK_M + ROW_IN_BLOCK, q_end - 1)
+        c_q = tl.load(C + offset + rows, mask=valid, other=0.0)
+        n_kept = tl.sum(tl.where(valid & (c_q - c_key >= delta), 1, 0), 0)
+        first = bottom + n_kept
+        bottom = tl.where(n_kept == tl.sum(tl.where(valid, 1, 0), 0), bottom + _SCAN_BLOCKS, hi)
+    return first
 
 
 @_jit
@@ -599,6 +620,41 @@ def _gate_cumsum_kernel(LOG_F, C2, stride_fb, stride_ft, stride_fh, H, T, BLOCK_
         log_f = tl.load(LOG_F + t * stride_ft, mask=t < T, other=0.0)
         tl.store(C2 + bh * T + t, (tl.cumsum(log_f, 0) + carry) * 1.4426950408889634, mask=t < T)
         carry += tl.sum(log_f, 0)
+
+
+@_jit
+def _max_norm_kernel(X, OUT, stride_b, stride_t, stride_h, Hx, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_T: tl.constexpr):
+    """OUT[chunk, b * Hx + h] = max over the BLOCK_T rows t of the chunk of |X[b, t, h, :]|^2, in float32."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    X += (bh // Hx) * stride_b + (bh % Hx) * stride_h
+    x = _load_tile(X + rows[:, None] * stride_t + offs_d[None, :], rows, T, offs_d, HEAD_DIM, BLOCK_D, True)
+    x = x.to(tl.float32)
+    tl.store(OUT + chunk * tl.num_programs(1) + bh, tl.max(tl.sum(x * x, 1), 0))
+
+
+@_jit
+def _auto_threshold_kernel(Q_SQ, K_SQ, THRESHOLD2, H, GROUP, q_chunks, k_chunks, scale, log_keys, log_eps,
+                           BLOCK_C: tl.constexpr):
+    """threshold2[b, h] = log2(e) * (-(2 U + log Tk) + log eps), U = scale * max|q| * max|k| for query head h and its
+    kv head, from the chunk maxima of |q|^2 (chunks, B * H) and |k|^2 (chunks, B * H / GROUP). One program per
+    (b, h)."""
+    bh = tl.program_id(0)
+    bhk = (bh // H) * (H // GROUP) + (bh % H) // GROUP
+    offs = tl.arange(0, BLOCK_C)
+    q_sq = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, q_chunks, BLOCK_C):
+        q_sq = tl.maximum(q_sq, tl.load(Q_SQ + (c0 + offs) * tl.num_programs(0) + bh, mask=c0 + offs < q_chunks,
+                                        other=0.0))
+    k_sq = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, k_chunks, BLOCK_C):
+        k_sq = tl.maximum(k_sq, tl.load(K_SQ + (c0 + offs) * (tl.num_programs(0) // GROUP) + bhk,
+                                        mask=c0 + offs < k_chunks, other=0.0))
+    bound = scale * tl.sqrt(tl.max(q_sq, 0)) * tl.sqrt(tl.max(k_sq, 0))
+    tl.store(THRESHOLD2 + bh, (log_eps - 2.0 * bound - log_keys) * 1.4426950408889634)
 
 
 @_jit
@@ -965,6 +1021,25 @@ def _triton_forward(q, k, v, c2, key_lo, threshold2, scale):
     return o, lse
 
 
+def _auto_threshold2(q, k, scale: float, log_eps: float) -> torch.Tensor:
+    """The "auto" pruning threshold (acp.threshold) in base 2, (B, H) float32, in three small kernels: chunk maxima
+    of |q|^2 and |k|^2, then the bound (decoding runs it every step, so it must cost a few microseconds)."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    block_d, block_t = max(16, triton.next_power_of_2(D)), 64
+    maxima = []
+    for x, T, heads in ((q, Tq, H), (k, Tk, Hkv)):
+        chunks = triton.cdiv(T, block_t)
+        out = torch.empty(chunks, B * heads, dtype=torch.float32, device=q.device)
+        _max_norm_kernel[(chunks, B * heads)](x, out, *_strides(x), heads, T, HEAD_DIM=D, BLOCK_D=block_d,
+                                              BLOCK_T=block_t)
+        maxima.append(out)
+    threshold2 = torch.empty(B, H, dtype=torch.float32, device=q.device)
+    _auto_threshold_kernel[(B * H,)](*maxima, threshold2, H, H // Hkv, maxima[0].shape[0], maxima[1].shape[0],
+                                     scale, math.log(Tk), float(log_eps), BLOCK_C=64)
+    return threshold2
+
+
 def _decode_splits(programs: int, Tk: int, block_n: int, device: torch.device) -> tuple[int, int]:
     """Split the keys so that about four programs run per multiprocessor (enough loads in flight to
     stream K and V at memory speed); return (splits, keys per split)."""
@@ -1009,12 +1084,11 @@ class _TritonForgettingAttention(torch.autograd.Function):
     """O = forgetting attention of (q, k, v, log f), log f float32; gradients for all four."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_f, scale, key_lo, query_hi, threshold):
+    def forward(ctx, q, k, v, log_f, scale, key_lo, query_hi, threshold2):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         B, Tk, H = log_f.shape
         c2 = torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)  # one row of keys per head
         _gate_cumsum_kernel[(B * H,)](log_f, c2, *log_f.stride(), H, Tk, BLOCK_T=_GATE_BLOCK)
-        threshold2 = None if threshold is None else (threshold.float() * LOG2E).contiguous()
         o, lse = _triton_forward(q, k, v, c2, key_lo, threshold2, scale)
         ctx.save_for_backward(q, k, v, c2, o, lse, key_lo, query_hi, threshold2)
         ctx.scale = scale
@@ -1055,12 +1129,18 @@ def _triton_unavailable_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def _forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens, threshold):
+def _forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens, adaptive_threshold, log_eps):
     reason = _triton_unavailable_reason(q)
     if reason is not None:
         raise ValueError(f"backend='triton': {reason}")
     key_lo, query_hi = _visibility_bounds(q, k, seq_start, cu_seqlens)
-    return _TritonForgettingAttention.apply(q, k, v, log_fgate.float(), scale, key_lo, query_hi, threshold)
+    if isinstance(adaptive_threshold, str) and adaptive_threshold == "auto":
+        acp.check_log_eps(log_eps)
+        threshold2 = _auto_threshold2(q, k, scale, log_eps)
+    else:
+        threshold = acp.threshold(q, k, adaptive_threshold, log_eps=log_eps, sm_scale=scale)
+        threshold2 = None if threshold is None else threshold * LOG2E
+    return _TritonForgettingAttention.apply(q, k, v, log_fgate.float(), scale, key_lo, query_hi, threshold2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1089,8 +1169,7 @@ def forgetting_attention(q, k, v, log_fgate, *, sm_scale=None, seq_start=None, c
         (B, Tq, H, D) in q's dtype.
     """
     scale = _check_inputs(q, k, v, log_fgate, sm_scale, seq_start, cu_seqlens, backend)
-    threshold = acp.threshold(q, k, adaptive_threshold, log_eps=log_eps, sm_scale=scale)
-    if threshold is not None and backend == "reference":
+    if adaptive_threshold is not None and backend == "reference":
         raise ValueError("backend='reference' is exact and never prunes: drop adaptive_threshold or pick another "
                          "backend")
     if backend == "auto":
@@ -1099,8 +1178,9 @@ def forgetting_attention(q, k, v, log_fgate, *, sm_scale=None, seq_start=None, c
         return forgetting_attention_reference(q, k, v, log_fgate, sm_scale=scale, seq_start=seq_start,
                                               cu_seqlens=cu_seqlens)
     if backend == "torch":
+        threshold = acp.threshold(q, k, adaptive_threshold, log_eps=log_eps, sm_scale=scale)
         return _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqlens, threshold)
-    return _forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens, threshold)
+    return _forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens, adaptive_threshold, log_eps)
 
 
 def log_forget_gate(logits: torch.Tensor) -> torch.Tensor:

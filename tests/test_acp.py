@@ -211,3 +211,14 @@ def test_model_prunes_within_the_bound_and_reports_statistics(one_thread):
     assert stats["skipped_tile_fraction"].max() > 0
     with pytest.raises(ValueError, match="acp_log_tolerance"):
         ForgettingTransformerConfig.from_preset("tiny", acp_log_tolerance=2.0)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0][0] == "triton"])
+def test_fused_auto_threshold_matches_the_formula(backend):
+    """The Triton path computes "auto" in its own small kernels (decoding runs them every step)."""
+    from foxlab import kernels
+    device = backend[1]
+    q, k, _, _ = inputs(3, 70, 150, 6, 2, 40, seed=3)
+    q, k = q.to(device), k.to(device)
+    fused = kernels._auto_threshold2(q, k, 0.3, -4.0) / kernels.LOG2E
+    torch.testing.assert_close(fused.cpu(), acp.threshold(q, k, "auto", log_eps=-4.0, sm_scale=0.3).cpu())

@@ -122,3 +122,22 @@ def test_auto_backend_uses_triton_on_cuda():
     q, k, v, log_f = make_inputs(1, 300, 300, 2, 2, 64, torch.bfloat16)
     out = forgetting_attention(q.requires_grad_(), k, v, log_f)
     assert "Triton" in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,D", [(2, 2048, 8, 8, 64), (1, 4096, 8, 2, 128), (2, 1000, 4, 4, 96)])
+def test_pruning_bf16(B, T, H, Hkv, D):
+    """ACP at realistic sizes in bf16: the pruned kernels against the pruned torch path in float32, same threshold
+    (gates on a 1/16 grid and thresholds between grid points, so both drop exactly the same scores)."""
+    from conftest import quantized_gates
+    q, k, v, _ = make_inputs(B, T, T, H, Hkv, D, torch.bfloat16)
+    log_f, threshold = (t.cuda() for t in quantized_gates(B, T, H))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, log_f)]
+    out = forgetting_attention(*leaves, backend="triton", adaptive_threshold=threshold)
+    d_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, d_out)
+    ref_leaves = [t.detach().float().requires_grad_() for t in (q, k, v, log_f)]
+    ref = forgetting_attention(*ref_leaves, backend="torch", adaptive_threshold=threshold)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, d_out.float())
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dlog_f"), (out, *grads), (ref, *ref_grads)):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) <= 1e-2, f"{name}: relative error {rel_err(a, b):.2e}"
