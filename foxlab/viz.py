@@ -1,8 +1,8 @@
 """See what each FoX head forgets: interactive plotly figures, an ipywidgets explorer, offline export.
 
-FoX (FOX.md section 1) gives every head a forget gate f_t = exp(log f_t) per token; its prefix sum
-c_t = sum_{s <= t} log f_s gives the decay (forget-gate) matrix F_ij = prod_{s=j+1..i} f_s = exp(c_i - c_j)
-on j <= i, the bias that the attention A = softmax(s q k^T + log F) adds to its scores.
+FoX gives every head a forget gate f_t = exp(log f_t) per token; its prefix sum c_t = sum_{s <= t} log f_s gives
+the decay (forget-gate) matrix F_ij = prod_{s=j+1..i} f_s = exp(c_i - c_j) on j <= i, the bias that the attention
+A = softmax(s q k^T + log F) adds to its scores (docs/fox.md, "Forgetting attention").
 
     insp = inspect(model, input_ids, tokenizer)   # one forward pass: tokens, log f, c and A of every layer
     plot_forget_gates(insp)                       # f_t, heads x tokens, every layer

@@ -76,7 +76,7 @@ def z(trace) -> torch.Tensor:
 
 
 def decay_by_loop(log_f: torch.Tensor) -> torch.Tensor:
-    """F_ij = prod_{s=j+1..i} f_s (float64, NaN above the diagonal), straight from FOX.md."""
+    """F_ij = prod_{s=j+1..i} f_s (float64, NaN above the diagonal), straight from the definition."""
     n = log_f.shape[0]
     out = torch.full((n, n), math.nan, dtype=torch.float64)
     for i in range(n):
