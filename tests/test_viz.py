@@ -281,6 +281,17 @@ def test_save_html_is_offline(insp, tmp_path):
         viz.save(go.Figure(), tmp_path / "fig.txt")
 
 
+def test_offline_html_has_no_latex_or_warns(insp, tmp_path):
+    """Offline HTML carries no MathJax: foxlab's figures write math with HTML; a user's LaTeX gets a warning."""
+    for fig in (viz.plot_forget_gates(insp), viz.plot_attention(insp, 0, 0), viz.plot_head_timescales(insp),
+                viz._plot_losses([3.0, 2.0], optimal=1.5)):
+        assert viz._latex_strings(fig) == []
+    fig = go.Figure(go.Scatter(y=[1, 2], name=r"$\log F$"))
+    assert viz._latex_strings(fig) == [r"$\log F$"]
+    with pytest.warns(UserWarning, match="LaTeX text needs MathJax"):
+        viz.save(fig, tmp_path / "latex.html")
+
+
 @pytest.mark.skipif(viz.find_chrome() is None, reason="no Chrome/Chromium (apt-get install -y chromium)")
 def test_save_png_makes_a_real_image(insp, tmp_path):
     path = viz.save(viz.plot_decay(insp, 0, 1), tmp_path / "decay.png")
