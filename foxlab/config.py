@@ -1,6 +1,6 @@
 """ForgettingTransformerConfig: one config for FoX, FoX (Pro) and the Transformer baselines.
 
-The variants differ only in switches (FOX.md section 2):
+The variants differ only in switches (docs/fox.md, "Variants", has the paper's ablation):
 
 - FoX (LLaMA): pre-norm RMSNorm, SwiGLU, no positional embedding, ``fgate_type="full"``.
 - FoX (Pro): FoX + ``qk_norm`` + ``use_output_gate`` + ``use_output_norm`` + ``use_k_shift``/``use_v_shift``.
@@ -18,7 +18,7 @@ ATTN_BACKENDS = ("auto", "triton", "torch", "reference")
 
 _PRO = dict(qk_norm=True, use_output_gate=True, use_output_norm=True, use_k_shift=True, use_v_shift=True)
 _TRANSFORMER = dict(fgate_type="none", use_rope=True)
-# Paper sizes (FOX.md section 2): head dim 64 for FoX, 128 for the Transformer baselines;
+# Paper sizes (docs/fox.md, "Model sizes"): head dim 64 for FoX, 128 for the Transformer baselines;
 # the vocabulary is the GPT-NeoX tokenizer's, padded to a multiple of 64.
 _SIZES = {
     "125m": dict(hidden_size=768, num_hidden_layers=12),

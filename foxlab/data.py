@@ -204,6 +204,10 @@ class Task:
     def marked_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids == RESET_ID
 
+    def describe(self) -> str:
+        """The task in a sentence or two, for reports."""
+        raise NotImplementedError
+
     def spec(self) -> dict:
         """The arguments that rebuild this task (saved with checkpoints)."""
         return {"name": self.name, "seq_len": self.seq_len, "seed": self.seed}
@@ -261,6 +265,13 @@ class SegmentsTask(Task):
                 seen.add(tok)
         return total / max(count, 1)
 
+    def describe(self):
+        return (f"Task 'segments': sequences of {self.seq_len} tokens made of independent segments of "
+                f"{self.min_segment}-{self.max_segment} tokens, each led by <reset>. Each segment repeats random draws "
+                f"from {self.symbols_per_segment} letters picked out of {self.alphabet_size}, so predicting the next "
+                "letter needs every letter since the last <reset> and nothing before it: the ideal model keeps "
+                "its memory inside a segment (forget gate f near 1) and erases it at each <reset> (f near 0).")
+
     def spec(self):
         return {**super().spec(), "alphabet_size": self.alphabet_size,
                 "symbols_per_segment": self.symbols_per_segment, "min_segment": self.min_segment,
@@ -306,6 +317,11 @@ class RecallTask(Task):
         mask = torch.zeros_like(input_ids, dtype=torch.bool)
         mask[..., self.seq_len - 2 * self.num_queries:] = True  # the query region
         return mask
+
+    def describe(self):
+        return (f"Task 'recall': {self.num_pairs} key-value pairs, filler, then {self.num_queries} queries (a key "
+                f"followed by its value) in {self.seq_len} tokens; only the values after queries are scored, so "
+                "the model must hold every pair across the filler.")
 
     def spec(self):
         return {**super().spec(), "num_pairs": self.num_pairs, "num_queries": self.num_queries,
@@ -366,6 +382,11 @@ class TextTask(Task):
         labels = ids.clone()
         labels[(ids == RESET_ID) | (ids == BOS_ID)] = IGNORE_INDEX
         return ids, labels
+
+    def describe(self):
+        source = f"the text file {self.path}" if self.path else "the Python standard library's source files"
+        return (f"Task 'text': byte-level language modelling on windows of {self.seq_len} bytes of {source} "
+                "(<reset> between files); every byte is predicted from the ones before it.")
 
     def spec(self):
         return {**super().spec(), "path": self.path}

@@ -315,7 +315,7 @@ class ForgettingTransformerPreTrainedModel(PreTrainedModel):
 
         Every Linear and Embedding weight ~ N(0, initializer_range), biases 0, RMSNorm weights 1. Forget-gate
         biases are 0 (f ~ 0.5 at the start, the paper's default) unless ``fgate_init_timescales`` asks for
-        log-spaced timescales per head (FOX.md section 2).
+        log-spaced timescales per head (docs/fox.md, "Initialization").
         """
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):

@@ -634,8 +634,10 @@ def demo(out: str | os.PathLike = "runs/demo", *, steps: int | None = None, seed
     _write_json(out / "metrics.json", metrics)
     from .viz import write_report
 
-    write_report(out / "report.html", model.cpu(), report_ids, tokenizer=result.tokenizer, losses=result.losses,
-                 marked_positions=marks, title="foxlab demo: tiny FoX learns to forget at <reset>")
+    losses = {"train": result.losses, "eval": [(e["step"], e["loss"]) for e in result.evals]}
+    write_report(out / "report.html", model.cpu(), report_ids, tokenizer=result.tokenizer, losses=losses,
+                 marked_positions=marks, title="foxlab demo: tiny FoX learns to forget at <reset>",
+                 description=task.describe(), metrics=metrics)
     metrics["total_time_s"] = round(time.perf_counter() - started, 2)
     _write_json(out / "metrics.json", metrics)
     return metrics

@@ -1,8 +1,8 @@
 """See what each FoX head forgets: interactive plotly figures, an ipywidgets explorer, offline export.
 
-FoX (FOX.md section 1) gives every head a forget gate f_t = exp(log f_t) per token; its prefix sum
-c_t = sum_{s <= t} log f_s gives the decay (forget-gate) matrix F_ij = prod_{s=j+1..i} f_s = exp(c_i - c_j)
-on j <= i, the bias that the attention A = softmax(s q k^T + log F) adds to its scores.
+FoX gives every head a forget gate f_t = exp(log f_t) per token; its prefix sum c_t = sum_{s <= t} log f_s gives
+the decay (forget-gate) matrix F_ij = prod_{s=j+1..i} f_s = exp(c_i - c_j) on j <= i, the bias that the attention
+A = softmax(s q k^T + log F) adds to its scores (docs/fox.md, "Forgetting attention").
 
     insp = inspect(model, input_ids, tokenizer)   # one forward pass: tokens, log f, c and A of every layer
     plot_forget_gates(insp)                       # f_t, heads x tokens, every layer
@@ -24,8 +24,13 @@ from __future__ import annotations
 import base64
 import html
 import math
+import operator
 import os
 import shutil
+import sys
+import tempfile
+import warnings
+import webbrowser
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +41,7 @@ import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 import torch
+from plotly.basedatatypes import BaseFigure
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
@@ -51,6 +57,7 @@ THRESHOLD = math.exp(-1)  # head timescale: the distance at which the decay fall
 LOG10_FLOOR = -8.0  # colour floor of log10 F maps (the data and hover keep every value)
 GATE_SCALE, DECAY_SCALE, ATTENTION_SCALE = "Viridis", "Viridis", "Cividis"  # colour-blind safe
 VIEWS = ("gates", "decay", "attention", "decay+attention")
+STATIC_FORMATS = ("png", "svg", "pdf", "jpeg", "webp")
 CHROME_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 INSTALL_CHROME = ("static images (PNG/SVG) need Chrome or Chromium for kaleido: install it with "
                   "`apt-get install -y chromium` (Debian/Ubuntu) or `plotly_get_chrome`, or set BROWSER_PATH")
@@ -120,33 +127,48 @@ class Inspection:
         return "" if shown == self.input_length else f" (last {shown} of {self.input_length} tokens)"
 
 
-def inspect(model, inputs, tokenizer=None, *, row: int | None = None, max_tokens: int = MAX_TOKENS,
-            max_map_tokens: int = MAX_MAP_TOKENS) -> Inspection:
+def inspect(model, inputs, tokenizer=None, *, row: int | None = None, attention_mask=None,
+            max_tokens: int = MAX_TOKENS, max_map_tokens: int = MAX_MAP_TOKENS) -> Inspection:
     """Run ``model`` once (eval mode, no grad) and collect every layer's gates, decay and attention.
 
-    inputs: token ids (T,) or (B, T) (pick a row of a batch with ``row``), or text with a ``tokenizer``
-    (anything with ``encode`` or ``__call__``; tokens are shown through ``convert_ids_to_tokens`` or ``decode``).
+    inputs: text with a ``tokenizer`` (anything with ``encode`` or ``__call__``; tokens are shown through
+    ``convert_ids_to_tokens`` or ``decode``); token ids (T,) or (B, T) (pick a row of a batch with ``row``); or a
+    tokenizer's output (a ``BatchEncoding`` or dict with ``input_ids`` and, for a padded batch, ``attention_mask``).
+    attention_mask: 1 for real tokens, 0 for padding, shaped like the ids (or taken from ``inputs``). The model runs
+    with it, as it does in a batch, and the inspection keeps the real tokens only; positions count real tokens.
     Inputs longer than ``max_tokens`` keep their last ``max_tokens`` tokens; attention maps keep the last
     ``max_map_tokens`` (cropped layer by layer, so memory holds one full T x T map at a time).
     """
-    ids = _input_ids(inputs, tokenizer, row)
-    input_length, ids = len(ids), ids[-max_tokens:]
-    window = min(len(ids), max_map_tokens)
+    _check_fox_model(model, "inspect")
+    _check_positive(max_tokens, "max_tokens")
+    _check_positive(max_map_tokens, "max_map_tokens")
+    ids, mask = _input_row(inputs, tokenizer, row, attention_mask)
+    _check_vocabulary(ids, model.config.vocab_size)
+    if mask is None:
+        _warn_unmasked_padding(ids, model, tokenizer)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+    first, end = _real_tokens(mask)
+    input_length = end - first
+    kept = min(input_length, max_tokens)
+    run_from = 0 if kept == input_length else end - kept  # keep left padding, masked, unless cropping drops it
+    window = min(kept, max_map_tokens)
     layers = getattr(model, "model", model).layers
     hooks = [layer.attn.register_forward_hook(_crop_attention(window)) for layer in layers]
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            out = model(input_ids=ids[None].to(model.device), output_attentions=True,
+            out = model(input_ids=ids[None, run_from:end].to(model.device),
+                        attention_mask=mask[None, run_from:end].long().to(model.device), output_attentions=True,
                         output_forget_gates=True, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    log_f = [g[0].float().cpu() for g in out.forget_gates]
+    log_f = [g[0, -kept:].float().cpu() for g in out.forget_gates]
+    token_ids = ids[end - kept:end].tolist()
     return Inspection(
-        token_ids=ids.tolist(), tokens=_token_strings(ids.tolist(), tokenizer), input_length=input_length,
+        token_ids=token_ids, tokens=_token_strings(token_ids, tokenizer), input_length=input_length,
         log_f=log_f, c=[g.double().cumsum(0) for g in log_f], attentions=[a[0].float().cpu() for a in out.attentions],
         fgate_type=model.config.fgate_type,
     )
@@ -162,19 +184,97 @@ def _crop_attention(window: int):
     return hook
 
 
-def _input_ids(inputs, tokenizer, row: int | None) -> torch.Tensor:
+def _check_fox_model(model, caller: str, alternative: str = "") -> None:
+    from .model import ForgettingTransformerPreTrainedModel
+
+    if not isinstance(model, ForgettingTransformerPreTrainedModel):
+        raise TypeError(f"{caller} needs {alternative}a foxlab ForgettingTransformer model (ForgettingTransformerFor"
+                        f"CausalLM or ForgettingTransformerModel), got {type(model).__name__}: other models have no "
+                        "forget gates to show")
+
+
+INPUTS_HELP = ("text (with a tokenizer), token ids of shape (T,) or (B, T) (list, tensor or array of integers), "
+               "or a tokenizer's output (BatchEncoding or dict with input_ids)")
+
+
+def _input_row(inputs, tokenizer, row: int | None, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The token ids (T,) of one sequence of ``inputs`` and its attention mask (T,) bool, or None without one."""
     if isinstance(inputs, str):
-        if tokenizer is None:
-            raise TypeError("text input needs a tokenizer; or pass token ids")
-        inputs = tokenizer.encode(inputs) if hasattr(tokenizer, "encode") else tokenizer(inputs)["input_ids"]
-    ids = torch.as_tensor(inputs, dtype=torch.long).cpu()
-    if ids.dim() == 2:
-        if ids.shape[0] > 1 and row is None:
-            raise ValueError(f"inputs hold a batch of {ids.shape[0]} sequences: pass row=i to inspect one")
-        ids = ids[row or 0]
-    if ids.dim() != 1 or ids.numel() == 0:
-        raise ValueError(f"inputs must be token ids of shape (T,) or (B, T) with T > 0, got {tuple(ids.shape)}")
-    return ids
+        inputs = _encode(inputs, tokenizer)
+    if isinstance(inputs, Mapping):
+        if "input_ids" not in inputs:
+            raise ValueError(f"inputs is a mapping without 'input_ids' (keys: {list(inputs)}); expected {INPUTS_HELP}")
+        if attention_mask is not None and inputs.get("attention_mask") is not None:
+            raise ValueError("attention_mask given twice: in inputs and as attention_mask=; pass one")
+        inputs, attention_mask = inputs["input_ids"], inputs.get("attention_mask", attention_mask)
+    ids = _integer_tensor(inputs, "inputs")
+    if ids.dim() not in (1, 2) or ids.shape[-1] == 0:
+        raise ValueError(f"inputs must be token ids of shape (T,) or (B, T) with T > 0, got shape {tuple(ids.shape)}")
+    mask = None
+    if attention_mask is not None:
+        mask = _integer_tensor(attention_mask, "attention_mask")
+        if mask.shape != ids.shape or not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"attention_mask must hold 0/1 with the shape of the token ids {tuple(ids.shape)}, "
+                             f"got shape {tuple(mask.shape)}")
+        mask = mask.bool()
+    if ids.dim() == 1:
+        if row not in (None, 0):
+            raise ValueError(f"row={row!r} given, but inputs hold one sequence (shape {tuple(ids.shape)})")
+        return ids, mask
+    if row is None and ids.shape[0] > 1:
+        raise ValueError(f"inputs hold a batch of {ids.shape[0]} sequences: pass row=i to inspect one")
+    row = 0 if row is None else _check(row, ids.shape[0], "row", f"inputs hold {ids.shape[0]} sequences")
+    return ids[row], None if mask is None else mask[row]
+
+
+def _encode(text: str, tokenizer) -> list[int]:
+    if tokenizer is None:
+        raise TypeError("text input needs a tokenizer; or pass token ids")
+    if hasattr(tokenizer, "encode"):
+        return tokenizer.encode(text)
+    if callable(tokenizer):
+        return tokenizer(text)["input_ids"]
+    raise TypeError(f"tokenizer must have an encode method or be callable, got {type(tokenizer).__name__}")
+
+
+def _integer_tensor(value, name: str) -> torch.Tensor:
+    """``value`` as a CPU LongTensor; TypeError when it holds anything but integers."""
+    try:
+        tensor = torch.as_tensor(value).cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be {INPUTS_HELP if name == 'inputs' else 'integers'}, "
+                        f"got {type(value).__name__} ({err})") from None
+    if tensor.is_floating_point() or tensor.is_complex():
+        raise TypeError(f"{name} must hold integers, got {tensor.dtype}")
+    return tensor.long()
+
+
+def _check_vocabulary(ids: torch.Tensor, vocab_size: int) -> None:
+    outside = ((ids < 0) | (ids >= vocab_size)).nonzero().flatten()
+    if len(outside):
+        at = int(outside[0])
+        raise ValueError(f"inputs hold token id {int(ids[at])} at position {at}, outside the model's vocabulary "
+                         f"(0..{vocab_size - 1}); wrong tokenizer?")
+
+
+def _real_tokens(mask: torch.Tensor) -> tuple[int, int]:
+    """[first, end) of the real tokens of a (T,) mask: one block of ones (left and/or right padding)."""
+    real = mask.nonzero().flatten()
+    if len(real) == 0:
+        raise ValueError("attention_mask marks no real token in this row (all 0)")
+    first, end = int(real[0]), int(real[-1]) + 1
+    if len(real) != end - first:
+        raise ValueError("attention_mask must be one block of ones per row (padding on the left and/or right)")
+    return first, end
+
+
+def _warn_unmasked_padding(ids: torch.Tensor, model, tokenizer) -> None:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = model.config.pad_token_id if pad is None else pad
+    if pad is not None and bool((ids == pad).any()):
+        warnings.warn(f"inputs hold {int((ids == pad).sum())} pad token(s) (id {pad}) but no attention_mask: they "
+                      "are drawn as text and change the gates of the real tokens. Pass the tokenizer's output or "
+                      "attention_mask= to inspect the real tokens only.", stacklevel=3)
 
 
 def _token_strings(ids: list[int], tokenizer) -> list[str]:
@@ -193,10 +293,35 @@ def _printable(token: str) -> str:
     return token if token.isprintable() else token.encode("unicode_escape").decode("ascii")
 
 
-def _check(index: int, size: int, name: str) -> int:
-    if not 0 <= index < size:
-        raise IndexError(f"{name} {index} out of range: the model has {size} {name}s")
-    return index
+def _check(index, size: int, name: str, of: str | None = None) -> int:
+    """``index`` as an int in [0, size): TypeError when it is not an integer, IndexError when out of range."""
+    try:
+        if isinstance(index, bool):
+            raise TypeError
+        value = operator.index(index)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {index!r} ({type(index).__name__})") from None
+    if not 0 <= value < size:
+        raise IndexError(f"{name} {value} out of range: {of or f'the model has {size} {name}s'} (0..{size - 1})")
+    return value
+
+
+def _check_positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def _check_inspection(insp, caller: str) -> None:
+    if not isinstance(insp, Inspection):
+        raise TypeError(f"{caller} needs an Inspection: insp = viz.inspect(model, inputs, tokenizer), then "
+                        f"{caller}(insp, ...); got {type(insp).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,8 +334,14 @@ def plot_forget_gates(insp: Inspection, layer: int | None = None, heads: Sequenc
 
     One layer, or every layer as small multiples (shared token axis and colour scale) when ``layer`` is None.
     """
+    _check_inspection(insp, "plot_forget_gates")
     layers = range(insp.num_layers) if layer is None else [_check(layer, insp.num_layers, "layer")]
-    heads = list(range(insp.num_heads)) if heads is None else [_check(h, insp.num_heads, "head") for h in heads]
+    if heads is None:
+        heads = list(range(insp.num_heads))
+    elif isinstance(heads, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(heads, str) and len(heads):
+        heads = [_check(h, insp.num_heads, "head") for h in heads]
+    else:
+        raise TypeError(f"heads must be a non-empty list of head indices such as [0, 2], got {heads!r}")
     panel, gap = max(90, 20 * len(heads)), 45  # pixels per layer and between layers (room for its title)
     height = 200 + len(layers) * (panel + gap)
     fig = make_subplots(rows=len(layers), cols=1, shared_xaxes=True, subplot_titles=[f"layer {l}" for l in layers],
@@ -235,15 +366,17 @@ def plot_decay(insp: Inspection, layer: int, head: int, log: bool = True) -> go.
     ``log``: show log10 F (0 on the diagonal, more negative = more forgotten; colours floor at 1e-8), else F.
     The upper triangle (j > i, keys in the future) is blank.
     """
-    fig = go.Figure(_decay_trace(insp, layer, head, log))
+    _check_inspection(insp, "plot_decay")
+    fig = go.Figure(_decay_trace(insp, layer, head, _check_bool(log, "log")))
     _map_layout(fig, f"Layer {layer}, head {head}: forget-gate matrix {'log10 F' if log else 'F'}{insp.note(True)}")
     return fig
 
 
 def plot_attention(insp: Inspection, layer: int, head: int, with_decay: bool = True) -> go.Figure:
     """The attention probabilities A_ij of one head, query i by key j; beside log10 F when ``with_decay``."""
+    _check_inspection(insp, "plot_attention")
     title = f"Layer {layer}, head {head}: attention A{insp.note(True)}"
-    if not with_decay:
+    if not _check_bool(with_decay, "with_decay"):
         fig = go.Figure(_attention_trace(insp, layer, head))
         _map_layout(fig, title)
         return fig
@@ -296,8 +429,11 @@ def head_timescales(source, threshold: float = THRESHOLD) -> torch.Tensor:
     "bias_only" and "fixed" gates; for "full" gates it is the bias alone (w . x = 0), input-independent;
     inf for layers without a gate. Returns (layers, heads), float64.
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise ValueError(f"threshold must be a number between 0 and 1 (a fraction of F), got {threshold!r}")
     if isinstance(source, Inspection):
         return torch.stack([_measured_timescales(c, threshold) for c in source.c])
+    _check_fox_model(source, "head_timescales", "an Inspection (viz.inspect) or ")
     rows = []
     for layer in getattr(source, "model", source).layers:
         gate = layer.attn.fgate
@@ -355,16 +491,21 @@ def _fmt_tokens(t: float) -> str:
     return f"{t / 1000:.3g}k" if t >= 1000 else f"{t:.3g}"
 
 
-def _plot_losses(losses) -> go.Figure:
-    """Training loss over steps: a sequence of losses (steps 1, 2, ...), of (step, loss) pairs, or a mapping
-    name -> either (e.g. {"train": [...], "eval": [(step, loss), ...]})."""
+def _plot_losses(losses, optimal: float | None = None) -> go.Figure:
+    """Loss over steps: a sequence of losses (steps 1, 2, ...), of (step, loss) pairs, or a mapping name -> either
+    (e.g. {"train": [...], "eval": [(step, loss), ...]}); ``optimal`` (a loss) as a dotted horizontal line."""
     curves = losses if isinstance(losses, Mapping) else {"loss": losses}
-    fig = go.Figure()
+    fig, last = go.Figure(), 1
     for name, values in curves.items():
         values = list(values)
         steps, ys = zip(*values) if values and isinstance(values[0], Sequence) else (range(1, len(values) + 1), values)
-        fig.add_trace(go.Scatter(x=list(steps), y=[float(y) for y in ys], mode="lines", name=str(name)))
-    fig.update_layout(title="Training loss", xaxis_title="step", yaxis_title="loss", height=380)
+        mode = "lines" if len(values) > 20 else "lines+markers"
+        fig.add_trace(go.Scatter(x=list(steps), y=[float(y) for y in ys], mode=mode, name=str(name)))
+        last = max([last, *steps])
+    if optimal is not None:  # a trace, not a shape: it joins the legend and the y range
+        fig.add_trace(go.Scatter(x=[1, last], y=[optimal, optimal], mode="lines", name=f"optimal ({optimal:.3f})",
+                                 line=dict(color="#2b8a3e", dash="dot"), hoverinfo="name"))
+    fig.update_layout(title="Training loss", xaxis_title="step", yaxis_title="loss (nats per token)", height=380)
     return fig
 
 
@@ -485,8 +626,17 @@ def _browser_env():
             os.environ.pop("BROWSER_PATH", None)
 
 
+def _check_figure(fig, caller: str) -> None:
+    if not isinstance(fig, BaseFigure):
+        raise TypeError(f"{caller} needs a plotly figure (such as viz.plot_attention(insp, 0, 0)), "
+                        f"got {type(fig).__name__}")
+
+
 def to_image(fig: go.Figure, format: str = "png", **kwargs) -> bytes:
     """A static image (png, svg, pdf, jpeg, webp) through kaleido; StaticExportError says what to install."""
+    _check_figure(fig, "to_image")
+    if format not in STATIC_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(STATIC_FORMATS)}, got {format!r}")
     with _browser_env() as chrome:
         try:
             return pio.to_image(fig, format=format, **kwargs)
@@ -497,82 +647,238 @@ def to_image(fig: go.Figure, format: str = "png", **kwargs) -> bytes:
 
 def save(fig: go.Figure, path, **kwargs) -> Path:
     """Write ``fig`` to ``path`` by its suffix: .html fully offline (plotly.js embedded, no network script),
-    .png/.svg/.pdf/.jpeg/.webp through kaleido (needs Chrome/Chromium; see find_chrome). Returns the path."""
+    .png/.svg/.pdf/.jpeg/.webp through kaleido (needs Chrome/Chromium; see find_chrome). Returns the path.
+
+    Offline HTML carries no MathJax, so LaTeX text (``$...$``) would show as raw source: save warns about it
+    (foxlab's own figures use HTML sub/superscripts instead)."""
+    _check_figure(fig, "save")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name (str or Path), got {type(path).__name__}")
     path = Path(path)
     suffix = path.suffix.lower().lstrip(".")
     if suffix in ("html", "htm"):
+        if _latex_strings(fig):
+            warnings.warn(f"{path.name}: LaTeX text needs MathJax, which offline HTML does not carry, so it shows "
+                          f"as raw source: {_latex_strings(fig)[0][:60]!r}; write it with HTML (<sub>, <sup>) "
+                          "and Unicode instead", stacklevel=2)
         fig.write_html(path, include_plotlyjs=True, include_mathjax=False, full_html=True)
-    elif suffix in ("png", "svg", "pdf", "jpeg", "jpg", "webp"):
+    elif suffix in STATIC_FORMATS or suffix == "jpg":
         path.write_bytes(to_image(fig, "jpeg" if suffix == "jpg" else suffix, **kwargs))
     else:
         raise ValueError(f"unknown figure format {path.suffix!r}: use .html, .png, .svg, .pdf, .jpeg or .webp")
     return path
 
 
-def show(fig: go.Figure) -> None:
-    """Display ``fig`` in a notebook: the interactive figure at once, then the same output updated to carry a
-    static PNG too (kaleido; what GitHub and nbviewer show). Without Chrome/Chromium: interactive only, with a
-    one-line note, through plotly's default renderer (so Colab, whose renderer is HTML, draws it too).
+def _latex_strings(fig: go.Figure) -> list[str]:
+    """The texts of ``fig`` that plotly renders with MathJax (those wrapped in $...$)."""
+    found, stack = [], [fig.to_plotly_json()]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str) and len(item) > 1 and item.startswith("$") and item.endswith("$"):
+            found.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return found
+
+
+def show(fig: go.Figure, path=None) -> Path | None:
+    """Show ``fig`` wherever this runs.
+
+    In a Jupyter kernel (JupyterLab, Notebook, VS Code, Colab): the interactive figure at once, then the same output
+    updated to carry a static PNG too (kaleido; what GitHub and nbviewer show). Without Chrome/Chromium:
+    interactive only, with a one-line note, through plotly's default renderer (so Colab, whose renderer is HTML,
+    draws it too). Returns None.
+
+    Elsewhere (a script, terminal IPython): writes the figure as offline HTML to ``path`` (default: a new file in
+    the temp folder), prints where, opens it in the web browser when there is a graphical one, and returns the path.
 
     Why an update and not one bundle: JupyterLab's plotly renderer shows a bundle's PNG instead of the interactive
     plot, but keeps an already drawn plot when its output is updated. VS Code and nbconvert take the updated output.
     """
+    _check_figure(fig, "show")
+    if not _in_jupyter_kernel():
+        return _show_in_browser(fig, path)
     from IPython.display import display
 
     if find_chrome() is None or "colab" in str(pio.renderers.default):
         fig.show()
         if find_chrome() is None:
             print("foxlab.viz.show: interactive only, no static PNG (no Chrome/Chromium: apt-get install -y chromium)")
-        return
+        return None
     bundle = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
     handle = display(bundle, raw=True, display_id=True)
     try:
         png = to_image(fig, "png")
     except StaticExportError as err:
         print(f"foxlab.viz.show: interactive only, no static PNG ({str(err).splitlines()[0][:200]})")
-        return
+        return None
     handle.update({**bundle, "image/png": base64.b64encode(png).decode("ascii")}, raw=True)
+    return None
+
+
+def _in_jupyter_kernel() -> bool:
+    """True inside a Jupyter kernel (the shell has a kernel); False in a plain script or terminal IPython."""
+    if "IPython" not in sys.modules:
+        return False
+    shell = sys.modules["IPython"].get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _show_in_browser(fig: go.Figure, path) -> Path:
+    if path is None:
+        handle, name = tempfile.mkstemp(prefix="foxlab-figure-", suffix=".html")
+        os.close(handle)
+        path = name
+    path = save(fig, path).resolve()
+    # On Linux without a desktop, webbrowser falls back to text browsers (lynx, w3m) that take over the terminal.
+    graphical = bool(os.environ.get("BROWSER") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+                     or sys.platform in ("darwin", "win32"))
+    opened = graphical and webbrowser.open(path.as_uri())
+    print(f"foxlab.viz.show: figure written to {path}" + ("; opened in the web browser" if opened else
+                                                          "; open it in a web browser"))
+    return path
 
 
 def write_report(path, model, input_ids, *, tokenizer=None, losses=None, marked_positions=None,
-                 title: str = "foxlab report") -> Path:
-    """One offline HTML page (plotly.js embedded once): the loss curve (when ``losses``, see _plot_losses), every
-    layer's gates over ``input_ids`` with ``marked_positions`` (input positions such as reset tokens, or a boolean
-    mask over the input) as dashed lines, F and A of the head that forgets most at the marked positions (else
-    layer 0, head 0), and the head-timescale grid."""
+                 title: str = "foxlab report", description: str | None = None,
+                 metrics: Mapping | None = None) -> Path:
+    """One offline HTML page (plotly.js embedded once, no network) about ``model`` on the sample ``input_ids``:
+
+    - ``description``: what the model learned, in a sentence or two (e.g. ``task.describe()``);
+    - a results table from ``metrics``, with what each number means; it shows those of ``step``, ``final_loss``,
+      ``eval_loss``, ``optimal_loss``, ``boundary_forget_ratio`` and ``boundary_forget_head`` ({"layer", "head"})
+      that are present (``foxlab.train.demo``'s metrics.json has them all);
+    - the loss curves (``losses``: see _plot_losses), with ``optimal_loss`` as a dotted line;
+    - every layer's gates, ``marked_positions`` (positions of ``input_ids`` such as its ``<reset>`` tokens, or a
+      boolean mask over it) as dashed lines, every marked tick labelled;
+    - F beside A for one head: ``boundary_forget_head`` when given, else the head whose gate is lowest at the
+      marked positions, else layer 0, head 0; then the head-timescale grid.
+    """
+    if not isinstance(title, str) or not (description is None or isinstance(description, str)):
+        raise TypeError("title and description must be strings")
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping such as metrics.json's, got {type(metrics).__name__}")
+    metrics = dict(metrics or {})
     insp = inspect(model, input_ids, tokenizer)
-    offset = insp.input_length - insp.num_tokens
-    marks = torch.as_tensor([] if marked_positions is None else marked_positions).flatten()
-    marks = marks.nonzero().flatten() if marks.dtype == torch.bool else marks.long()
-    marks = sorted({p - offset for p in marks.tolist() if offset <= p < insp.input_length})
+    marks = _report_marks(marked_positions, insp)
     gates = plot_forget_gates(insp)
     for m in marks:
-        gates.add_vline(x=m, line=dict(color="#e8590c", dash="dash", width=1), row="all", col=1)
-    layer, head = _most_forgetting_head(insp, marks)
-    sections = [] if losses is None else [("Training loss", "", _plot_losses(losses))]
+        gates.add_vline(x=m, line=dict(color=MARK_COLOR, dash="dash", width=1), row="all", col=1)
+    _label_ticks(gates, insp.labels(), marks, "x", per_axis=24)
+    layer, head, why = _report_head(insp, marks, metrics.get("boundary_forget_head"))
+    maps = plot_attention(insp, layer, head)
+    window_marks = [m - insp.window_start for m in marks if m >= insp.window_start]
+    for axis in ("x", "y"):
+        _label_ticks(maps, insp.labels(insp.window_start), window_marks, axis, per_axis=12)
+    mark_note = f"{len(marks)} marked position(s) (dashed lines, orange tick labels)" if marks else "no marks"
+    sections = [] if losses is None else [("Training loss", "Loss per token (nats) over the training steps.",
+                                           _plot_losses(losses, metrics.get("optimal_loss")))]
     sections += [
-        ("Forget gates", "f_t per head and token (1 keeps everything, 0 forgets everything before t); "
-                         f"{len(marks)} marked position(s) as dashed lines.", gates),
+        ("Forget gates", f"f_t per head and token (1 keeps everything, 0 forgets everything before t); "
+                         f"{mark_note}.", gates),
         (f"Decay and attention: layer {layer}, head {head}",
-         "The head with the lowest mean log f at the marked positions (layer 0, head 0 without marks). "
-         "F_ij = exp(c_i - c_j) is the factor forgetting puts on the attention from query i to key j.",
-         plot_attention(insp, layer, head)),
+         f"{why} Left: log10 F, where F_ij = exp(c_i - c_j) is the factor forgetting puts on the attention from "
+         "query i to key j. Right: the attention A it produced.", maps),
         ("Head timescales", "How far back each head sees on this sample.", plot_head_timescales(insp)),
     ]
     cfg = model.config
-    summary = (f"{cfg.num_hidden_layers} layers x {cfg.num_heads} heads, fgate_type={cfg.fgate_type!r}; "
-               f"{insp.num_tokens} tokens{insp.note()}.")
+    summary = (f"Model: {cfg.num_hidden_layers} layers x {cfg.num_heads} heads, fgate_type={cfg.fgate_type!r}. "
+               f"Figures: one sample of {insp.num_tokens} tokens{insp.note()}.")
+    intro = "".join(f"<p>{html.escape(text)}</p>" for text in (description, summary) if text)
     body = "\n".join(f"<section><h2>{html.escape(name)}</h2><p>{html.escape(text)}</p>"
                      f"{pio.to_html(fig, include_plotlyjs=False, full_html=False)}</section>"
                      for name, text, fig in sections)
     page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>\n"
-            "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padding:1em}</style>\n"
-            "<script type='text/javascript'>window.PlotlyConfig = {MathJaxConfig: 'local'};</script>\n"
+            f"<style>{REPORT_STYLE}</style>\n"
             f"<script type='text/javascript'>{get_plotlyjs()}</script>\n</head><body>\n"
-            f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>\n{body}\n</body></html>\n")
+            f"<h1>{html.escape(title)}</h1>{intro}\n{_results_table(metrics)}\n{body}\n</body></html>\n")
     path = Path(path)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+MARK_COLOR = "#e8590c"
+REPORT_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padding:1em}"
+                "table{border-collapse:collapse}td{padding:.25em .8em;border-bottom:1px solid #ddd;vertical-align:top}"
+                "td:nth-child(2){font-variant-numeric:tabular-nums;white-space:nowrap}")
+
+
+def _report_marks(marked_positions, insp: Inspection) -> list[int]:
+    """Marked input positions (a list of them, or a boolean mask) as sorted indices into the kept tokens."""
+    marks = torch.as_tensor([] if marked_positions is None else marked_positions).flatten()
+    if marks.is_floating_point() and len(marks):
+        raise TypeError(f"marked_positions must be integer positions or a boolean mask, got {marks.dtype}")
+    marks = marks.nonzero().flatten() if marks.dtype == torch.bool else marks.long()
+    offset = insp.input_length - insp.num_tokens
+    return sorted({p - offset for p in marks.tolist() if offset <= p < insp.input_length})
+
+
+def _report_head(insp: Inspection, marks: list[int], chosen) -> tuple[int, int, str]:
+    """(layer, head, why this head) for the report's F and A maps."""
+    if chosen is not None:
+        layer, head = _check(chosen["layer"], insp.num_layers, "layer"), _check(chosen["head"], insp.num_heads, "head")
+        return layer, head, ("The head with the lowest boundary_forget_ratio: the one that forgets most at <reset> "
+                             "(see Results).")
+    if marks:
+        layer, head = _most_forgetting_head(insp, marks)
+        return layer, head, "The head whose forget gate is lowest, on average, at the marked positions."
+    return 0, 0, "Layer 0, head 0 (no marked positions to choose a head by)."
+
+
+def _label_ticks(fig: go.Figure, labels: list[str], marks: list[int], axis: str, per_axis: int) -> None:
+    """Tick labels on every ``axis`` ("x" or "y") of ``fig``: every marked position (orange), plus about
+    ``per_axis`` evenly spaced ones that keep clear of the marks."""
+    step = _nice_step(len(labels) / per_axis)
+    regular = [i for i in range(0, len(labels), step) if all(abs(i - m) > step // 2 for m in marks)]
+    ticks = sorted(set(regular) | set(marks))
+    text = [f"<span style='color:{MARK_COLOR}'><b>{labels[i]}</b></span>" if i in marks else labels[i]
+            for i in ticks]
+    update = fig.update_xaxes if axis == "x" else fig.update_yaxes
+    update(tickmode="array", tickvals=[labels[i] for i in ticks], ticktext=text)
+
+
+def _nice_step(at_least: float) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50, ... that is >= at_least."""
+    scale = 1
+    while True:
+        for base in (1, 2, 5):
+            if base * scale >= at_least:
+                return base * scale
+        scale *= 10
+
+
+RESULT_ROWS = {  # metric: (label, what it means)
+    "step": ("training steps", ""),
+    "final_loss": ("final training loss", "nats per scored token, the last step's batch"),
+    "eval_loss": ("eval loss", "nats per scored token on held-out samples"),
+    "optimal_loss": ("optimal loss", "the Bayes-optimal loss: the best any predictor can do on this data, knowing "
+                                     "how it is generated (dotted line on the loss plot)"),
+    "boundary_forget_ratio": ("boundary_forget_ratio", "mean forget gate f at <reset> divided by its mean elsewhere, "
+                                                       "for the head where it is lowest. 1: the gate ignores resets; "
+                                                       "near 0: the head erases its memory at every reset, which is "
+                                                       "what the task rewards (nothing before a reset helps after it)"),
+}
+
+
+def _results_table(metrics: dict) -> str:
+    rows = []
+    for key, (label, meaning) in RESULT_ROWS.items():
+        value = metrics.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"metrics[{key!r}] must be a number, got {value!r}")
+        shown = f"{value}" if isinstance(value, int) else f"{value:.4g}"
+        if key == "boundary_forget_ratio" and "boundary_forget_head" in metrics:
+            where = metrics["boundary_forget_head"]
+            shown += f" (layer {where['layer']}, head {where['head']})"
+        if key == "eval_loss" and metrics.get("optimal_loss") is not None:
+            meaning += f"; {value - metrics['optimal_loss']:.3g} above the optimal loss"
+        rows.append(f"<tr><td>{html.escape(label)}</td><td>{html.escape(shown)}</td><td>{html.escape(meaning)}</td>"
+                    "</tr>")
+    return f"<section><h2>Results</h2><table>{''.join(rows)}</table></section>" if rows else ""
 
 
 def _most_forgetting_head(insp: Inspection, marks: list[int]) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from foxlab.kernels import _forgetting_attention_chunked, forgetting_attention, 
 
 
 def loop_attention(q, k, v, log_f, scale=None, seq_start=None, cu_seqlens=None):
-    """FOX.md section 1 written out token by token in float64: O_i = sum_j softmax_j(s q_i.k_j + sum log f) v_j."""
+    """Forgetting attention (docs/fox.md) token by token, float64: O_i = sum_j softmax_j(s q_i.k_j + sum log f) v_j."""
     q, k, v, log_f = (t.double() for t in (q, k, v, log_f))
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]

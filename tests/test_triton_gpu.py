@@ -26,7 +26,7 @@ def make_inputs(B, Tq, Tk, H, Hkv, D, dtype):
     q = torch.randn(B, Tq, H, D, device="cuda", dtype=dtype)
     k = torch.randn(B, Tk, Hkv, D, device="cuda", dtype=dtype)
     v = torch.randn(B, Tk, Hkv, D, device="cuda", dtype=dtype)
-    log_f = F.logsigmoid(torch.randn(B, Tk, H, device="cuda") + 3.0)  # FOX.md: gate logits ~ N(3, 1)
+    log_f = F.logsigmoid(torch.randn(B, Tk, H, device="cuda") + 3.0)  # gate logits ~ N(3, 1): f ~ 0.95, a long memory
     return q, k, v, log_f
 
 

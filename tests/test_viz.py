@@ -1,8 +1,14 @@
 """foxlab.viz: the figures carry the model's real numbers; explorer, export and report work offline."""
 
 import base64
+import json
 import math
+import os
 import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +18,7 @@ go = pytest.importorskip("plotly.graph_objects", reason="plotly is a foxlab depe
 
 from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM
 from foxlab import viz
+from foxlab.data import ByteTokenizer as FoxTokenizer
 
 T = 24
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -69,7 +76,7 @@ def z(trace) -> torch.Tensor:
 
 
 def decay_by_loop(log_f: torch.Tensor) -> torch.Tensor:
-    """F_ij = prod_{s=j+1..i} f_s (float64, NaN above the diagonal), straight from FOX.md."""
+    """F_ij = prod_{s=j+1..i} f_s (float64, NaN above the diagonal), straight from the definition."""
     n = log_f.shape[0]
     out = torch.full((n, n), math.nan, dtype=torch.float64)
     for i in range(n):
@@ -274,6 +281,17 @@ def test_save_html_is_offline(insp, tmp_path):
         viz.save(go.Figure(), tmp_path / "fig.txt")
 
 
+def test_offline_html_has_no_latex_or_warns(insp, tmp_path):
+    """Offline HTML carries no MathJax: foxlab's figures write math with HTML; a user's LaTeX gets a warning."""
+    for fig in (viz.plot_forget_gates(insp), viz.plot_attention(insp, 0, 0), viz.plot_head_timescales(insp),
+                viz._plot_losses([3.0, 2.0], optimal=1.5)):
+        assert viz._latex_strings(fig) == []
+    fig = go.Figure(go.Scatter(y=[1, 2], name=r"$\log F$"))
+    assert viz._latex_strings(fig) == [r"$\log F$"]
+    with pytest.warns(UserWarning, match="LaTeX text needs MathJax"):
+        viz.save(fig, tmp_path / "latex.html")
+
+
 @pytest.mark.skipif(viz.find_chrome() is None, reason="no Chrome/Chromium (apt-get install -y chromium)")
 def test_save_png_makes_a_real_image(insp, tmp_path):
     path = viz.save(viz.plot_decay(insp, 0, 1), tmp_path / "decay.png")
@@ -309,7 +327,13 @@ class Display:
         self.bundles.append(obj)
 
 
-def test_show_interactive_first_then_png_or_a_note(insp, monkeypatch, capsys):
+@pytest.fixture
+def in_kernel(monkeypatch):
+    """Make show() take its notebook path, as in a Jupyter kernel."""
+    monkeypatch.setattr(viz, "_in_jupyter_kernel", lambda: True)
+
+
+def test_show_interactive_first_then_png_or_a_note(insp, monkeypatch, capsys, in_kernel):
     fig = viz.plot_forget_gates(insp, layer=0)
     if viz.find_chrome() is not None:
         shown = Display()
@@ -325,13 +349,14 @@ def test_show_interactive_first_then_png_or_a_note(insp, monkeypatch, capsys):
 
     shown = Display()
     monkeypatch.setattr("IPython.display.display", shown)
+    monkeypatch.setattr(viz, "find_chrome", lambda: "/usr/bin/chromium")  # a browser that then fails
     monkeypatch.setattr(viz, "to_image", fail)
     viz.show(fig)
     assert [list(b) for b in shown.bundles] == [["application/vnd.plotly.v1+json"]]
     assert "interactive only" in capsys.readouterr().out
 
 
-def test_show_without_chrome_uses_the_default_renderer(insp, monkeypatch, capsys):
+def test_show_without_chrome_uses_the_default_renderer(insp, monkeypatch, capsys, in_kernel):
     """No Chromium (Colab, say): plotly's own renderer draws the figure, whatever the front end."""
     fig = viz.plot_forget_gates(insp, layer=0)
     shown = []
@@ -362,3 +387,212 @@ def test_write_report_has_every_section(model, ids, reference, tmp_path):
     assert f"<h2>Decay and attention: layer {layer}, head {head}</h2>" in from_mask.read_text(encoding="utf-8")
     plain = viz.write_report(tmp_path / "plain.html", model, ids).read_text(encoding="utf-8")
     assert "Training loss" not in plain and "<h2>Decay and attention: layer 0, head 0</h2>" in plain
+
+
+def page_figures(page: str) -> list[tuple[list, dict]]:
+    """(data, layout) of every figure drawn in a report page, from its Plotly.newPlot(id, data, layout) calls."""
+    decoder, figures = json.JSONDecoder(), []
+    for call in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*', page):
+        data, end = decoder.raw_decode(page, call.end())
+        layout, _ = decoder.raw_decode(page, end + page[end:].index("{"))
+        figures.append((data, layout))
+    return figures
+
+
+def test_report_says_what_was_learned(model, ids, tmp_path):
+    marks = [3, 11, 20]
+    metrics = {"step": 300, "final_loss": 1.716, "eval_loss": 1.721, "optimal_loss": 1.7056,
+               "boundary_forget_ratio": 7.5e-7, "boundary_forget_head": {"layer": 1, "head": 2}, "per_head": [[1.0]]}
+    page = viz.write_report(tmp_path / "r.html", model, ids, losses={"train": [5.5, 3.0, 2.0], "eval": [(3, 1.9)]},
+                            marked_positions=marks, description="Task 'segments': <reset> splits segments.",
+                            metrics=metrics).read_text(encoding="utf-8")
+    assert "<p>Task &#x27;segments&#x27;: &lt;reset&gt; splits segments.</p>" in page
+    results = page[page.index("<h2>Results</h2>"):page.index("<h2>Training loss</h2>")]
+    for label, value in [("training steps", "300"), ("final training loss", "1.716"), ("eval loss", "1.721"),
+                         ("optimal loss", "1.706"), ("boundary_forget_ratio", "7.5e-07 (layer 1, head 2)")]:
+        assert f"<tr><td>{label}</td><td>{value}</td>" in results
+    assert "Bayes-optimal" in results and "near 0: the head erases its memory" in results
+    assert "0.0154 above the optimal loss" in results
+    assert '"name":"optimal (1.706)"' in page and '"y":[1.7056,1.7056]' in page  # the optimal line on the loss plot
+    # the map shows the head boundary_forget_ratio names, and says why
+    assert "<h2>Decay and attention: layer 1, head 2</h2><p>The head with the lowest boundary_forget_ratio" in page
+    labels = [f"{m}:{ids[m].item()}" for m in marks]
+    _, (_, gates), (_, maps), _ = page_figures(page)
+    for layout, axes in [(gates, ["xaxis", "xaxis2"]), (maps, ["xaxis", "xaxis2", "yaxis", "yaxis2"])]:
+        for axis in axes:
+            ticks = dict(zip(layout[axis]["tickvals"], layout[axis]["ticktext"]))
+            for label in labels:  # every marked position has a tick label, in the marks' colour
+                assert ticks[label] == f"<span style='color:{viz.MARK_COLOR}'><b>{label}</b></span>", (axis, label)
+    assert "layer 0, head 0 without marks" not in page
+
+
+def test_report_without_marks_says_how_it_picked_the_head(model, ids, tmp_path):
+    page = viz.write_report(tmp_path / "plain.html", model, ids).read_text(encoding="utf-8")
+    assert "<h2>Results</h2>" not in page
+    assert "Layer 0, head 0 (no marked positions to choose a head by)" in page
+    with pytest.raises(TypeError, match="metrics"):
+        viz.write_report(tmp_path / "bad.html", model, ids, metrics=[1.0])
+    with pytest.raises(TypeError, match=r"metrics\['eval_loss'\] must be a number"):
+        viz.write_report(tmp_path / "bad.html", model, ids, metrics={"eval_loss": "low"})
+    with pytest.raises(TypeError, match="marked_positions"):
+        viz.write_report(tmp_path / "bad.html", model, ids, marked_positions=[1.5])
+
+
+# --- padding ----------------------------------------------------------------------------------------
+
+PRO = dict(qk_norm=True, use_output_gate=True, use_output_norm=True, use_k_shift=True, use_v_shift=True)
+TEXTS = ["short one", "a longer second sequence"]
+
+
+def assert_same_inspection(got, want):
+    assert (got.token_ids, got.tokens, got.input_length) == (want.token_ids, want.tokens, want.input_length)
+    assert got.labels() == want.labels() and got.window_start == want.window_start
+    for layer in range(want.num_layers):
+        torch.testing.assert_close(got.log_f[layer], want.log_f[layer], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got.c[layer], want.c[layer], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.attentions[layer], want.attentions[layer], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("switches", [dict(fgate_init_timescales=[2.0, 64.0]), PRO,
+                                      dict(fgate_type="none", use_rope=True)], ids=["fox", "fox-pro", "transformer"])
+def test_padded_row_inspects_like_the_sequence_alone(switches, side):
+    model, tok = make_model(**switches), FoxTokenizer()
+    batch = tok(TEXTS, padding=True, padding_side=side, return_tensors="pt")
+    alone = viz.inspect(model, tok(TEXTS[0], return_tensors="pt"), tok)
+    assert alone.num_tokens == len(TEXTS[0]) + 1  # <bos> and the bytes, no padding
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a mask means no padding warning
+        assert_same_inspection(viz.inspect(model, batch, tok, row=0), alone)
+        explicit = viz.inspect(model, batch["input_ids"], tok, row=0, attention_mask=batch["attention_mask"])
+    assert_same_inspection(explicit, alone)
+    assert list(viz.plot_forget_gates(explicit, layer=0).data[0].x) == alone.labels()  # the figures: real tokens
+    assert_same_inspection(viz.inspect(model, batch, tok, row=1), viz.inspect(model, tok.encode(TEXTS[1]), tok))
+    cropped = viz.inspect(model, batch, tok, row=0, max_tokens=6, max_map_tokens=4)
+    assert_same_inspection(cropped, viz.inspect(model, tok.encode(TEXTS[0]), tok, max_tokens=6, max_map_tokens=4))
+    assert cropped.labels()[0].startswith("4:") and cropped.window_start == 2
+
+
+def test_unmasked_padding_warns(model):
+    tok = FoxTokenizer()
+    batch = tok(TEXTS, padding=True, padding_side="left", return_tensors="pt")
+    with pytest.warns(UserWarning, match="attention_mask"):
+        viz.inspect(model, batch["input_ids"], tok, row=0)
+
+
+# --- bad arguments ----------------------------------------------------------------------------------
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+
+
+BAD_CALLS = [  # (call, error, what the message must say)
+    (lambda m, i, s: viz.plot_attention(s, layer=0, head="0"), TypeError, "head must be an integer, got '0'"),
+    (lambda m, i, s: viz.plot_attention(s, "1", 0), TypeError, "layer must be an integer"),
+    (lambda m, i, s: viz.plot_attention(s, 0, 0, with_decay="no"), TypeError, "with_decay must be True or False"),
+    (lambda m, i, s: viz.plot_attention(s, 0, 4), IndexError, r"head 4 out of range: the model has 4 heads \(0..3\)"),
+    (lambda m, i, s: viz.plot_decay(s, 0, 1.0), TypeError, "head must be an integer, got 1.0"),
+    (lambda m, i, s: viz.plot_decay(s, 0, 0, log="yes"), TypeError, "log must be True or False"),
+    (lambda m, i, s: viz.plot_decay(m, 0, 0), TypeError, r"plot_decay needs an Inspection: insp = viz.inspect"),
+    (lambda m, i, s: viz.plot_forget_gates(s, layer=True), TypeError, "layer must be an integer, got True"),
+    (lambda m, i, s: viz.plot_forget_gates(s, heads=2), TypeError, "heads must be a non-empty list"),
+    (lambda m, i, s: viz.plot_forget_gates(s, heads=[]), TypeError, "heads must be a non-empty list"),
+    (lambda m, i, s: viz.plot_forget_gates(s, heads=["0"]), TypeError, "head must be an integer"),
+    (lambda m, i, s: viz.plot_forget_gates(i), TypeError, "plot_forget_gates needs an Inspection"),
+    (lambda m, i, s: viz.head_timescales(s, threshold=2), ValueError, "threshold must be a number between 0 and 1"),
+    (lambda m, i, s: viz.plot_head_timescales("model"), TypeError, "needs an Inspection .* or a foxlab"),
+    (lambda m, i, s: viz.inspect(tiny_llama(), i), TypeError, "inspect needs a foxlab ForgettingTransformer .* got "
+                                                               "LlamaForCausalLM"),
+    (lambda m, i, s: viz.head_timescales(tiny_llama()), TypeError, "got LlamaForCausalLM"),
+    (lambda m, i, s: viz.inspect(m, i, row=1), ValueError, "row=1 given, but inputs hold one sequence"),
+    (lambda m, i, s: viz.inspect(m, i[None].repeat(2, 1), row=2), IndexError, "row 2 out of range: inputs hold 2 "
+                                                                             "sequences"),
+    (lambda m, i, s: viz.inspect(m, i[None].repeat(2, 1), row="1"), TypeError, "row must be an integer"),
+    (lambda m, i, s: viz.inspect(m, i.float()), TypeError, "inputs must hold integers, got torch.float32"),
+    (lambda m, i, s: viz.inspect(m, [["a", "b"]]), TypeError, "inputs must be text .* token ids"),
+    (lambda m, i, s: viz.inspect(m, [5, 300]), ValueError, r"token id 300 at position 1, outside the model's "
+                                                          r"vocabulary \(0..259\)"),
+    (lambda m, i, s: viz.inspect(m, i[:0]), ValueError, "T > 0"),
+    (lambda m, i, s: viz.inspect(m, i, max_tokens=0), ValueError, "max_tokens must be a positive integer"),
+    (lambda m, i, s: viz.inspect(m, i, max_map_tokens=2.5), ValueError, "max_map_tokens must be a positive integer"),
+    (lambda m, i, s: viz.inspect(m, {"ids": i}), ValueError, "without 'input_ids'"),
+    (lambda m, i, s: viz.inspect(m, {"input_ids": i, "attention_mask": torch.ones_like(i)},
+                                 attention_mask=torch.ones_like(i)), ValueError, "attention_mask given twice"),
+    (lambda m, i, s: viz.inspect(m, i, attention_mask=[1, 1]), ValueError, "attention_mask must hold 0/1 with the "
+                                                                          "shape"),
+    (lambda m, i, s: viz.inspect(m, i, attention_mask=2 * torch.ones_like(i)), ValueError, "attention_mask must hold "
+                                                                                           "0/1"),
+    (lambda m, i, s: viz.inspect(m, i, attention_mask=torch.zeros_like(i)), ValueError, "no real token"),
+    (lambda m, i, s: viz.inspect(m, i, attention_mask=torch.arange(T) % 2), ValueError, "one block of ones"),
+    (lambda m, i, s: viz.inspect(m, "text", tokenizer=object()), TypeError, "tokenizer must have an encode method"),
+    (lambda m, i, s: viz.explore(m, i, row=3), ValueError, "row=3 given"),
+    (lambda m, i, s: viz.show(s), TypeError, "show needs a plotly figure .* got Inspection"),
+    (lambda m, i, s: viz.save(s, "fig.html"), TypeError, "save needs a plotly figure"),
+    (lambda m, i, s: viz.save(go.Figure(), 3), TypeError, "path must be a file name"),
+    (lambda m, i, s: viz.to_image(go.Figure(), "gif"), ValueError, "format must be one of png, svg"),
+]
+
+
+@pytest.mark.parametrize("index", range(len(BAD_CALLS)))
+def test_bad_arguments_name_the_argument(model, ids, insp, index):
+    call, error, message = BAD_CALLS[index]
+    with pytest.raises(error, match=message):
+        call(model, ids, insp)
+
+
+# --- show outside a notebook ------------------------------------------------------------------------
+
+
+def test_kernel_detection(monkeypatch):
+    import IPython
+
+    class Shell:
+        pass
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)  # a plain script
+    assert not viz._in_jupyter_kernel()
+    monkeypatch.setattr(IPython, "get_ipython", lambda: Shell())  # terminal IPython: no kernel
+    assert not viz._in_jupyter_kernel()
+    kernel_shell = Shell()
+    kernel_shell.kernel = object()  # ipykernel's shell (JupyterLab, VS Code, Colab)
+    monkeypatch.setattr(IPython, "get_ipython", lambda: kernel_shell)
+    assert viz._in_jupyter_kernel()
+
+
+SHOW_SCRIPT = """
+import plotly.graph_objects as go
+from foxlab import viz
+path = viz.show(go.Figure(go.Scatter(y=[1, 3, 2]), layout_title_text="from a script"))
+print("returned", path)
+"""
+
+
+@pytest.mark.parametrize("runner", ["python", "ipython"])
+def test_show_outside_a_notebook_writes_html_and_says_where(runner, tmp_path):
+    """As a script (or in terminal IPython) show() writes offline HTML, prints the path and opens a browser."""
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser"  # stands in for the web browser: records the URL it was asked to open
+    browser.write_text(f"#!{sys.executable}\nimport sys\nopen({str(opened)!r}, 'w').write(sys.argv[1])\n")
+    browser.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), TMPDIR=str(tmp_path))
+    if runner == "python":
+        env["BROWSER"], command = str(browser), [sys.executable, "-c", SHOW_SCRIPT]
+    else:  # no graphical browser here: it must not try one
+        command = [sys.executable, "-m", "IPython", "--no-banner", "--quick", "-c", SHOW_SCRIPT]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    written = re.search(r"foxlab.viz.show: figure written to (\S+\.html); (.*)", out.stdout)
+    assert written, out.stdout
+    path = Path(written.group(1))
+    assert path.parent == tmp_path and f"returned {path}" in out.stdout
+    page = path.read_text(encoding="utf-8")
+    assert_offline(page) and "from a script" in page
+    if runner == "python":
+        assert written.group(2) == "opened in the web browser" and opened.read_text() == path.as_uri()
+    else:
+        assert written.group(2) == "open it in a web browser" and not opened.exists()
