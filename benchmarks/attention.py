@@ -1,6 +1,6 @@
 """Forgetting-attention speed on one CUDA GPU: foxlab's Triton kernels against the alternatives.
 
-    python benchmarks/attention.py            # the five FOX.md shapes, bf16, causal
+    python benchmarks/attention.py            # five training shapes (those of the ACP paper's table), bf16, causal
     python benchmarks/attention.py --quick    # two small shapes, a smoke test
     python benchmarks/attention.py --tune     # sweep block sizes per kernel and head dim first
 
@@ -12,7 +12,7 @@ with a FoX score_mod (forward; its backward is attempted and whatever it does is
 reference (small T only), and fla's parallel_forgetting_attn when importable. Times are medians of
 GPU time, replayed from CUDA graphs (triton.testing.do_bench_cudagraph) so that host-side launch cost
 stays out; the last column times foxlab and SDPA launched eagerly from Python (do_bench), host
-overhead included. TFLOP/s count causal FLOPs as FOX.md section 5 does: forward = 2 B H T^2 D,
+overhead included. TFLOP/s count causal FLOPs as docs/fox.md does: forward = 2 B H T^2 D,
 backward = 2.5 x forward. "x SDPA" is the ratio of SDPA's time to this row's, measured in the same run.
 """
 

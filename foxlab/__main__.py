@@ -2,19 +2,26 @@
 
     python -m foxlab train --preset tiny --task segments --steps 500 --seed 0 --save-every 100 --out runs/a
     python -m foxlab train ... --out runs/a --resume        # continue from runs/a/checkpoint
+    python -m foxlab train ... --steps 800 --out runs/a --resume   # extend the finished run to 800 steps
     python -m foxlab demo [--out runs/demo]                 # tiny FoX learns to forget at <reset> (= make demo)
 
-Bad arguments exit with status 2 and one line on stderr; a failure while training exits with 1; Ctrl-C saves a
-checkpoint and exits with 130.
+Every flag is checked as the Python argument it sets is (``foxlab.train.TRAIN_SETTINGS``). Bad arguments exit with
+status 2 and one line on stderr; a failure while training exits with 1; Ctrl-C saves a checkpoint and exits with
+130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import tempfile
 from pathlib import Path
+
+from .config import PRESETS, SETTINGS, ForgettingTransformerConfig
+from .data import TASKS
+from .settings import SettingError, check_names
+from .train import DEMO_SETTINGS, TRAIN_SETTINGS, UNSET, ResumeMismatch, find_checkpoint, why_no_checkpoint
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,14 +33,22 @@ class UsageError(Exception):
     """A bad argument found after parsing: reported as one line, exit status 2."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+# The train() arguments that the command line sets with a flag of the same name (--seq-len sets seq_len, ...).
+FLAG_SETTINGS = ("preset", "task", "seq_len", "steps", "batch_size", "lr", "warmup_steps", "seed", "eval_every",
+                 "eval_batches", "save_every", "device")
+
+
+def _setting(table: dict, name: str):
+    """An argparse type for a flag that sets the Python argument ``name``: parsed and checked by its table row, so
+    the flag accepts exactly what the argument does (argparse names the flag in the error)."""
+
+    def parse(text: str):
+        try:
+            return table[name].parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -51,67 +66,103 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="foxlab", description="Train and study small Forgetting Transformers.")
     sub = parser.add_subparsers(dest="command", metavar="{train,demo}", parser_class=_Parser)
 
+    def train_flag(p, flag, **kwargs):
+        p.add_argument(flag, type=_setting(TRAIN_SETTINGS, flag[2:].replace("-", "_")), **kwargs)
+
     t = sub.add_parser("train", help="train a model on a task", description="Train a FoX model on a task.")
-    t.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    train_flag(t, "--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
     t.add_argument("--override", action="append", type=_override, default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. num_hidden_layers=3 or fgate_init_timescales=[1,64] (repeatable)")
-    t.add_argument("--task", default="segments", help="segments, recall or text (default: segments)")
+                   help="model setting, e.g. num_hidden_layers=3 or fgate_init_timescales=[1,64] (repeatable; "
+                        "values are JSON)")
+    train_flag(t, "--task", default="segments", help=f"{', '.join(TASKS)} (default: segments)")
     t.add_argument("--text-file", default=None, help="for --task text: the text file (default: Python's stdlib)")
-    t.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (default: the task's)")
-    t.add_argument("--steps", type=int, required=True, help="total optimizer steps")
-    t.add_argument("--batch-size", type=_positive_int, default=16, help="global batch size (default: 16)")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
-    t.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps, at most 100")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--eval-every", type=_positive_int, default=None, help="evaluate every N steps (and at the end)")
-    t.add_argument("--eval-batches", type=_positive_int, default=2, help="batches per evaluation (default: 2)")
-    t.add_argument("--save-every", type=_positive_int, default=None, help="checkpoint every K steps")
+    train_flag(t, "--seq-len", default=None, help="sequence length (default: the task's)")
+    train_flag(t, "--steps", required=True,
+               help="total optimizer steps. With --resume a larger value extends the run: its cosine schedule is "
+                    "stretched to the new total, so the remaining steps' learning rates differ from the shorter "
+                    "run's (an extended run is not the same as a run of that length from the start)")
+    train_flag(t, "--batch-size", default=16, help="global batch size (default: 16)")
+    train_flag(t, "--lr", default=3e-3, help="peak learning rate (default: 3e-3)")
+    train_flag(t, "--warmup-steps", default=None,
+               help="default: 10%% of the steps, at most 100; a resumed run keeps its own")
+    train_flag(t, "--seed", default=0, help="seeds the initialisation and the data (default: 0)")
+    train_flag(t, "--eval-every", default=None, help="evaluate every N steps (and at the end)")
+    train_flag(t, "--eval-batches", default=2, help="batches per evaluation (default: 2)")
+    train_flag(t, "--save-every", default=None, help="checkpoint every K steps")
     t.add_argument("--out", required=True, help="run folder: metrics.json and checkpoint/")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT/checkpoint, with the same settings (--steps may grow)")
+    train_flag(t, "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     d = sub.add_parser("demo", help="train tiny FoX on segments and report how it forgets at resets",
                        description="Train tiny FoX on the segments task and report how it forgets at resets.")
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    d.add_argument("--steps", type=_positive_int, default=None, help="override the demo's number of steps")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default=None)
+    d.add_argument("--steps", type=_setting(DEMO_SETTINGS, "steps"), default=None,
+                   help="override the demo's number of steps")
+    d.add_argument("--seed", type=_setting(DEMO_SETTINGS, "seed"), default=0)
+    d.add_argument("--device", type=_setting(DEMO_SETTINGS, "device"), default=None)
+    d.add_argument("--resume", action="store_true", help="finish an interrupted demo in OUT")
     d.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def _writable_dir(path: str) -> Path:
+    """``path``, once it is known that the run can create or write it (nothing is created: a bad invocation
+    leaves no folder behind)."""
     out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise UsageError(f"cannot write to {path}: {e.strerror or e}") from None
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"cannot write to {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {path}: {existing} is not writable")
     return out
 
 
-def _check_train_args(args) -> None:
-    from .config import PRESETS
-    from .data import TASKS
+def _check_resume(out: str) -> None:
+    if find_checkpoint(out) is None:
+        raise UsageError(f"--resume: no checkpoint to resume from: {why_no_checkpoint(out)}")
 
-    if args.preset not in PRESETS:
-        raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    if args.task not in TASKS:
-        raise UsageError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
-    if args.steps <= 0:
-        raise UsageError(f"--steps must be a positive integer, got {args.steps}")
+
+def _check_train_args(args) -> None:
     if args.text_file is not None and args.task != "text":
         raise UsageError("--text-file is only for --task text")
     if args.text_file is not None and not Path(args.text_file).is_file():
         raise UsageError(f"text file not found: {args.text_file}")
+    try:
+        check_names((key for key, _ in args.override), SETTINGS)
+        ForgettingTransformerConfig.from_preset(args.preset, **dict(args.override))
+    except SettingError as e:
+        raise UsageError(f"--override: {e}") from None
     if args.resume:
-        from .train import find_checkpoint
-
-        if find_checkpoint(args.out) is None:
-            raise UsageError(f"--resume: no checkpoint in {args.out}")
+        _check_resume(args.out)
     _writable_dir(args.out)
+
+
+def _flag(name: str) -> str | None:
+    """The flag that sets train()'s setting ``name`` (as SettingError and ResumeMismatch name it), if any."""
+    if name in FLAG_SETTINGS:
+        return "--" + name.replace("_", "-")
+    return {"task_kwargs['path']": "--text-file", "task_kwargs": "--text-file", "overrides": "--override"}.get(name)
+
+
+def _as_flags(name: str, value) -> str:
+    """The command-line words that give setting ``name`` (as ResumeMismatch names it) the value ``value``."""
+    if name.startswith("overrides["):
+        key = name[len("overrides['"):-len("']")]
+        return f"no --override {key}" if value is UNSET else f"--override {key}={json.dumps(value)}"
+    flag = _flag(name)
+    if flag is None:
+        return f"{name}={value!r} (set from Python: no flag)"
+    return f"no {flag}" if value in (None, UNSET) else f"{flag} {value}"
+
+
+def _resume_mismatch(e: ResumeMismatch) -> str:
+    listed = "; ".join(f"{_as_flags(name, now)} here, {_as_flags(name, old)} in that run"
+                       for name, now, old in e.differences)
+    fixes = " ".join(_as_flags(name, old) for name, _, old in e.differences)
+    return (f"--resume: the settings differ from the run in {e.checkpoint}: {listed}. To continue that run, "
+            f"pass {fixes}; to start a new one, use another --out (or leave out --resume)")
 
 
 def _train(args) -> int:
@@ -125,9 +176,7 @@ def _train(args) -> int:
                    save_every=args.save_every,
                    out=args.out, resume=args.resume, seed=args.seed, device=args.device,
                    progress=not args.no_progress)
-    if result.interrupted:
-        print(f"interrupted at step {result.step}/{args.steps}; checkpoint in {Path(args.out) / 'checkpoint'}; "
-              "continue with --resume", file=sys.stderr)
+    if result.interrupted:  # train() said where the checkpoint is and how to continue
         return 130
     if result.losses:
         last = result.evals[-1]["loss"] if result.evals else float("nan")
@@ -137,10 +186,15 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
+    if args.resume:
+        _check_resume(args.out)
     out = _writable_dir(args.out)
     from .train import demo
 
-    m = demo(out, steps=args.steps, seed=args.seed, progress=not args.no_progress, device=args.device)
+    m = demo(out, steps=args.steps, seed=args.seed, progress=not args.no_progress, device=args.device,
+             resume=args.resume)
+    if m.get("interrupted"):  # train() said where the checkpoint is and how to continue
+        return 130
     head = m["boundary_forget_head"]
     verdict = "it learned to forget at resets" if m["boundary_forget_ratio"] <= 0.5 else "no clear forgetting yet"
     optimal = f" (optimal {m['optimal_loss']:.3f})" if m.get("optimal_loss") is not None else ""
@@ -161,18 +215,25 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a bad argument (already reported in one line)
         return e.code if isinstance(e.code, int) else 2
     if args.command is None:
-        parser.print_help(sys.stderr)
+        print("foxlab: error: name a command, train or demo (foxlab --help says more)", file=sys.stderr)
         return 2
     try:
         return _train(args) if args.command == "train" else _demo(args)
+    except ResumeMismatch as e:
+        print(f"foxlab {args.command}: error: {_resume_mismatch(e)}", file=sys.stderr)
+        return 2
     except UsageError as e:
         print(f"foxlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except SettingError as e:  # a bad setting that train() found (one that depends on others, the task's ...)
+        flag = _flag(e.name or "")
+        print(f"foxlab {args.command}: error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"foxlab {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"foxlab {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(f"foxlab {args.command}: stopped by Ctrl-C", file=sys.stderr)
         return 130
 
 

@@ -10,11 +10,68 @@ The variants differ only in switches (docs/fox.md, "Variants", has the paper's a
 from __future__ import annotations
 
 import copy
+import inspect
 
-from transformers import PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
+from transformers.activations import ACT2FN
+
+from .settings import Setting, SettingError, check_names, choice, flag, integer, number, require_rows
 
 FGATE_TYPES = ("full", "bias_only", "fixed", "none")
 ATTN_BACKENDS = ("auto", "triton", "torch", "reference")
+
+# What every setting of ForgettingTransformerConfig accepts (foxlab.settings). A new argument of __init__ needs
+# its row here: the module refuses to import without it. Values are checked whenever they are set (in __init__,
+# by from_pretrained's overrides, or later as config.name = value); how settings relate (divisibility, ...) is
+# checked in __init__.
+SETTINGS: dict[str, Setting] = {
+    "vocab_size": integer(low=1),
+    "hidden_size": integer(low=1),
+    "num_hidden_layers": integer(low=1),
+    "num_heads": integer(low=1),
+    "num_kv_heads": integer(low=1, optional=True),
+    "head_dim": integer(low=1, optional=True),
+    "hidden_ratio": number(above=0),
+    "intermediate_size": integer(low=1, optional=True),
+    "hidden_act": choice(*ACT2FN),
+    "norm_eps": number(above=0),
+    "initializer_range": number(above=0),
+    "tie_word_embeddings": flag(),
+    "fgate_type": choice(*FGATE_TYPES),
+    "fgate_init_timescales": Setting(list, length=2, above=0, optional=True),
+    "qk_norm": flag(),
+    "use_output_gate": flag(),
+    "use_output_norm": flag(),
+    "use_k_shift": flag(),
+    "use_v_shift": flag(),
+    "use_rope": flag(),
+    "rope_theta": number(above=0),
+    "fuse_norm": flag(),
+    "fuse_swiglu": flag(),
+    "fuse_cross_entropy": flag(),
+    "attn_backend": choice(*ATTN_BACKENDS),
+    "acp_log_tolerance": number(low=-1e4, high=0, optional=True),
+    "use_cache": flag(),
+    "pad_token_id": integer(low=0, optional=True),
+    "bos_token_id": integer(low=0, optional=True),
+    "eos_token_id": integer(low=0, optional=True),
+}
+
+
+def _transformers_keys() -> set[str]:
+    """Keys that transformers itself writes into or reads from any model's config.json (``architectures``,
+    ``dtype``, ``transformers_version``, ...): accepted as they are, never suggested."""
+    keys = set(PretrainedConfig().to_dict()) | set(inspect.signature(PretrainedConfig.__init__).parameters)
+    # read by PretrainedConfig (or written by older versions) without being attributes of a fresh one
+    keys |= {"auto_map", "torch_dtype", "num_labels", "name_or_path", "_commit_hash", "attn_implementation",
+             "experts_implementation", "per_layer_config", "tokenizer_class", "use_return_dict",
+             "_attn_implementation_internal", "_experts_implementation_internal"}
+    generation_defaults = getattr(GenerationConfig, "_get_default_generation_params", dict)
+    keys |= set(generation_defaults())  # generation settings in old config.json files: popped by transformers
+    return keys - {"self", "args", "kwargs"}
+
+
+TRANSFORMERS_KEYS = _transformers_keys()
 
 _PRO = dict(qk_norm=True, use_output_gate=True, use_output_norm=True, use_k_shift=True, use_v_shift=True)
 _TRANSFORMER = dict(fgate_type="none", use_rope=True)
@@ -116,6 +173,10 @@ class ForgettingTransformerConfig(PretrainedConfig):
         eos_token_id: int | None = 2,
         **kwargs,
     ):
+        for alias, name in self.attribute_map.items():
+            if alias in kwargs:
+                raise SettingError(f"{type(self).__name__}: {alias} is called {name} here: pass {name}", alias)
+        check_names(kwargs, SETTINGS, f"{type(self).__name__}: ", also=TRANSFORMERS_KEYS)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -130,7 +191,7 @@ class ForgettingTransformerConfig(PretrainedConfig):
         self.fgate_type = fgate_type
         if fgate_type == "fixed" and fgate_init_timescales is None:
             fgate_init_timescales = [1.0, 1024.0]
-        self.fgate_init_timescales = list(fgate_init_timescales) if fgate_init_timescales is not None else None
+        self.fgate_init_timescales = fgate_init_timescales
         self.qk_norm = qk_norm
         self.use_output_gate = use_output_gate
         self.use_output_norm = use_output_norm
@@ -148,47 +209,41 @@ class ForgettingTransformerConfig(PretrainedConfig):
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 
+    def __setattr__(self, name, value):
+        name = self.attribute_map.get(name, name)
+        if name in SETTINGS:
+            value = SETTINGS[name].check(name, value, where=f"{type(self).__name__}: ")
+        super().__setattr__(name, value)
+
     def _validate_and_derive(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "num_kv_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        """Check how settings relate (each one alone is checked when set) and fill in the derived sizes."""
+        def refuse(message, name):
+            raise SettingError(f"{type(self).__name__}: {message}", name)
+
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
-                                 f"({self.num_heads}), or set head_dim")
+                refuse(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}), "
+                       "or set head_dim", "hidden_size")
             self.head_dim = self.hidden_size // self.num_heads
-        if not isinstance(self.head_dim, int) or self.head_dim <= 0:
-            raise ValueError(f"head_dim must be a positive integer, got {self.head_dim!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            refuse(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})",
+                   "num_kv_heads")
         if self.intermediate_size is None:
-            if self.hidden_ratio <= 0:
-                raise ValueError(f"hidden_ratio must be positive, got {self.hidden_ratio!r}")
             width = int(2 * self.hidden_ratio * self.hidden_size / 3)
             self.intermediate_size = 256 * ((width + 255) // 256)
-        elif not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0:
-            raise ValueError(f"intermediate_size must be a positive integer, got {self.intermediate_size!r}")
-        if self.fgate_type not in FGATE_TYPES:
-            raise ValueError(f"fgate_type must be one of {FGATE_TYPES}, got {self.fgate_type!r}")
-        if self.fgate_init_timescales is not None:
-            ts = self.fgate_init_timescales
-            if len(ts) != 2 or not all(isinstance(t, (int, float)) for t in ts) or not 0 < ts[0] <= ts[1]:
-                raise ValueError(f"fgate_init_timescales must be [T_min, T_max] with 0 < T_min <= T_max, got {ts!r}")
-        if self.attn_backend not in ATTN_BACKENDS:
-            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        timescales = self.fgate_init_timescales
+        if timescales is not None and not timescales[0] <= timescales[1]:
+            refuse(f"fgate_init_timescales must be [T_min, T_max] with T_min <= T_max, got {timescales}",
+                   "fgate_init_timescales")
         if self.use_rope and self.head_dim % 2:
-            raise ValueError(f"use_rope needs an even head_dim, got {self.head_dim}")
-        tol = self.acp_log_tolerance
-        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not -1e4 <= tol <= 0):
-            raise ValueError(f"acp_log_tolerance must be None or a number in [-1e4, 0] (log eps), got {tol!r}")
-        for name in ("norm_eps", "initializer_range", "rope_theta"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+            refuse(f"use_rope needs an even head_dim, got {self.head_dim}", "head_dim")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ForgettingTransformerConfig":
         """A named configuration (``tiny``, the paper's ``fox-125m`` ... ``transformer-pro-125m``), with overrides."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise SettingError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}", "preset")
         return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})
+
+
+require_rows(ForgettingTransformerConfig.__init__, SETTINGS, ignore=("self", "kwargs"))

@@ -1,6 +1,6 @@
 """Forgetting attention: the exact reference, a memory-efficient PyTorch path, and the dispatcher.
 
-The math (one batch row, one head; FOX.md section 1)::
+The math (one batch row, one head; docs/fox.md, "Forgetting attention")::
 
     q: (Tq, D)   k, v: (Tk, D)   log_f: (Tk,)  float32, log f_t = logsigmoid(gate logit) <= 0
     c_t   = sum_{l <= t} log f_l                        inclusive prefix sum, float32
@@ -226,8 +226,14 @@ def _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqle
 # still see key j. Both are int32, often stride-0 views, and only read when MASK_LO is set.
 #
 # Loop bounds come from two helpers, `_query_block_key_range` and `_key_block_query_range`: each splits
-# a block's range into blocks that need the causal mask (the diagonal) and blocks that do not. Adaptive
-# computation pruning (FOX.md section 3) only has to move `start` of the first and `end` of the second.
+# a block's range into blocks that need the causal mask (the diagonal) and blocks that do not.
+#
+# Adaptive computation pruning (acp.py; docs/fox.md, "Adaptive computation pruning"), flag PRUNE: a score
+# whose decay c2_{p_i} - c2_j is below the base-2 threshold THRESHOLD[b, h] is dropped. A query block's keys
+# then split into [start, band) (some scores dropped: masked), [band, mid) (none) and the diagonal, with
+# every key block before `start` dropped for all rows and never loaded (`_pruned_key_range`); a key
+# block's query rows, symmetrically, end at `stop` (`_pruned_query_range`). Decoding's split kernel starts
+# each split at its first key block that some row keeps.
 # ==================================================================================================
 
 LOG2E = 1.4426950408889634

@@ -304,6 +304,32 @@ def padding_from_mask(attention_mask, past: int, new: int):
     return (seq_start if bool(seq_start.any()) else None), mask[:, past:].float()
 
 
+def check_inputs(input_ids, inputs_embeds, config) -> None:
+    """Refuse inputs the model cannot take, saying what it expects: exactly one of input_ids (B, T) integer token
+    ids in [0, vocab_size) and inputs_embeds (B, T, hidden_size), with T >= 1."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    name, x = ("input_ids", input_ids) if inputs_embeds is None else ("inputs_embeds", inputs_embeds)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__} (tokenizer(..., return_tensors='pt') "
+                        "gives one)")
+    ndim = 2 if name == "input_ids" else 3
+    shape = "(batch, seq_len)" if ndim == 2 else f"(batch, seq_len, hidden_size={config.hidden_size})"
+    if x.dim() != ndim or (ndim == 3 and x.shape[-1] != config.hidden_size):
+        hint = f"; for one sequence pass {name}[None]" if x.dim() == ndim - 1 else ""
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}{hint}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} holds no tokens (shape {tuple(x.shape)}): pass at least one token per sequence")
+    if name == "input_ids":
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {x.dtype}")
+        if x.device.type == "cpu" and x.numel():  # on a GPU the check would wait for the device at every call
+            low, high = int(x.min()), int(x.max())
+            if low < 0 or high >= config.vocab_size:
+                raise ValueError(f"input_ids must be token ids in [0, {config.vocab_size - 1}] (vocab_size "
+                                 f"{config.vocab_size}), got ids from {low} to {high}")
+
+
 class ForgettingTransformerPreTrainedModel(PreTrainedModel):
     config_class = ForgettingTransformerConfig
     base_model_prefix = "model"
@@ -360,8 +386,7 @@ class ForgettingTransformerModel(ForgettingTransformerPreTrainedModel):
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = cfg.return_dict if return_dict is None else return_dict
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        check_inputs(input_ids, inputs_embeds, cfg)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache, cache = False, None

@@ -19,6 +19,7 @@ follow the same trajectory as one process with the same global batch.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +38,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from .config import ForgettingTransformerConfig
-from .data import BOS_ID, IGNORE_INDEX, PAD_ID, RESET_ID, ByteTokenizer, Task, make_task, task_from_spec
+from .config import PRESETS, ForgettingTransformerConfig
+from .data import BOS_ID, IGNORE_INDEX, PAD_ID, RESET_ID, TASKS, ByteTokenizer, Task, make_task
 from .model import ForgettingTransformerForCausalLM
+from .settings import Setting, SettingError, check_names, checked, choice, flag, integer, number, path
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "training_state.pt"
@@ -48,8 +52,56 @@ MARKER_FILE = "trainer_state.json"  # written last: a checkpoint folder without 
 FORMAT_VERSION = 1
 METRICS_EVERY_S = 10.0  # metrics.json is also rewritten at every checkpoint and evaluation
 # Settings that may differ between a run and its resume (everything else must match, or the resumed run would
-# not be the same run).
+# not be the same run). A larger ``steps`` extends a run: see ``train``.
 RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "progress", "device"}
+
+
+def device_problem(device) -> str | None:
+    """None if torch can run on ``device`` here, else why not (for the ``device`` setting)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "it finds no CUDA GPU"
+        return f"{device!r} is not available: this torch ({torch.__version__}) is {build}; use 'cpu'"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"{device!r} is not available: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return f"{device!r} is not available on this machine"
+    return None
+
+
+# What every argument of train() accepts (foxlab.settings); a new argument needs its row here. The command line
+# parses its flags with the same rows.
+TRAIN_SETTINGS: dict[str, Setting] = {
+    "model": Setting((ForgettingTransformerForCausalLM, ForgettingTransformerConfig), optional=True,
+                     text="a ForgettingTransformerForCausalLM or a ForgettingTransformerConfig"),
+    "preset": choice(*PRESETS),
+    "overrides": Setting(dict, optional=True, text="a dict of config settings"),
+    "task": Setting((str, Task), choices=tuple(TASKS), text=f"one of {', '.join(map(repr, TASKS))} or a Task"),
+    "task_kwargs": Setting(dict, optional=True, text="a dict of the task's arguments"),
+    "seq_len": integer(low=1, optional=True),
+    "steps": integer(low=1),
+    "batch_size": integer(low=1),
+    "lr": number(above=0),
+    "min_lr_ratio": number(0, 1),
+    "warmup_steps": integer(low=0, optional=True),
+    "weight_decay": number(low=0),
+    "betas": Setting(list, length=2, low=0, below=1),
+    "grad_clip": number(low=0, optional=True),
+    "eval_every": integer(low=1, optional=True),
+    "eval_batches": integer(low=1),
+    "save_every": integer(low=1, optional=True),
+    "out": path(optional=True),
+    "resume": Setting((bool, str, os.PathLike), text="True, False or a checkpoint's path"),
+    "seed": integer(low=0),
+    "device": Setting((str, torch.device), optional=True, extra=device_problem,
+                      text="a torch device ('cpu', 'cuda', 'cuda:1', ...)"),
+    "tokenizer": Setting(PreTrainedTokenizerBase, optional=True, text="a tokenizer (default: ByteTokenizer)"),
+    "progress": flag(),
+    "callback": Setting(Callable, optional=True, text="a function callback(step, loss)"),
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,6 +175,50 @@ def find_checkpoint(out: str | os.PathLike) -> Path | None:
     return None
 
 
+def why_no_checkpoint(path: str | os.PathLike) -> str:
+    """Why ``find_checkpoint(path)`` finds nothing, in words: what the folder is and what it lacks."""
+    path = Path(path)
+    if not path.exists():
+        return f"{path} does not exist"
+    if not path.is_dir():
+        return f"{path} is a file, not a run or checkpoint folder"
+    folder = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+    present = {p.name for p in folder.iterdir()}
+    missing = [name for name in ("config.json", STATE_FILE, MARKER_FILE) if name not in present]
+    if len(missing) == 3:
+        return f"{path} holds no checkpoint: no {CHECKPOINT_DIR}/ folder, no config.json, no {STATE_FILE}"
+    if "config.json" in present and STATE_FILE not in present and MARKER_FILE not in present:
+        return (f"{folder} is a saved model, not a training checkpoint: it has config.json but no {STATE_FILE} "
+                f"(optimizer, RNG and step) or {MARKER_FILE}; load the model alone with "
+                f"AutoModelForCausalLM.from_pretrained({str(folder)!r})")
+    return f"{folder} is not a complete training checkpoint: {', '.join(missing)} missing"
+
+
+def _model_card(info: dict) -> str:
+    """README.md of a checkpoint: what it is and how to load it (transformers alone does not know the model)."""
+    run = info.get("run", {})
+    task = run.get("task", {}).get("name", "?")
+    return f"""# A foxlab Forgetting Transformer checkpoint
+
+Written by foxlab's trainer at step {info.get("step")} of {run.get("steps")} (task `{task}`). The model type,
+`forgetting_transformer` (the Forgetting Transformer, Lin et al., ICLR 2025, arXiv 2503.02130), is not built into
+transformers: install foxlab and `import foxlab` first, which registers the model and its byte tokenizer with the
+Auto classes. Without that import transformers reports an unknown model type and suggests upgrading itself, which
+does not help.
+
+```python
+import foxlab
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+
+`{STATE_FILE}` and `{MARKER_FILE}` hold the training state: `python -m foxlab train ... --resume` (or
+`train(..., resume=True)`) continues the run.
+"""
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -183,6 +279,10 @@ def save_checkpoint(out: str | os.PathLike, model, tokenizer, training_state: di
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         torch.save(training_state, tmp / STATE_FILE)
+        (tmp / "README.md").write_text(_model_card(info))
+        for file in tmp.iterdir():  # some writers (safetensors) make private files: give them a normal file's mode
+            if file.is_file():
+                os.chmod(file, 0o666 & ~_umask())
         _write_json(tmp / MARKER_FILE, info)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -201,10 +301,15 @@ def save_checkpoint(out: str | os.PathLike, model, tokenizer, training_state: di
 
 
 def load_checkpoint(path: str | os.PathLike, device="cpu"):
-    """(model, tokenizer, training_state, info) from a checkpoint folder or a run folder that holds one."""
+    """(model, tokenizer, training_state, info) from a checkpoint folder or a run folder that holds one.
+
+    To load only the model, anywhere: ``import foxlab`` then ``AutoModelForCausalLM.from_pretrained(folder)``."""
     ckpt = find_checkpoint(path)
     if ckpt is None:
-        raise FileNotFoundError(f"no complete checkpoint in {path}")
+        raise FileNotFoundError(f"no training checkpoint to load: {why_no_checkpoint(path)}")
+    model_type = json.loads((ckpt / "config.json").read_text()).get("model_type")
+    if model_type != ForgettingTransformerConfig.model_type:
+        raise ValueError(f"{ckpt} holds a {model_type!r} model, not a foxlab {ForgettingTransformerConfig.model_type!r}")
     with _quiet_hf():
         model = ForgettingTransformerForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(device)
         tokenizer = ByteTokenizer.from_pretrained(ckpt)
@@ -320,6 +425,23 @@ class _StopOnSigint:
 # --------------------------------------------------------------------------------------------------
 
 
+RESUME_HINT = "resume=True, or --resume on the command line, continues it"
+
+
+def _note_earlier_run(out: Path, say) -> None:
+    """Say that a new run in ``out`` replaces the checkpoint an earlier run left there."""
+    ckpt = find_checkpoint(out)
+    if ckpt is None:
+        return
+    info = json.loads((ckpt / MARKER_FILE).read_text())
+    step, total = info.get("step"), info.get("run", {}).get("steps")
+    if step is not None and total is not None and step < total:
+        say(f"note: {out} holds an unfinished run (step {step} of {total}); this run starts over and replaces it "
+            f"({RESUME_HINT} instead)")
+    else:
+        say(f"note: {out} holds an earlier run ({step} steps); this run replaces it")
+
+
 def _build_task(task, task_kwargs, seq_len, seed) -> Task:
     if isinstance(task, Task):
         return task
@@ -327,9 +449,89 @@ def _build_task(task, task_kwargs, seq_len, seed) -> Task:
     if seq_len is not None:
         kwargs["seq_len"] = seq_len
     kwargs.setdefault("seed", seed)
-    return make_task(task, **kwargs)
+    check_names(kwargs, inspect.signature(TASKS[task]).parameters, f"task {task!r}: ")
+    try:
+        return make_task(task, **kwargs)
+    except ValueError as e:  # a value the task cannot use (seq_len too short, a missing text file, ...)
+        raise SettingError(f"task {task!r}: {e}", "task_kwargs") from e
 
 
+def default_warmup(steps: int) -> int:
+    """The warmup of a run of ``steps`` steps when none is given: 10% of them, at least 1, at most 100."""
+    return min(100, max(1, steps // 10))
+
+
+class ResumeMismatch(SettingError):
+    """A resume whose settings differ from the checkpoint's run. ``differences``: (setting, value now, value in
+    the checkpoint's run) for each, with the task's and the overrides' entries one by one."""
+
+    def __init__(self, checkpoint: Path, differences: list[tuple[str, object, object]]):
+        self.checkpoint, self.differences = checkpoint, differences
+        listed = "; ".join(f"{name} is {now!r} here but {old!r} in that run" for name, now, old in differences)
+        super().__init__(
+            f"cannot resume the run in {checkpoint}: {listed}. To continue that run, pass its values; to start a "
+            f"new one, use another out folder (or no resume). Only {', '.join(sorted(RESUMABLE_CHANGES))} may "
+            "change on resume (a larger steps extends the run)", differences[0][0])
+
+
+UNSET = "<unset>"
+
+
+def run_differences(saved: dict, now: dict) -> list[tuple[str, object, object]]:
+    """(setting, value in ``now``, value in ``saved``) for each setting that defines a run and differs between
+    two runs' records (``info["run"]``). The task's fields are named as train() takes them (``task``,
+    ``seq_len``, ``task_kwargs['path']``), the overrides one by one (``overrides['num_heads']``)."""
+    ignore = RESUMABLE_CHANGES | {"world_size", "model"}
+    if saved.get("preset") is None:  # that run was given a model: its preset/overrides are not known
+        ignore |= {"preset", "overrides"}
+
+    def flat(run: dict) -> dict:
+        run = json.loads(json.dumps(run, default=str))  # compare as saved: tuples as lists, paths as str
+        entries = {}
+        for key, value in run.items():
+            if key == "task":
+                for field, x in value.items():
+                    if field == "seed" and x == run.get("seed"):
+                        continue  # the run's seed (reported under seed)
+                    entries["task" if field == "name" else "seq_len" if field == "seq_len" else
+                            f"task_kwargs[{field!r}]"] = x
+            elif key == "overrides" and isinstance(value, dict):
+                entries.update({f"overrides[{k!r}]": x for k, x in value.items()})
+            elif key not in ignore:
+                entries[key] = value
+        return entries
+
+    old, new = flat(saved), flat(now)
+    return [(k, new.get(k, UNSET), old.get(k, UNSET)) for k in sorted(old.keys() | new.keys())
+            if old.get(k, UNSET) != new.get(k, UNSET)]
+
+
+def _resume(source: Path, run: dict, warmup_steps: int | None, say):
+    """(model, tokenizer, training state) of the checkpoint in ``source``, once its run is known to be this one.
+
+    A resume keeps the run's warmup (resolved to a number when the run started) unless ``warmup_steps`` is given;
+    a larger ``steps`` extends the run (see train)."""
+    ckpt = find_checkpoint(source)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint to resume from: {why_no_checkpoint(source)}")
+    model, tokenizer, state, info = load_checkpoint(ckpt, device="cpu")
+    saved = info["run"]
+    run["warmup_steps"] = saved["warmup_steps"] if warmup_steps is None else warmup_steps
+    differences = run_differences(saved, run)
+    if differences:
+        raise ResumeMismatch(ckpt, differences)
+    if state["step"] > run["steps"]:
+        raise SettingError(f"steps ({run['steps']}) is before the checkpoint's step ({state['step']}): steps is "
+                           "the run's total, so it must be at least that", "steps")
+    say(f"resuming from {ckpt} at step {state['step']}")
+    if run["steps"] > saved["steps"]:
+        say(f"extending the run from {saved['steps']} to {run['steps']} steps: the cosine schedule now ends at step "
+            f"{run['steps']}, so the learning rate of the remaining steps follows the longer schedule (the run is "
+            f"not the same as one of {run['steps']} steps from the start)")
+    return model, tokenizer, state
+
+
+@checked(TRAIN_SETTINGS)
 def train(
     model: ForgettingTransformerForCausalLM | ForgettingTransformerConfig | None = None,
     *,
@@ -345,7 +547,7 @@ def train(
     warmup_steps: int | None = None,
     weight_decay: float = 0.1,
     betas: tuple[float, float] = (0.9, 0.95),
-    grad_clip: float = 1.0,
+    grad_clip: float | None = 1.0,
     eval_every: int | None = None,
     eval_batches: int = 2,
     save_every: int | None = None,
@@ -357,45 +559,51 @@ def train(
     progress: bool = True,
     callback=None,
 ) -> TrainResult:
-    """Train a FoX causal LM on a task; see the module docstring.
+    """Train a FoX causal LM on a task; see the module docstring. Every argument is checked (``TRAIN_SETTINGS``):
+    a wrong name, type or value raises ``SettingError`` naming it.
 
     Args:
         model: a model, a config, or None for ``ForgettingTransformerConfig.from_preset(preset, **overrides)``.
         task: ``segments``, ``recall``, ``text`` (``task_kwargs`` go to ``foxlab.data.make_task``) or a Task.
         steps: total optimizer steps (a resumed run continues up to ``steps``).
         batch_size: the global batch (split over DDP processes). lr: peak learning rate, reached after
-            ``warmup_steps`` (default: 10% of the steps, at most 100), then cosine decay to ``min_lr_ratio * lr``.
+            ``warmup_steps`` (default: 10% of the steps, at most 100), then cosine decay to ``min_lr_ratio * lr``
+            (in [0, 1]). grad_clip: the largest gradient norm (0 or None: no clipping).
         eval_every: evaluate on ``eval_batches`` batches of the task's eval split every so many steps (and at the
             end); None: only at the end. save_every: checkpoint every so many steps (needs ``out``); a checkpoint
             is always written at the end and on Ctrl-C when ``out`` is given.
         resume: True continues from ``out``'s checkpoint; a path continues from that checkpoint (writing to ``out``).
+            The run's settings must be the same as when it started (a ``ResumeMismatch`` error lists those that
+            are not), except ``steps``, ``save_every``, ``eval_every``, ``device`` and ``progress``; the warmup is
+            the run's own unless ``warmup_steps`` is given. A larger ``steps`` extends a (finished) run: the cosine
+            schedule is stretched to the new total, so the remaining steps' learning rates follow the longer
+            schedule (the rate goes back up from where the shorter schedule ended). An extended run is therefore
+            not the same as a run of the longer total from the start, whose decay began later.
         seed: seeds the model's initialisation and the task's data.
         callback: called as ``callback(step, loss)`` after every step (e.g. to stop early by raising).
     """
-    if not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    for name, value in (("save_every", save_every), ("eval_every", eval_every)):
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
     if save_every and out is None:
-        raise ValueError("save_every needs an output folder (out=...)")
+        raise SettingError("save_every needs an output folder (out=...)", "save_every")
     if resume and out is None and not isinstance(resume, (str, os.PathLike)):
-        raise ValueError("resume=True needs the run's folder (out=...)")
+        raise SettingError("resume=True needs the run's folder (out=...)", "resume")
+    if resume and model is not None:
+        raise SettingError("resume loads the model from the checkpoint: pass no model", "model")
+    if warmup_steps is not None and warmup_steps > steps:
+        raise SettingError(f"warmup_steps ({warmup_steps}) must be at most steps ({steps})", "warmup_steps")
 
     rank, world, dev, created_group = _setup_distributed(device)
     if batch_size % world:
-        raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world})")
+        raise SettingError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world})",
+                           "batch_size")
     per_rank = batch_size // world
     out = Path(out) if out is not None else None
     is_main = rank == 0
     say = tqdm.write if is_main else (lambda *_: None)
 
     task = _build_task(task, task_kwargs, seq_len, seed)
-    warmup = min(100, max(1, steps // 10)) if warmup_steps is None else warmup_steps
     run = dict(task=task.spec(), steps=steps, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio,
-               warmup_steps=warmup, weight_decay=weight_decay, betas=list(betas), grad_clip=grad_clip,
+               warmup_steps=default_warmup(steps) if warmup_steps is None else warmup_steps,
+               weight_decay=weight_decay, betas=list(betas), grad_clip=grad_clip,
                eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, seed=seed,
                world_size=world, preset=preset if model is None else None,
                overrides=dict(overrides or {}) if model is None else None)
@@ -403,24 +611,7 @@ def train(
     # --- model, tokenizer, state ---
     state = None
     if resume:
-        if model is not None:
-            raise ValueError("resume loads the model from the checkpoint: pass no model")
-        source = out if resume is True else Path(resume)
-        ckpt = find_checkpoint(source)
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {source}")
-        model, tokenizer, state, info = load_checkpoint(ckpt, device="cpu")
-        ignore = RESUMABLE_CHANGES | {"world_size", "model"}
-        if info["run"].get("preset") is None:  # that run was given a model: its preset/overrides are not known
-            ignore |= {"preset", "overrides"}
-        saved = {k: v for k, v in info["run"].items() if k not in ignore}
-        now = {k: v for k, v in run.items() if k not in ignore}
-        if saved != now:
-            diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-            raise ValueError(f"resume settings differ from the checkpoint's in {', '.join(diff)} "
-                             f"(saved: {', '.join(f'{k}={saved.get(k)!r}' for k in diff)})")
-        if state["step"] > steps:
-            raise ValueError(f"the checkpoint is at step {state['step']}, past steps={steps}")
+        model, tokenizer, state = _resume(out if resume is True else Path(resume), run, warmup_steps, say)
     else:
         if model is None or isinstance(model, ForgettingTransformerConfig):
             config = model or ForgettingTransformerConfig.from_preset(preset, **(overrides or {}))
@@ -428,8 +619,9 @@ def train(
             model = ForgettingTransformerForCausalLM(config)
         tokenizer = tokenizer or ByteTokenizer()
     if model.config.vocab_size < len(tokenizer):
-        raise ValueError(f"the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's "
-                         f"({len(tokenizer)})")
+        raise SettingError(f"the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's "
+                           f"({len(tokenizer)})", "tokenizer")
+    warmup = run["warmup_steps"]
     run["model"] = {k: v for k, v in model.config.to_diff_dict().items() if k != "transformers_version"}
 
     model.to(dev).train()
@@ -439,12 +631,13 @@ def train(
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        # the same schedule, for this run's steps (a resume may extend a finished run)
+        # the schedule for this run's steps (a resume may extend a run), and the next step's rate under it
         scheduler.lr_lambdas = [_Schedule(steps, warmup, min_lr_ratio) for _ in optimizer.param_groups]
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
         _set_rng_state(state["rng"])
         result.step, result.losses, result.lrs = state["step"], list(state["losses"]), list(state["lrs"])
         result.evals, result.elapsed_s = list(state["evals"]), state["elapsed_s"]
-        say(f"resuming from {find_checkpoint(out if resume is True else resume)} at step {result.step}")
 
     ddp_model = model
     if world > 1:
@@ -479,10 +672,8 @@ def train(
 
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
-        existing = find_checkpoint(out) if not resume else None
-        if existing is not None:
-            say(f"note: {out} holds a checkpoint from an earlier run; starting over replaces it "
-                "(resume to continue that run instead)")
+        if not resume:
+            _note_earlier_run(out, say)
     metrics_written = time.perf_counter()
 
     def write_metrics() -> None:  # all the losses so far, in case the run dies between checkpoints
@@ -549,10 +740,9 @@ def train(
     if not result.interrupted and not (result.evals and result.evals[-1]["step"] == result.step):
         run_eval()
     checkpoint()
-    if result.interrupted and out is not None:
-        say(f"interrupted at step {result.step}; checkpoint saved in {out / CHECKPOINT_DIR} (resume to continue)")
-    elif out is None and is_main and result.interrupted:
-        say(f"interrupted at step {result.step}")
+    if result.interrupted:
+        saved = f": checkpoint saved in {out / CHECKPOINT_DIR} ({RESUME_HINT})" if out is not None else ""
+        say(f"interrupted at step {result.step}/{steps}{saved}")
     if created_group:
         dist.destroy_process_group()
     return result
@@ -601,10 +791,16 @@ DEMO = dict(preset="tiny", overrides=dict(), task="segments", task_kwargs=dict(s
             max_segment=48), steps=300, batch_size=16, lr=3e-3)
 
 
+DEMO_SETTINGS = {**{k: TRAIN_SETTINGS[k] for k in ("out", "seed", "progress", "device")},
+                 "steps": integer(low=1, optional=True), "resume": flag()}
+
+
+@checked(DEMO_SETTINGS)
 def demo(out: str | os.PathLike = "runs/demo", *, steps: int | None = None, seed: int = 0, progress: bool = True,
-         device: str | None = None) -> dict:
+         device: str | None = None, resume: bool = False) -> dict:
     """Train ``tiny`` FoX on ``segments``, measure how much it forgets at resets, write the checkpoint,
-    ``metrics.json`` and ``report.html`` under ``out``; returns the metrics."""
+    ``metrics.json`` and ``report.html`` under ``out``; returns the metrics. Interrupted (Ctrl-C), it returns the
+    metrics so far (``interrupted`` true) without the report; ``resume=True`` then finishes the run."""
     out = Path(out)
     started = time.perf_counter()
     recipe = {**DEMO, "steps": steps or DEMO["steps"]}
@@ -615,9 +811,11 @@ def demo(out: str | os.PathLike = "runs/demo", *, steps: int | None = None, seed
         # machine (two OpenMP threads sharing two cores with other work slowed steps by up to 10x in our runs).
         torch.set_num_threads(1)
     try:
-        result = train(out=out, seed=seed, progress=progress, device=device, **recipe)
+        result = train(out=out, seed=seed, progress=progress, device=device, resume=resume, **recipe)
     finally:
         torch.set_num_threads(threads)
+    if result.interrupted:
+        return json.loads((out / "metrics.json").read_text())
     train_s = time.perf_counter() - started
     model, task = result.model, result.task
     sample = task.batch(0, 16, split="eval")["input_ids"]

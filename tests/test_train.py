@@ -1,9 +1,11 @@
 """foxlab.train: schedule and optimizer groups, exact resume, Ctrl-C, atomic checkpoints, DDP, transformers.Trainer,
 and the boundary-forgetting measure."""
 
+import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,14 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import foxlab
 import foxlab.train
 from foxlab.data import RESET_ID, ByteTokenizer, TaskDataset, make_task
 from foxlab.model import ForgettingTransformerForCausalLM
-from foxlab.train import (boundary_forget_ratio, find_checkpoint, lr_factor, make_optimizer, save_checkpoint,
-                          train)
+from foxlab.settings import SettingError
+from foxlab.train import (TRAIN_SETTINGS, ResumeMismatch, boundary_forget_ratio, find_checkpoint, load_checkpoint,
+                          lr_factor, make_optimizer, save_checkpoint, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model of a few thousand parameters and short sequences: every run here takes about a second.
@@ -110,7 +114,7 @@ def test_resume_refuses_different_settings(uninterrupted, tmp_path):
     train(out=tmp_path, **{**RUN, "steps": 2})
     with pytest.raises(ValueError, match="batch_size"):
         train(out=tmp_path, resume=True, **{**RUN, "batch_size": 8})
-    with pytest.raises(ValueError, match="overrides"):
+    with pytest.raises(ValueError, match="overrides\\['num_hidden_layers'\\] is 3 here but 2"):
         train(out=tmp_path, resume=True, **{**RUN, "overrides": {**SMALL, "num_hidden_layers": 3}})
     with pytest.raises(FileNotFoundError):
         train(out=tmp_path / "empty", resume=True, **RUN)
@@ -226,3 +230,151 @@ def test_boundary_forget_ratio_finds_the_forgetting_head():
     assert result["per_head"][0][0] == pytest.approx(1.0, abs=1e-6)  # head 0: same gate everywhere
     assert len(result["per_head"]) == 2 and all(len(row) == 2 for row in result["per_head"])
     assert result["f_other"][0][1] == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), abs=1e-5)
+
+
+# --- every argument of train() is checked (foxlab.settings) ---
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(grad_clip=-1.0), r"grad_clip must be a number >= 0 or None, got -1.0"),
+    (dict(eval_batches=0), r"eval_batches must be an integer >= 1, got 0"),
+    (dict(min_lr_ratio=-2), r"min_lr_ratio must be a number in \[0, 1\], got -2"),
+    (dict(min_lr_ratio=1.5), r"min_lr_ratio must be a number in \[0, 1\]"),
+    (dict(warmup_steps=-3), r"warmup_steps must be an integer >= 0 or None, got -3"),
+    (dict(warmup_steps=20), r"warmup_steps \(20\) must be at most steps \(8\)"),
+    (dict(lr=0), r"lr must be a number > 0, got 0"),
+    (dict(lr="3e-3"), r"lr must be a number > 0, got '3e-3' \(a str\)"),
+    (dict(steps=0), r"steps must be an integer >= 1, got 0"),
+    (dict(steps=2.5), r"steps must be an integer >= 1, got 2.5 \(a float\)"),
+    (dict(batch_size=True), r"batch_size must be an integer >= 1, got True \(a bool\)"),
+    (dict(seq_len=0), r"seq_len must be an integer >= 1 or None"),
+    (dict(seq_len=4), r"task 'segments': seq_len must be an integer >= 8, got 4"),
+    (dict(task_kwargs=dict(alphabet=3)), r"task 'segments': unknown setting 'alphabet'; did you mean 'alphabet_size'"),
+    (dict(betas=(0.9, 1.0)), r"betas must be a list of 2 numbers, each in \[0, 1\)"),
+    (dict(weight_decay=-0.1), r"weight_decay must be a number >= 0"),
+    (dict(seed=-1), r"seed must be an integer >= 0"),
+    (dict(progress="no"), r"progress must be True or False"),
+    (dict(preset="tiny2"), r"preset must be one of 'tiny', .*; did you mean 'tiny'"),
+    (dict(task="segment"), r"task must be one of 'segments', 'recall', 'text' or a Task, got 'segment'"),
+    (dict(device="gpu"), r"device must be a torch device such as 'cpu'"),
+    (dict(callback=3), r"callback must be a function callback\(step, loss\)"),
+    (dict(overrides=dict(num_layers=3)), r"unknown setting 'num_layers'; did you mean 'num_hidden_layers'"),
+    (dict(warmup=3), r"train\(\): unknown setting 'warmup'; did you mean 'warmup_steps'"),
+    (dict(save_every=2), r"save_every needs an output folder"),
+])
+def test_train_refuses_bad_settings_by_name(kwargs, message):
+    with pytest.raises(SettingError, match=message):
+        train(**{**RUN, **kwargs})
+
+
+def test_device_cuda_without_cuda_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SettingError, match=r"device 'cuda' is not available: this torch .* use 'cpu'"):
+        train(**{**RUN, "device": "cuda"})
+
+
+def test_every_train_argument_has_a_row():
+    assert list(inspect.signature(train).parameters) == list(TRAIN_SETTINGS)
+
+
+# --- resuming and extending a run ---
+
+def test_extending_a_finished_run_keeps_its_schedule_settings(tmp_path, capsys):
+    """A 6-step run (warmup resolved to 1 step: 10% of 6, at least 1) extended to 10 steps: the run keeps its
+    warmup, the first 6 steps are untouched, and the last 4 follow the cosine schedule of a 10-step run, from
+    a learning rate higher than where the 6-step schedule ended. Not the same as a 10-step run from the start."""
+    short = train(out=tmp_path, **{**RUN, "steps": 6, "eval_every": None})
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["run"]["warmup_steps"] == 1
+    capsys.readouterr()
+    extended = train(out=tmp_path, resume=True, **{**RUN, "steps": 10, "eval_every": None})
+    assert "extending the run from 6 to 10 steps" in capsys.readouterr().out
+    assert extended.step == 10 and extended.losses[:6] == short.losses and extended.lrs[:6] == short.lrs
+    lr, low = RUN["lr"], 0.1
+    assert extended.lrs[6:] == pytest.approx([lr * lr_factor(k, 10, 1, low) for k in range(6, 10)], rel=1e-12)
+    assert extended.lrs[6] > short.lrs[5]  # the rate goes back up where the shorter schedule had decayed
+    run = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["run"]
+    assert (run["steps"], run["warmup_steps"]) == (10, 1)
+    single = train(**{**RUN, "steps": 10, "eval_every": None, "warmup_steps": 1})
+    assert single.losses[:2] == extended.losses[:2]  # same warmup, same data: the same first steps ...
+    assert single.losses[6:] != extended.losses[6:]  # ... but the schedules differ after it
+    again = train(out=tmp_path, resume=True, **{**RUN, "steps": 10, "eval_every": None})  # finished: nothing to do
+    assert again.losses == extended.losses
+
+
+def test_resume_mismatch_says_which_setting_old_and_new(tmp_path):
+    train(out=tmp_path, **{**RUN, "steps": 2})
+    with pytest.raises(ResumeMismatch) as e:
+        train(out=tmp_path, resume=True, **{**RUN, "batch_size": 8, "warmup_steps": 2,
+                                            "overrides": {**SMALL, "num_hidden_layers": 3}})
+    assert e.value.differences == [("batch_size", 8, 4), ("overrides['num_hidden_layers']", 3, 2),
+                                   ("warmup_steps", 2, 1)]
+    message = str(e.value)
+    assert "batch_size is 8 here but 4 in that run" in message and "warmup_steps is 2 here but 1" in message
+    assert "To continue that run, pass its values" in message
+    with pytest.raises(ResumeMismatch, match=r"seq_len is 64 here but 32"):
+        train(out=tmp_path, resume=True, **{**RUN, "seq_len": 64})
+    with pytest.raises(SettingError, match=r"steps \(1\) is before the checkpoint's step \(2\)"):
+        train(out=tmp_path, resume=True, **{**RUN, "steps": 1})
+
+
+def test_run_saved_before_the_checks_resumes_exactly(tmp_path):
+    """tests/fixtures/run-0.1.0 was interrupted at step 3 of 6 by the code before this change; resuming it now
+    reproduces the losses that code computed without interruption."""
+    shutil.copytree(ROOT / "tests" / "fixtures" / "run-0.1.0" / "checkpoint", tmp_path / "checkpoint")
+    expected = load_file(ROOT / "tests" / "fixtures" / "run-0.1.0" / "expected.safetensors")
+    overrides = dict(hidden_size=16, num_heads=2, num_kv_heads=1, num_hidden_layers=1, intermediate_size=32,
+                     qk_norm=True, use_output_gate=True, use_k_shift=True, fgate_init_timescales=[2, 64])
+    resumed = train(preset="tiny", overrides=overrides, task="segments", seq_len=16, batch_size=2, steps=6,
+                    eval_batches=1, seed=3, progress=False, device="cpu", out=tmp_path, resume=True)
+    torch.testing.assert_close(torch.tensor(resumed.losses, dtype=torch.float64), expected["losses"],
+                               rtol=1e-6, atol=1e-6)
+    assert resumed.evals[-1]["loss"] == pytest.approx(float(expected["eval_loss"]), rel=1e-6)
+
+
+def test_interrupted_is_said_once_with_how_to_continue(tmp_path, capsys):
+    train(out=tmp_path, callback=stop_at(2), **RUN)
+    printed = capsys.readouterr()
+    text = (printed.out + printed.err).replace(str(tmp_path), "OUT")  # (the folder's name says "interrupted")
+    assert text.count("interrupted") == 1
+    assert "interrupted at step 2/8: checkpoint saved in" in text and "--resume on the command line" in text
+    train(out=tmp_path, **{**RUN, "steps": 3})  # starting over an unfinished run: says how to continue it instead
+    assert "holds an unfinished run (step 2 of 8); this run starts over" in capsys.readouterr().out
+    train(out=tmp_path, **{**RUN, "steps": 3})  # over a finished one: no resume hint
+    out = capsys.readouterr().out
+    assert "holds an earlier run (3 steps); this run replaces it" in out and "resume" not in out
+
+
+# --- checkpoint files ---
+
+def test_checkpoint_files_have_a_normal_mode_and_a_model_card(uninterrupted, tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path, uninterrupted.model, uninterrupted.tokenizer, {"step": 1},
+                        {"step": 1, "run": {"steps": 8, "task": {"name": "segments"}}})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "checkpoint").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+    card = (tmp_path / "checkpoint" / "README.md").read_text()
+    assert "import foxlab" in card and "AutoModelForCausalLM.from_pretrained" in card and "step 1 of 8" in card
+
+
+def test_load_checkpoint_says_what_is_missing(uninterrupted, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    uninterrupted.model.save_pretrained(tmp_path / "model")  # a saved model is not a training checkpoint
+    with pytest.raises(FileNotFoundError, match=r"model is a saved model, not a training checkpoint: it has "
+                                                r"config.json but no training_state.pt .*from_pretrained"):
+        load_checkpoint(tmp_path / "model")
+    shutil.copytree(uninterrupted.out / "checkpoint", tmp_path / "run" / "checkpoint")
+    (tmp_path / "run" / "checkpoint" / "trainer_state.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint is not a complete training checkpoint: "
+                                                r"trainer_state.json missing"):
+        load_checkpoint(tmp_path / "run")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty holds no checkpoint"):
+        train(out=tmp_path / "empty", resume=True, **RUN)
+    shutil.copytree(uninterrupted.out / "checkpoint", tmp_path / "llama")
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"holds a 'llama' model, not a foxlab 'forgetting_transformer'"):
+        load_checkpoint(tmp_path / "llama")
