@@ -2,7 +2,9 @@
 
 Importing foxlab registers the model with transformers' Auto classes, so ``AutoConfig``,
 ``AutoModel`` and ``AutoModelForCausalLM`` (``from_config``, ``from_pretrained``) and ``generate`` work, and
-``AutoTokenizer`` loads the byte-level tokenizer saved with every checkpoint.
+``AutoTokenizer`` loads the byte-level tokenizer saved with every checkpoint. The checkpoints of the paper's code
+and of fla load too, converted on reading (foxlab.checkpoints), with the paper's tokenizer (``JSONGPT2Tokenizer``);
+``export_to_fla`` writes fla's format.
 Supported: transformers >= 5.0, < 6 (tested with 5.17 and 5.24).
 """
 

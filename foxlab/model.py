@@ -223,6 +223,9 @@ class HeadRMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (self.head_dim,), eps=self.eps) * self.weight.view(self.num_heads, self.head_dim)
 
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, eps={self.eps}"
+
 
 def head_norm(num_heads: int, head_dim: int, eps: float, shared: bool) -> nn.RMSNorm:
     """Per-head RMSNorm of (B, T, heads, D) with D weights shared by all heads, or H * D (HeadRMSNorm)."""
