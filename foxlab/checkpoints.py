@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoTokenizer, GPT2Tokenizer
+from transformers import AutoConfig, AutoTokenizer, GPT2Tokenizer, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import cached_file, logging
 
@@ -37,7 +37,8 @@ from .config import ForgettingTransformerConfig
 
 logger = logging.get_logger(__name__)
 
-PAPER_FOX, PAPER_TRANSFORMER, FLA_TRANSFORMER = "forgetting_transformer-project_fox", "transformer-project_fox", "transformer"
+PAPER_FOX, PAPER_TRANSFORMER = "forgetting_transformer-project_fox", "transformer-project_fox"
+FLA_TRANSFORMER = "transformer"
 
 # --------------------------------------------------------------------------------------------------
 # config.json
@@ -59,6 +60,8 @@ _FLA_DEFAULTS = dict(
     _SHARED_DEFAULTS, qkv_bias=False, qk_norm=False, use_output_gate=False, rope_theta=10000.0,
     attnres_block_size=None,
 )
+_DEFAULTS = {"paper": _PAPER_DEFAULTS, "paper-transformer": dict(_PAPER_DEFAULTS, use_rope=True),
+             "fla": _FLA_DEFAULTS, "fla-transformer": _FLA_DEFAULTS}
 # Both originals give their q/k norms a fixed epsilon, whatever norm_eps says.
 ORIGINAL_QK_NORM_EPS = 1e-5
 # Fields that foxlab's checkpoints lacked before they existed, with the values that reproduce those checkpoints.
@@ -89,7 +92,7 @@ def foxlab_config_dict(config_dict: dict) -> dict:
             return dict(config_dict)
         legacy = dict(_LEGACY_FOXLAB, qk_norm_eps=config_dict.get("norm_eps", 1e-6))
         return {**legacy, **config_dict}
-    source = {**(_PAPER_DEFAULTS if fmt.startswith("paper") else _FLA_DEFAULTS), **config_dict}
+    source = {**_DEFAULTS[fmt], **config_dict}
     return _from_paper(source, fmt) if fmt.startswith("paper") else _from_fla(source, fmt)
 
 
@@ -98,7 +101,7 @@ def _refuse(fmt: str, field: str, value, why: str):
 
 
 def _common_fields(d: dict, fmt: str) -> dict:
-    """The fields all formats share, plus the ones every original lacks and foxlab must not misread."""
+    """The fields every format shares, as foxlab's; refuses a sliding window and norms without weights."""
     if d["window_size"] is not None:
         _refuse(fmt, "window_size", d["window_size"], "foxlab attends to the whole prefix")
     if not d["elementwise_affine"]:
@@ -111,14 +114,14 @@ def _common_fields(d: dict, fmt: str) -> dict:
                                          "hidden_act", "norm_eps", "initializer_range", "tie_word_embeddings",
                                          "pad_token_id", "bos_token_id", "eos_token_id")}
     fields.update({name: d[name] for name in ("use_cache", "dtype", "torch_dtype") if name in d})
-    return dict(fields, intermediate_size=width, qk_norm_eps=ORIGINAL_QK_NORM_EPS,
-                model_type=ForgettingTransformerConfig.model_type)
+    return dict(fields, intermediate_size=width, qk_norm_eps=ORIGINAL_QK_NORM_EPS, qk_norm_share_param_across_head=False,
+                output_norm_share_param_across_head=False, model_type=ForgettingTransformerConfig.model_type)
 
 
 def _from_paper(d: dict, fmt: str) -> dict:
     fields = _common_fields(d, fmt)
-    if fmt == "paper-transformer":  # its own class: RoPE, no gate, no Pro switches
-        return dict(fields, fgate_type="none", use_rope=d["use_rope"], rope_theta=d["rope_base"])
+    if fmt == "paper-transformer":  # its own class: RoPE, no gate, no Pro switches, SwiGLU whatever hidden_act says
+        return dict(fields, fgate_type="none", use_rope=d["use_rope"], rope_theta=d["rope_base"], hidden_act="swish")
     if d["use_output_gate"] and d["ogate_act"] != "sigmoid":
         _refuse(fmt, "ogate_act", d["ogate_act"], "foxlab's output gate is a sigmoid")
     if d["log_pruning_tolerance"] is not None:
@@ -127,8 +130,8 @@ def _from_paper(d: dict, fmt: str) -> dict:
     timescales = [d["decay_time_min"], d["decay_time_max"]] if d["fgate_bias_init"] else None
     switches = ("qk_norm", "qk_norm_share_param_across_head", "use_output_gate", "use_output_norm",
                 "use_k_shift", "use_v_shift", "use_rope", "fgate_type")
-    return dict(fields, **{name: d[name] for name in switches}, fgate_init_timescales=timescales,
-                output_norm_share_param_across_head=False, rope_theta=d["rope_base"])
+    fields.update({name: d[name] for name in switches})
+    return dict(fields, fgate_init_timescales=timescales, rope_theta=d["rope_base"])
 
 
 def _from_fla(d: dict, fmt: str) -> dict:
@@ -183,10 +186,11 @@ def foxlab_state_dict(fmt: str, state_dict: dict[str, torch.Tensor]) -> dict[str
     for key, tensor in state_dict.items():
         match = _BLOCK.fullmatch(key)
         prefix, name = match.groups() if match else ("", key)
+        names = block_names if match else _TOP_NAMES
         if paper and match and name == _PAPER_FUSED_MLP:
             out[prefix + "mlp.gate_proj.weight"], out[prefix + "mlp.up_proj.weight"] = tensor.chunk(2, dim=0)
-        elif (block_names if match else _TOP_NAMES).get(name):
-            out[prefix + (block_names if match else _TOP_NAMES)[name]] = tensor
+        elif name in names:
+            out[prefix + names[name]] = tensor
         else:
             unmapped.append(key)
     if unmapped:
@@ -195,7 +199,7 @@ def foxlab_state_dict(fmt: str, state_dict: dict[str, torch.Tensor]) -> dict[str
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tied: bool) -> None:
-    """Raise unless ``state_dict`` holds exactly the ``expected`` tensors' names and shapes (a tied head may be absent)."""
+    """Raise unless ``state_dict`` holds exactly the ``expected`` names and shapes (a tied head may be absent)."""
     missing = sorted(set(expected) - set(state_dict) - ({"lm_head.weight"} if tied else set()))
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}"
@@ -248,7 +252,7 @@ def prepare_from_pretrained(causal_lm_class, path, kwargs: dict):
         return path, kwargs
     download = {name: kwargs[name] for name in _DOWNLOAD_ARGS if name in kwargs}
     try:
-        raw, _ = ForgettingTransformerConfig.get_config_dict(path, **download)
+        raw, _ = PretrainedConfig.get_config_dict(path, **download)  # as saved: ForgettingTransformerConfig's converts
     except OSError:
         return path, kwargs  # no config.json: transformers says what is missing
     fmt = checkpoint_format(raw)

@@ -196,6 +196,14 @@ class ForgettingTransformerConfig(PretrainedConfig):
         return super().from_dict(foxlab_config_dict(config_dict), **kwargs)
 
     @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """A config.json's fields, converted to foxlab's (as from_dict does) before transformers compares model types."""
+        from .checkpoints import foxlab_config_dict
+
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        return foxlab_config_dict(config_dict), kwargs
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "ForgettingTransformerConfig":
         """A named configuration (``tiny``, the paper's ``fox-125m`` ... ``transformer-pro-125m``), with overrides."""
         if name not in PRESETS:

@@ -494,7 +494,8 @@ class ForgettingTransformerForCausalLM(ForgettingTransformerPreTrainedModel, Gen
         """Give generate() a ForgettingTransformerCache from the start (assisted decoding needs one before the first
         forward); an assistant model's cache records its KV-shift inputs, since the main model crops it back."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if generation_config.use_cache is False or any(model_kwargs.get(n) is not None for n in ("cache", "past_key_values")):
+        given = any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+        if given or generation_config.use_cache is False:
             return
         cache = ForgettingTransformerCache(self.config)
         if getattr(generation_config, "is_assistant", False):

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 import foxlab
 from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM, JSONGPT2Tokenizer, export_to_fla
-from foxlab.checkpoints import checkpoint_format, json_unescape
+from foxlab.checkpoints import checkpoint_format, foxlab_config_dict, json_unescape
 
 from conftest import VARIANTS, tiny_model
 
@@ -62,7 +62,8 @@ def test_configs_convert_to_the_originals_layouts():
     fox_pro = AutoConfig.from_pretrained(FIXTURES / "paper-fox-pro")
     assert isinstance(fox_pro, ForgettingTransformerConfig) and fox_pro.model_type == "forgetting_transformer"
     assert fox_pro.qk_norm_share_param_across_head and not fox_pro.output_norm_share_param_across_head
-    assert (fox_pro.use_k_shift, fox_pro.use_output_norm, fox_pro.qk_norm_eps, fox_pro.norm_eps) == (True, True, 1e-5, 1e-6)
+    assert fox_pro.use_k_shift and fox_pro.use_output_norm
+    assert (fox_pro.qk_norm_eps, fox_pro.norm_eps) == (1e-5, 1e-6)
     tf_pro = AutoConfig.from_pretrained(FIXTURES / "paper-transformer-pro")
     assert tf_pro.fgate_type == "none" and tf_pro.use_rope and not tf_pro.qk_norm_share_param_across_head
     assert AutoConfig.from_pretrained(FIXTURES / "fla-fox").tie_word_embeddings
@@ -72,6 +73,16 @@ def test_configs_convert_to_the_originals_layouts():
     legacy = AutoConfig.from_pretrained(FIXTURES / "foxlab-legacy-pro")
     assert legacy.qk_norm_share_param_across_head and legacy.output_norm_share_param_across_head
     assert legacy.qk_norm_eps == legacy.norm_eps == 1e-6
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_config_conversion_is_done_once_and_for_all(name):
+    saved = json.loads((FIXTURES / name / "config.json").read_text())
+    converted = foxlab_config_dict(saved)
+    assert checkpoint_format(converted) == "foxlab" and foxlab_config_dict(converted) == converted
+    direct, auto = (cls.from_pretrained(FIXTURES / name).to_dict() for cls in (ForgettingTransformerConfig, AutoConfig))
+    assert {k: v for k, v in direct.items() if k != "_name_or_path"} == {k: v for k, v in auto.items()
+                                                                         if k != "_name_or_path"}
 
 
 def test_new_configs_default_to_per_head_norms():
@@ -204,7 +215,8 @@ def test_export_to_fla_writes_flas_layout_and_reads_back(variant, tmp_path):
     export_to_fla(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     reference = "fla-transformer" if variant == "transformer" else "fla-fox-pro"
-    assert checkpoint_format(config) == checkpoint_format(json.loads((FIXTURES / reference / "config.json").read_text()))
+    fla_config = json.loads((FIXTURES / reference / "config.json").read_text())
+    assert checkpoint_format(config) == checkpoint_format(fla_config)
     exported = load_file(tmp_path / "model.safetensors")
     fla_names = {k for k in load_file(FIXTURES / reference / "model.safetensors")}
     assert set(exported) - {"lm_head.weight"} <= fla_names
