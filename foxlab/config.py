@@ -122,6 +122,11 @@ class ForgettingTransformerConfig(PretrainedConfig):
             timescale of about T_h tokens. "fixed" gates need timescales; they default to [1, 1024].
         qk_norm: per-head RMSNorm on q and k. use_output_gate: o * sigmoid(W_g x). use_output_norm: per-head
             RMSNorm on o before the gate. use_k_shift / use_v_shift: KV-shift, k'_t = a_t k_{t-1} + (1 - a_t) k_t.
+        qk_norm_eps: epsilon of the q/k norms (1e-5 in both public FoX implementations, whatever norm_eps is).
+        qk_norm_share_param_across_head / output_norm_share_param_across_head: False (the default, as in the
+            paper's code today): each head's norm has its own D weights (H * D in all); True: one set of D weights
+            shared by all heads, the layout of the paper's released checkpoints (q/k norms) and of foxlab's own
+            checkpoints saved before these fields existed (q/k and output norms), which load as such.
         use_rope, rope_theta: rotary position embedding (the Transformer baselines; FoX uses none).
         fuse_norm, fuse_swiglu, fuse_cross_entropy: fused-kernel switches, saved with the config and reserved for
             the fused kernels (the model runs the plain PyTorch ops until they land).
@@ -160,6 +165,9 @@ class ForgettingTransformerConfig(PretrainedConfig):
         use_output_norm: bool = False,
         use_k_shift: bool = False,
         use_v_shift: bool = False,
+        qk_norm_eps: float = 1e-5,
+        qk_norm_share_param_across_head: bool = False,
+        output_norm_share_param_across_head: bool = False,
         use_rope: bool = False,
         rope_theta: float = 10000.0,
         fuse_norm: bool = False,
@@ -197,6 +205,9 @@ class ForgettingTransformerConfig(PretrainedConfig):
         self.use_output_norm = use_output_norm
         self.use_k_shift = use_k_shift
         self.use_v_shift = use_v_shift
+        self.qk_norm_eps = qk_norm_eps
+        self.qk_norm_share_param_across_head = bool(qk_norm_share_param_across_head)
+        self.output_norm_share_param_across_head = bool(output_norm_share_param_across_head)
         self.use_rope = use_rope
         self.rope_theta = rope_theta
         self.fuse_norm = fuse_norm
@@ -236,7 +247,29 @@ class ForgettingTransformerConfig(PretrainedConfig):
             refuse(f"fgate_init_timescales must be [T_min, T_max] with T_min <= T_max, got {timescales}",
                    "fgate_init_timescales")
         if self.use_rope and self.head_dim % 2:
+<<<<<<< HEAD
             refuse(f"use_rope needs an even head_dim, got {self.head_dim}", "head_dim")
+=======
+            raise ValueError(f"use_rope needs an even head_dim, got {self.head_dim}")
+        for name in ("norm_eps", "qk_norm_eps", "initializer_range", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+>>>>>>> checkpoints
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Read a saved config: foxlab's (older ones too) or, converted by foxlab.checkpoints, the paper's or fla's."""
+        from .checkpoints import foxlab_config_dict  # foxlab.checkpoints imports this module
+
+        return super().from_dict(foxlab_config_dict(config_dict), **kwargs)
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """A config.json's fields, converted to foxlab's (as from_dict does) before transformers compares model types."""
+        from .checkpoints import foxlab_config_dict
+
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        return foxlab_config_dict(config_dict), kwargs
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ForgettingTransformerConfig":

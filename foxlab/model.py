@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .checkpoints import check_loading_info, prepare_from_pretrained
 from .config import ForgettingTransformerConfig
 from .kernels import forgetting_attention, forgetting_attention_reference, log_forget_gate
 
@@ -62,21 +63,43 @@ class ForgettingCacheLayer(DynamicLayer):
     """One layer's decoding state.
 
     ``keys``/``values`` (B, Hkv, T, D) as DynamicLayer keeps them (after shift, norm and RoPE), the log forget
-    gates of every cached token ``log_fgates`` (B, T, H), and for KV-shift the last raw (pre-shift) key and
-    value ``shift_states["k" | "v"]`` (B, 1, Hkv, D). Only differences of the gates' prefix sums matter, so
-    storing per-token gates and summing them in the kernel is exact at any cache length.
+    gates of every cached token ``log_fgates`` (B, T, H), and for KV-shift the raw (pre-shift) keys and values
+    ``shift_states["k" | "v"]`` (B, n, Hkv, D) whose last token shifts into the next one. Only differences of the
+    gates' prefix sums matter, so storing per-token gates and summing them in the kernel is exact at any length.
+
+    ``crop`` must restore the shift state of the new last token, so after ``activate_past_recording()`` (which
+    assisted generation calls) ``shift_states`` keeps every raw token from then on (n grows with the cache);
+    otherwise only the last one (n = 1), and a KV-shift cache cannot be cropped.
     """
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.log_fgates: torch.Tensor | None = None
         self.shift_states: dict[str, torch.Tensor] = {}
+        self.record_past = False
 
     def append(self, k: torch.Tensor, v: torch.Tensor, log_fgate: torch.Tensor):
         """Add T new tokens (k, v: (B, T, Hkv, D); log_fgate: (B, T, H)); return all cached ones, same layout."""
         keys, values = self.update(k.transpose(1, 2), v.transpose(1, 2))
         self.log_fgates = log_fgate if self.log_fgates is None else torch.cat([self.log_fgates, log_fgate], dim=1)
         return keys.transpose(1, 2), values.transpose(1, 2), self.log_fgates
+
+    def shift_state(self, name: str) -> torch.Tensor | None:
+        """The raw ``name`` ("k" or "v") of the last cached token (B, 1, Hkv, D), or None before the first."""
+        states = self.shift_states.get(name)
+        return None if states is None else states[:, -1:]
+
+    def push_shift_inputs(self, name: str, raw: torch.Tensor) -> None:
+        """Remember the raw (pre-shift) ``name`` of T new tokens (B, T, Hkv, D)."""
+        raw = raw.detach()
+        if self.record_past and name in self.shift_states:
+            self.shift_states[name] = torch.cat([self.shift_states[name], raw], dim=1)
+        else:
+            self.shift_states[name] = raw if self.record_past else raw[:, -1:]
+
+    def activate_past_recording(self) -> None:
+        """Keep the raw KV-shift inputs of every token from now on, so that ``crop`` can undo any of them."""
+        self.record_past = True
 
     def _map_extras(self, fn) -> None:
         if self.log_fgates is not None:
@@ -100,12 +123,24 @@ class ForgettingCacheLayer(DynamicLayer):
         self._map_extras(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
-        if self.shift_states and tokens_to_remove != 0:
-            raise NotImplementedError("cropping a cache with KV-shift state is not supported (the shift needs "
-                                      "the raw key of the new last token)")
-        super().crop(tokens_to_remove)
-        if self.log_fgates is not None and tokens_to_remove < 0:
-            self.log_fgates = self.log_fgates[:, :tokens_to_remove]
+        """Drop the last ``-tokens_to_remove`` cached tokens (a positive value: the length to keep, the older form)."""
+        length = self.get_seq_length()
+        keep = min(tokens_to_remove, length) if tokens_to_remove > 0 else max(length + tokens_to_remove, 0)
+        if keep == length:
+            return
+        self.shift_states = self._cropped_shift_states(length - keep, keep)
+        self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
+        self.log_fgates = self.log_fgates[:, :keep]
+
+    def _cropped_shift_states(self, removed: int, keep: int) -> dict[str, torch.Tensor]:
+        if keep == 0:
+            return {}  # the next token starts a sequence: it shifts in zeros
+        for states in self.shift_states.values():
+            if removed >= states.shape[1]:
+                raise RuntimeError(
+                    f"cannot crop {removed} tokens from a KV-shift cache that kept the raw keys/values of only "
+                    f"{states.shape[1]}: call cache.activate_past_recording() before the tokens to undo are added")
+        return {name: states[:, :states.shape[1] - removed] for name, states in self.shift_states.items()}
 
 
 class ForgettingTransformerCache(Cache):
@@ -178,6 +213,25 @@ class TokenShift(nn.Module):
         return a * shifted + (1 - a) * x
 
 
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm over each head's D features of x (B, T, H, D), each head with its own weights (H * D of them)."""
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float):
+        super().__init__(num_heads * head_dim, eps=eps)
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (self.head_dim,), eps=self.eps) * self.weight.view(self.num_heads, self.head_dim)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, eps={self.eps}"
+
+
+def head_norm(num_heads: int, head_dim: int, eps: float, shared: bool) -> nn.RMSNorm:
+    """Per-head RMSNorm of (B, T, heads, D) with D weights shared by all heads, or H * D (HeadRMSNorm)."""
+    return nn.RMSNorm(head_dim, eps=eps) if shared else HeadRMSNorm(num_heads, head_dim, eps)
+
+
 class ForgettingAttention(nn.Module):
     """Multi-head (grouped-query) softmax attention with a per-head forget gate; see the module docstring."""
 
@@ -191,9 +245,10 @@ class ForgettingAttention(nn.Module):
         self.v_proj = nn.Linear(C, Hkv * D, bias=False)
         self.o_proj = nn.Linear(H * D, C, bias=False)
         self.fgate = ForgetGate(config) if config.fgate_type != "none" else None
-        self.q_norm = nn.RMSNorm(D, eps=config.norm_eps) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(D, eps=config.norm_eps) if config.qk_norm else None
-        self.o_norm = nn.RMSNorm(D, eps=config.norm_eps) if config.use_output_norm else None
+        qk_shared, o_shared = config.qk_norm_share_param_across_head, config.output_norm_share_param_across_head
+        self.q_norm = head_norm(H, D, config.qk_norm_eps, qk_shared) if config.qk_norm else None
+        self.k_norm = head_norm(Hkv, D, config.qk_norm_eps, qk_shared) if config.qk_norm else None
+        self.o_norm = head_norm(H, D, config.norm_eps, o_shared) if config.use_output_norm else None
         self.g_proj = nn.Linear(C, H * D, bias=False) if config.use_output_gate else None
         self.shifts = nn.ModuleDict({name: TokenShift(C, Hkv) for name, on in
                                      (("k", config.use_k_shift), ("v", config.use_v_shift)) if on})
@@ -207,10 +262,10 @@ class ForgettingAttention(nn.Module):
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
         for name, shift in self.shifts.items():
             raw = kv[name] if token_mask is None else kv[name] * token_mask[:, :, None, None]  # pads shift in zeros
-            previous = layer_cache.shift_states.get(name) if layer_cache is not None else None
+            previous = layer_cache.shift_state(name) if layer_cache is not None else None
             kv[name] = shift(x, raw, previous)
             if layer_cache is not None:
-                layer_cache.shift_states[name] = raw[:, -1:].detach()
+                layer_cache.push_shift_inputs(name, raw)
         k, v = kv["k"], kv["v"]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -336,6 +391,19 @@ class ForgettingTransformerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["ForgettingTransformerBlock"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *model_args, **kwargs):
+        """Load a checkpoint: foxlab's, or the paper's or fla's, converted on the way (foxlab.checkpoints).
+
+        Unlike transformers' default, a checkpoint whose weights do not all fit the model (missing, unexpected or
+        of another shape) is an error, never a model with freshly initialized parts.
+        """
+        path, kwargs = prepare_from_pretrained(ForgettingTransformerForCausalLM, pretrained_model_name_or_path, kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
+        check_loading_info(info, pretrained_model_name_or_path)
+        return (model, info) if want_info else model
+
     def _init_weights(self, module: nn.Module) -> None:
         """The paper's initialization (both public FoX implementations use it).
 
@@ -361,6 +429,8 @@ class ForgettingTransformerPreTrainedModel(PreTrainedModel):
 
 class ForgettingTransformerModel(ForgettingTransformerPreTrainedModel):
     """Embeddings, the blocks and the final RMSNorm: input ids -> hidden states."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # the backbone of a causal-LM checkpoint
 
     def __init__(self, config: ForgettingTransformerConfig):
         super().__init__(config)
@@ -451,7 +521,19 @@ class ForgettingTransformerForCausalLM(ForgettingTransformerPreTrainedModel, Gen
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # generate() must not make a DynamicCache: the forward creates a ForgettingTransformerCache
+        return False  # generate() must not make a DynamicCache: it gets a ForgettingTransformerCache (below)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Give generate() a ForgettingTransformerCache from the start (assisted decoding needs one before the first
+        forward); an assistant model's cache records its KV-shift inputs, since the main model crops it back."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        given = any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+        if given or generation_config.use_cache is False:
+            return
+        cache = ForgettingTransformerCache(self.config)
+        if getattr(generation_config, "is_assistant", False):
+            cache.activate_past_recording()
+        model_kwargs[CACHE_FIELD] = cache
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache=None, attention_mask=None,
                                       inputs_embeds=None, position_ids=None, use_cache=True, **kwargs):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from foxlab import ForgettingTransformerCache
+from foxlab.model import ForgettingCacheLayer
 
 from conftest import VARIANTS, tiny_model
 
@@ -89,10 +90,61 @@ def test_generate_returns_attentions_and_cache_type():
     assert isinstance(cache, ForgettingTransformerCache)
 
 
-@pytest.mark.parametrize("variant", ["fox-pro"])
-def test_cache_crop_refuses_kv_shift_state(variant):
+def cached(out):
+    return getattr(out, "cache", None) or out.past_key_values
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("crop", [-3, 7, -10])  # remove 3, keep 7 (the older positive form), remove all
+def test_crop_then_continue_equals_full_forward(variant, crop, one_thread):
     model = tiny_model(**VARIANTS[variant])
-    out = model(torch.stack(prompts([5], device="cpu")), use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    with pytest.raises(NotImplementedError, match="KV-shift"):
+    ids = torch.stack(prompts([14, 14], seed=5))
+    full = model(ids, use_cache=False).logits
+    cache = ForgettingTransformerCache(model.config)
+    cache.activate_past_recording()
+    model(ids[:, :4], cache=cache)  # two chunks, so the crop reaches into an earlier one
+    model(ids[:, 4:10], cache=cache)
+    cache.crop(crop)
+    keep = cache.get_seq_length()
+    assert keep == (10 + crop if crop < 0 else crop)
+    assert all(layer.log_fgates.shape[1] == keep for layer in cache.layers)
+    rest = model(ids[:, keep:], cache=cache).logits
+    torch.testing.assert_close(rest, full[:, keep:], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_shift_crop_without_recording_is_refused_and_changes_nothing():
+    model = tiny_model(**VARIANTS["fox-pro"])
+    cache = cached(model(torch.stack(prompts([5])), use_cache=True))
+    with pytest.raises(RuntimeError, match="activate_past_recording"):
         cache.crop(-2)
+    assert cache.get_seq_length() == 5 and cache.layers[0].log_fgates.shape[1] == 5
+    cache.crop(0)  # nothing to undo: allowed
+
+
+def greedy_and_count_crops(monkeypatch, model, ids, **kwargs):
+    """generate(); also how many crops removed tokens from a cache (so a test knows drafts were rejected)."""
+    removals = []
+    original = ForgettingCacheLayer.crop
+
+    def counting_crop(layer, tokens_to_remove):
+        removals.append(layer.get_seq_length())
+        original(layer, tokens_to_remove)
+        removals[-1] -= layer.get_seq_length()
+
+    monkeypatch.setattr(ForgettingCacheLayer, "crop", counting_crop)
+    out = model.generate(ids, max_new_tokens=24, do_sample=False, **kwargs)
+    monkeypatch.undo()
+    return out, sum(r > 0 for r in removals)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prompt_lookup_and_assisted_decoding_equal_greedy(variant, monkeypatch, one_thread):
+    model = tiny_model(**VARIANTS[variant])
+    assistant = tiny_model(seed=7, **VARIANTS["fox-pro"])  # a different model: some drafts are rejected
+    phrase = prompts([6], seed=6)[0]
+    ids = torch.cat([phrase, phrase, phrase[:3]])[None]  # repeats, so prompt lookup finds drafts
+    greedy = model.generate(ids, max_new_tokens=24, do_sample=False)
+    lookup, lookup_crops = greedy_and_count_crops(monkeypatch, model, ids, prompt_lookup_num_tokens=3)
+    assisted, assisted_crops = greedy_and_count_crops(monkeypatch, model, ids, assistant_model=assistant)
+    assert torch.equal(lookup, greedy) and torch.equal(assisted, greedy)
+    assert lookup_crops > 0 and assisted_crops > 0  # drafts were rejected and rolled back
