@@ -66,8 +66,13 @@ class ForgettingTransformerConfig(PretrainedConfig):
         qk_norm: per-head RMSNorm on q and k. use_output_gate: o * sigmoid(W_g x). use_output_norm: per-head
             RMSNorm on o before the gate. use_k_shift / use_v_shift: KV-shift, k'_t = a_t k_{t-1} + (1 - a_t) k_t.
         use_rope, rope_theta: rotary position embedding (the Transformer baselines; FoX uses none).
-        fuse_norm, fuse_swiglu, fuse_cross_entropy: fused-kernel switches, saved with the config and reserved for
-            the fused kernels (the model runs the plain PyTorch ops until they land).
+        fuse_norm, fuse_swiglu, fuse_cross_entropy: fused ops (fused.py), all on by default. ``fuse_norm``: every
+            RMSNorm as one Triton kernel on CUDA, the block's residual add folded into the MLP's norm, and FoX
+            Pro's element-wise extras fused too (per-head q/k norms, the output norm with its gate, KV-shift).
+            ``fuse_swiglu``: silu(gate) * up as one Triton kernel on CUDA. On the CPU (or without Triton) these
+            two run the plain PyTorch ops. ``fuse_cross_entropy``: when the model trains with labels, the LM head
+            and the loss run in chunks, so the (tokens x vocab) logits never exist and the output's ``logits`` is
+            None (a Triton kernel per chunk on CUDA, PyTorch ops elsewhere). Off: the plain PyTorch model.
         attn_backend: "auto" (Triton on CUDA, else the memory-efficient PyTorch path), "triton", "torch" or
             "reference" (exact, materialized scores).
         use_cache: whether forward returns a ForgettingTransformerCache by default (generation needs it).
@@ -101,9 +106,9 @@ class ForgettingTransformerConfig(PretrainedConfig):
         use_v_shift: bool = False,
         use_rope: bool = False,
         rope_theta: float = 10000.0,
-        fuse_norm: bool = False,
-        fuse_swiglu: bool = False,
-        fuse_cross_entropy: bool = False,
+        fuse_norm: bool = True,
+        fuse_swiglu: bool = True,
+        fuse_cross_entropy: bool = True,
         attn_backend: str = "auto",
         use_cache: bool = True,
         pad_token_id: int | None = 0,
@@ -173,6 +178,9 @@ class ForgettingTransformerConfig(PretrainedConfig):
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         if self.use_rope and self.head_dim % 2:
             raise ValueError(f"use_rope needs an even head_dim, got {self.head_dim}")
+        for name in ("fuse_norm", "fuse_swiglu", "fuse_cross_entropy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("norm_eps", "initializer_range", "rope_theta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
