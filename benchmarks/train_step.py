@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import importlib.metadata
 import inspect
 import json
@@ -94,9 +95,11 @@ def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext
     model = optimizer = None
     try:
         with context():
+            gc.collect()  # the previous row's model must not count in this row's peak
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+            torch.manual_seed(0)  # the same weights and tokens for a model with its switches on and off
             with torch.device(device):
                 model = build().train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -205,6 +208,7 @@ def main(argv=None):
             results.append(dict(model=label, skipped="time budget"))
             continue
         results.append(run_row(label, build, batch, seq, args.steps, args.warmup, device, context))
+    meta["fp32_out_matmul"] = fused._FP32_OUT_MATMUL  # whether the chunked loss summed dW with addmm(out_dtype)
     print("\n| model | tokens/s | peak GiB | step ms |\n|---|---|---|---|")
     for r in results:
         print(f"| {r['model']} | {r.get('tokens_per_s', r.get('error', r.get('skipped')))} | {r.get('peak_gib', '-')} "
