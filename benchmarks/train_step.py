@@ -88,7 +88,17 @@ def liger_ops():
         fused.rms_norm, fused.swiglu, fused.linear_cross_entropy = ours
 
 
-def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext) -> dict:
+def gpu_busy_ms(step) -> float:
+    """Milliseconds the GPU spends in kernels during one step (torch.profiler): the step time with no host
+    overhead. Far below the wall-clock step time means the step waits on Python and kernel launches."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / 1e3
+
+
+def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext, gpu_time=False) -> dict:
     """Build a model, train it for warmup + steps steps on random tokens; tokens/s and peak memory."""
     row = dict(model=label, batch=batch, seq=seq)
     cuda = device.type == "cuda"
@@ -117,9 +127,10 @@ def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext
                 return loss
 
             start = time.perf_counter()
-            for _ in range(warmup):
+            for i in range(warmup):
                 loss = step()
-            row["first_loss"] = round(float(loss), 4)
+                if i == 0:
+                    row["first_loss"] = round(loss.item(), 4)
             row["warmup_s"] = round(time.perf_counter() - start, 1)
             if cuda:
                 torch.cuda.synchronize()
@@ -129,6 +140,8 @@ def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext
             if cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
+            if cuda and gpu_time:
+                row["gpu_busy_ms"] = round(gpu_busy_ms(step), 2)
         row["tokens_per_s"] = round(steps * batch * seq / seconds)
         row["step_ms"] = round(seconds / steps * 1e3, 2)
         if cuda:
@@ -158,7 +171,7 @@ def rows(args):
     on, off = dict.fromkeys(SWITCHES, True), dict.fromkeys(SWITCHES, False)
     fox = kinds[0][1]
     table = [(f"foxlab {kind}-{size}, {state}", build(preset, **extra, **switches), nullcontext)
-             for kind, preset, extra in kinds for switches, state in ((on, "fused"), (off, "plain"))]
+             for kind, preset, extra in kinds for switches, state in ((off, "plain"), (on, "fused"))]
     if size != "tiny":
         table.append((f"transformers Llama (SDPA), transformer-{size} size", lambda: llama_model(size), nullcontext))
     if args.liger:
@@ -186,7 +199,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--gpu-time", action="store_true", help="also profile one step: GPU busy time (kernels)")
     parser.add_argument("--liger", action="store_true", help="add fox with Liger Kernel's ops (needs liger-kernel)")
     parser.add_argument("--ablation", action="store_true", help="add fox with one switch on at a time")
     parser.add_argument("--long", action="store_true", help="add fox at 1 x (batch x seq) tokens")
@@ -207,12 +221,12 @@ def main(argv=None):
         if time.perf_counter() - started > args.budget_s:
             results.append(dict(model=label, skipped="time budget"))
             continue
-        results.append(run_row(label, build, batch, seq, args.steps, args.warmup, device, context))
+        results.append(run_row(label, build, batch, seq, args.steps, args.warmup, device, context, args.gpu_time))
     meta["fp32_out_matmul"] = fused._FP32_OUT_MATMUL  # whether the chunked loss summed dW with addmm(out_dtype)
-    print("\n| model | tokens/s | peak GiB | step ms |\n|---|---|---|---|")
+    print("\n| model | tokens/s | peak GiB | step ms | GPU busy ms |\n|---|---|---|---|---|")
     for r in results:
         print(f"| {r['model']} | {r.get('tokens_per_s', r.get('error', r.get('skipped')))} | {r.get('peak_gib', '-')} "
-              f"| {r.get('step_ms', '-')} |")
+              f"| {r.get('step_ms', '-')} | {r.get('gpu_busy_ms', '-')} |")
     if args.json:
         args.json.write_text(json.dumps(dict(meta, results=results), indent=1))
 

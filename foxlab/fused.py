@@ -29,6 +29,7 @@ them by the incoming gradient. The same scheme as the fused linear cross-entropy
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -41,9 +42,9 @@ except ImportError:  # no Triton on this platform: the plain PyTorch paths still
     triton = None
 
 IGNORE_INDEX = -100
-# Rows x vocab entries of one chunk of logits at most: 2^26 is 128 MiB in bf16; chunks are a power of two
-# rows (1024 for a 50304 vocab).
-CE_CHUNK_ELEMENTS = 2**26
+# Rows x vocab entries of one chunk of logits at most: 2^28 is 512 MiB in bf16; chunks are a power of two
+# rows (4096 for a 50304 vocab: on an H200, 1024-row chunks took 9.4 ms per 16k tokens, 4096-row ones 7.3 ms).
+CE_CHUNK_ELEMENTS = 2**28
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements one program of a row-wise kernel handles; under the interpreter tiny, so tests cross tile edges.
 _TILE_ELEMENTS = 256 if _INTERPRET else 4096
@@ -86,10 +87,14 @@ def _autocast_or(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _programs(n_units: int, device: torch.device) -> int:
-    """Programs of a persistent kernel: a few per multiprocessor (4 under the interpreter)."""
-    per_device = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(n_units, per_device))
+    """Programs of a persistent kernel: four per multiprocessor (four under the interpreter)."""
+    return max(1, min(n_units, 4 * _multiprocessors(device)))
 
 
 def _row_tile(n_cols: int) -> tuple[int, int, int]:
@@ -217,18 +222,19 @@ class _RMSNormFunction(torch.autograd.Function):
         dx = torch.empty((n_rows, n_cols), dtype=x_dtype, device=s.device)
         dr = torch.empty((n_rows, n_cols), dtype=r_dtype, device=s.device) if has_residual else None
         dg = torch.empty_like(g2) if g2 is not None else None
-        block_m, block_n, warps = _row_tile(n_cols)
-        programs = _programs(triton.cdiv(n_rows, block_m), s.device)
-        rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block_m) * block_m
-        programs = max(1, triton.cdiv(n_rows, rows_per_program))
-        acc = rstd.dtype
-        dw_partial = torch.zeros((programs, n_cols), dtype=acc, device=s.device)
         if n_rows:
+            block_m, block_n, warps = _row_tile(n_cols)
+            programs = _programs(triton.cdiv(n_rows, block_m), s.device)
+            rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block_m) * block_m
+            programs = triton.cdiv(n_rows, rows_per_program)
+            dw_partial = torch.empty((programs, n_cols), dtype=rstd.dtype, device=s.device)  # a row per program
             _rms_norm_bwd_kernel[(programs,)](
                 s, weight, g2, rstd, dy, ds, dx, dr, dg, dw_partial, n_rows, n_cols, rows_per_program,
-                HAS_RESIDUAL=has_residual, HAS_GATE=g2 is not None, ACC=_tl_dtype(acc), BLOCK_M=block_m,
+                HAS_RESIDUAL=has_residual, HAS_GATE=g2 is not None, ACC=_tl_dtype(rstd.dtype), BLOCK_M=block_m,
                 BLOCK_N=block_n, num_warps=warps)
-        dw = dw_partial.sum(dim=0).to(weight.dtype)
+            dw = dw_partial.sum(dim=0).to(weight.dtype)
+        else:
+            dw = torch.zeros_like(weight)
         return (dx.view(shape), dw, dr.view(shape) if dr is not None else None,
                 dg.view(shape) if dg is not None else None, None, None)
 
