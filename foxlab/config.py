@@ -52,6 +52,9 @@ SETTINGS: dict[str, Setting] = {
     "attn_backend": choice(*ATTN_BACKENDS),
     "acp_log_tolerance": number(low=-1e4, high=0, optional=True),
     "use_cache": flag(),
+    "qk_norm_eps": number(above=0),
+    "qk_norm_share_param_across_head": flag(),
+    "output_norm_share_param_across_head": flag(),
     "pad_token_id": integer(low=0, optional=True),
     "bos_token_id": integer(low=0, optional=True),
     "eos_token_id": integer(low=0, optional=True),
@@ -128,8 +131,13 @@ class ForgettingTransformerConfig(PretrainedConfig):
             shared by all heads, the layout of the paper's released checkpoints (q/k norms) and of foxlab's own
             checkpoints saved before these fields existed (q/k and output norms), which load as such.
         use_rope, rope_theta: rotary position embedding (the Transformer baselines; FoX uses none).
-        fuse_norm, fuse_swiglu, fuse_cross_entropy: fused-kernel switches, saved with the config and reserved for
-            the fused kernels (the model runs the plain PyTorch ops until they land).
+        fuse_norm, fuse_swiglu, fuse_cross_entropy: fused ops (fused.py), all on by default. ``fuse_norm``: every
+            RMSNorm as one Triton kernel on CUDA, the block's residual add folded into the MLP's norm, and FoX
+            Pro's element-wise extras fused too (per-head q/k norms, the output norm with its gate, KV-shift).
+            ``fuse_swiglu``: silu(gate) * up as one Triton kernel on CUDA. On the CPU (or without Triton) these
+            two run the plain PyTorch ops. ``fuse_cross_entropy``: when the model trains with labels, the LM head
+            and the loss run in chunks, so the (tokens x vocab) logits never exist and the output's ``logits`` is
+            None (a Triton kernel per chunk on CUDA, PyTorch ops elsewhere). Off: the plain PyTorch model.
         attn_backend: "auto" (Triton on CUDA, else the memory-efficient PyTorch path), "triton", "torch" or
             "reference" (exact, materialized scores).
         acp_log_tolerance: None (exact attention) or log eps <= 0 for adaptive computation pruning: every layer
@@ -170,9 +178,9 @@ class ForgettingTransformerConfig(PretrainedConfig):
         output_norm_share_param_across_head: bool = False,
         use_rope: bool = False,
         rope_theta: float = 10000.0,
-        fuse_norm: bool = False,
-        fuse_swiglu: bool = False,
-        fuse_cross_entropy: bool = False,
+        fuse_norm: bool = True,
+        fuse_swiglu: bool = True,
+        fuse_cross_entropy: bool = True,
         attn_backend: str = "auto",
         acp_log_tolerance: float | None = None,
         use_cache: bool = True,
@@ -206,8 +214,8 @@ class ForgettingTransformerConfig(PretrainedConfig):
         self.use_k_shift = use_k_shift
         self.use_v_shift = use_v_shift
         self.qk_norm_eps = qk_norm_eps
-        self.qk_norm_share_param_across_head = bool(qk_norm_share_param_across_head)
-        self.output_norm_share_param_across_head = bool(output_norm_share_param_across_head)
+        self.qk_norm_share_param_across_head = qk_norm_share_param_across_head
+        self.output_norm_share_param_across_head = output_norm_share_param_across_head
         self.use_rope = use_rope
         self.rope_theta = rope_theta
         self.fuse_norm = fuse_norm
@@ -247,14 +255,7 @@ class ForgettingTransformerConfig(PretrainedConfig):
             refuse(f"fgate_init_timescales must be [T_min, T_max] with T_min <= T_max, got {timescales}",
                    "fgate_init_timescales")
         if self.use_rope and self.head_dim % 2:
-<<<<<<< HEAD
             refuse(f"use_rope needs an even head_dim, got {self.head_dim}", "head_dim")
-=======
-            raise ValueError(f"use_rope needs an even head_dim, got {self.head_dim}")
-        for name in ("norm_eps", "qk_norm_eps", "initializer_range", "rope_theta"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
->>>>>>> checkpoints
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

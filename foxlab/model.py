@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from . import fused as fused_ops
 from .checkpoints import check_loading_info, prepare_from_pretrained
 from .config import ForgettingTransformerConfig
 from .kernels import forgetting_attention, forgetting_attention_reference, log_forget_gate
@@ -198,14 +199,20 @@ class ForgetGate(nn.Module):
 
 
 class TokenShift(nn.Module):
-    """KV-shift: x'_t = a_t x_{t-1} + (1 - a_t) x_t, with a per-head a_t = sigmoid(w . h_t) from the block input h."""
+    """KV-shift: x'_t = a_t x_{t-1} + (1 - a_t) x_t, with a per-head a_t = sigmoid(w . h_t) from the block input h.
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    ``fused``: one Triton kernel on CUDA (fused.token_shift) instead of the PyTorch ops below.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, fused: bool = False):
         super().__init__()
         self.proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.fused = fused
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         """h (B, T, hidden); x (B, T, Hkv, D); previous: x of the token before this chunk (B, 1, Hkv, D) or None."""
+        if self.fused and fused_ops.triton_wanted(x):
+            return fused_ops.token_shift(x, previous, self.proj(h))
         if previous is None:
             previous = torch.zeros_like(x[:, :1])
         shifted = torch.cat([previous.to(x.dtype), x[:, :-1]], dim=1)
@@ -214,22 +221,25 @@ class TokenShift(nn.Module):
 
 
 class HeadRMSNorm(nn.RMSNorm):
-    """RMSNorm over each head's D features of x (B, T, H, D), each head with its own weights (H * D of them)."""
+    """RMSNorm over each head's D features of x (B, T, H, D), each head with its own weights (H * D of them);
+    ``gate`` (B, T, H, D): the output times sigmoid(gate), as fused.RMSNorm takes it."""
 
     def __init__(self, num_heads: int, head_dim: int, eps: float):
         super().__init__(num_heads * head_dim, eps=eps)
         self.num_heads, self.head_dim = num_heads, head_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.head_dim,), eps=self.eps) * self.weight.view(self.num_heads, self.head_dim)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.rms_norm(x, (self.head_dim,), eps=self.eps) * self.weight.view(self.num_heads, self.head_dim)
+        return y if gate is None else y * torch.sigmoid(gate)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, eps={self.eps}"
 
 
-def head_norm(num_heads: int, head_dim: int, eps: float, shared: bool) -> nn.RMSNorm:
-    """Per-head RMSNorm of (B, T, heads, D) with D weights shared by all heads, or H * D (HeadRMSNorm)."""
-    return nn.RMSNorm(head_dim, eps=eps) if shared else HeadRMSNorm(num_heads, head_dim, eps)
+def head_norm(num_heads: int, head_dim: int, eps: float, shared: bool, fused: bool = False) -> nn.RMSNorm:
+    """Per-head RMSNorm of (B, T, heads, D) with D weights shared by all heads (fused.RMSNorm, a Triton kernel
+    when ``fused`` on CUDA), or H * D (HeadRMSNorm, plain PyTorch)."""
+    return fused_ops.RMSNorm(head_dim, eps=eps, fused=fused) if shared else HeadRMSNorm(num_heads, head_dim, eps)
 
 
 class ForgettingAttention(nn.Module):
@@ -246,11 +256,12 @@ class ForgettingAttention(nn.Module):
         self.o_proj = nn.Linear(H * D, C, bias=False)
         self.fgate = ForgetGate(config) if config.fgate_type != "none" else None
         qk_shared, o_shared = config.qk_norm_share_param_across_head, config.output_norm_share_param_across_head
-        self.q_norm = head_norm(H, D, config.qk_norm_eps, qk_shared) if config.qk_norm else None
-        self.k_norm = head_norm(Hkv, D, config.qk_norm_eps, qk_shared) if config.qk_norm else None
-        self.o_norm = head_norm(H, D, config.norm_eps, o_shared) if config.use_output_norm else None
+        fused = config.fuse_norm
+        self.q_norm = head_norm(H, D, config.qk_norm_eps, qk_shared, fused) if config.qk_norm else None
+        self.k_norm = head_norm(Hkv, D, config.qk_norm_eps, qk_shared, fused) if config.qk_norm else None
+        self.o_norm = head_norm(H, D, config.norm_eps, o_shared, fused) if config.use_output_norm else None
         self.g_proj = nn.Linear(C, H * D, bias=False) if config.use_output_gate else None
-        self.shifts = nn.ModuleDict({name: TokenShift(C, Hkv) for name, on in
+        self.shifts = nn.ModuleDict({name: TokenShift(C, Hkv, fused=config.fuse_norm) for name, on in
                                      (("k", config.use_k_shift), ("v", config.use_v_shift)) if on})
 
     def forward(self, x, *, seq_start=None, token_mask=None, positions=None, cache=None, output_attentions=False):
@@ -288,10 +299,11 @@ class ForgettingAttention(nn.Module):
             o, probs = forgetting_attention_reference(q, k, v, log_f_all, seq_start=seq_start, return_probs=True)
         else:
             o = self.attend(q, k, v, log_f_all, seq_start)
+        gate = self.g_proj(x).view_as(o) if self.g_proj is not None else None
         if self.o_norm is not None:
-            o = self.o_norm(o)
-        if self.g_proj is not None:
-            o = o * torch.sigmoid(self.g_proj(x)).view_as(o)
+            o = self.o_norm(o, gate=gate)  # the gate multiplies after the norm, in the same kernel when fused
+        elif gate is not None:
+            o = o * torch.sigmoid(gate)
         return self.o_proj(o.reshape(B, T, -1)), probs, log_f
 
 
@@ -304,7 +316,7 @@ class ForgettingAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(act(gate(x)) * up(x))."""
+    """down(act(gate(x)) * up(x)); with ``fuse_swiglu`` and silu, act(gate) * up is one Triton kernel on CUDA."""
 
     def __init__(self, config: ForgettingTransformerConfig):
         super().__init__()
@@ -312,24 +324,28 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = ACT2FN[config.hidden_act]
+        self.fused = config.fuse_swiglu and config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.fused and fused_ops.triton_wanted(gate):
+            return self.down_proj(fused_ops.swiglu(gate, up))
+        return self.down_proj(self.act(gate) * up)
 
 
 class ForgettingTransformerBlock(GradientCheckpointingLayer):
     def __init__(self, config: ForgettingTransformerConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn_norm = fused_ops.RMSNorm(config.hidden_size, eps=config.norm_eps, fused=config.fuse_norm)
         self.attn = ForgettingAttention(config, layer_idx)
-        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp_norm = fused_ops.RMSNorm(config.hidden_size, eps=config.norm_eps, fused=config.fuse_norm)
         self.mlp = SwiGLU(config)
 
     def forward(self, x, seq_start=None, token_mask=None, positions=None, cache=None, output_attentions=False):
         h, probs, log_f = self.attn(self.attn_norm(x), seq_start=seq_start, token_mask=token_mask,
                                     positions=positions, cache=cache, output_attentions=output_attentions)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x)), probs, log_f
+        normed, x = self.mlp_norm(h, residual=x)  # x <- x + h, folded into the norm's kernel when fused
+        return x + self.mlp(normed), probs, log_f
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,7 +452,7 @@ class ForgettingTransformerModel(ForgettingTransformerPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(ForgettingTransformerBlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.norm = fused_ops.RMSNorm(config.hidden_size, eps=config.norm_eps, fused=config.fuse_norm)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -497,7 +513,13 @@ class ForgettingTransformerModel(ForgettingTransformerPreTrainedModel):
 
 
 class ForgettingTransformerForCausalLM(ForgettingTransformerPreTrainedModel, GenerationMixin):
-    """The backbone plus a language-model head. ``labels`` (B, T) give the shifted next-token loss; -100 is ignored."""
+    """The backbone plus a language-model head. ``labels`` (B, T) give the shifted next-token loss; -100 is ignored.
+
+    With ``fuse_cross_entropy`` (the default), a forward pass that trains (training mode, gradients enabled, labels
+    given) computes the LM head and the loss together in chunks (fused.causal_lm_loss): the (tokens x vocab)
+    logits never exist, and the output's ``logits`` is None. Without labels, in eval mode or under no_grad, the
+    logits are returned as usual.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -518,6 +540,10 @@ class ForgettingTransformerForCausalLM(ForgettingTransformerPreTrainedModel, Gen
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def _fused_loss_applies(self, logits_to_keep, loss_kwargs) -> bool:
+        return (self.config.fuse_cross_entropy and self.training and torch.is_grad_enabled() and not logits_to_keep
+                and set(loss_kwargs) <= {"num_items_in_batch"})
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -555,7 +581,11 @@ class ForgettingTransformerForCausalLM(ForgettingTransformerPreTrainedModel, Gen
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                 output_forget_gates=None, return_dict=None, logits_to_keep=0, past_key_values=None, **kwargs):
-        """Returns ForgettingTransformerCausalLMOutput (loss when ``labels`` are given, logits, cache, ...)."""
+        """Returns ForgettingTransformerCausalLMOutput (loss when ``labels`` are given, logits, cache, ...).
+
+        ``logits`` is None when the fused loss ran (class docstring); loss arguments other than
+        ``num_items_in_batch`` (transformers' gradient-accumulation divisor) take the logits path.
+        """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
@@ -565,10 +595,14 @@ class ForgettingTransformerForCausalLM(ForgettingTransformerPreTrainedModel, Gen
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss = logits = None
+        if labels is not None and self._fused_loss_applies(logits_to_keep, kwargs):
+            loss = fused_ops.causal_lm_loss(hidden, self.lm_head.weight, labels,
+                                            num_items_in_batch=kwargs.get("num_items_in_batch"))
+        else:
+            logits = self.lm_head(hidden)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         result = ForgettingTransformerCausalLMOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
             forget_gates=out.forget_gates, **{CACHE_FIELD: getattr(out, CACHE_FIELD)},

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -361,11 +360,13 @@ def scored_tokens(labels: torch.Tensor) -> int:
 
 
 def token_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor, autocast) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the scored targets (float32)."""
+    """Sum of next-token cross-entropies over the scored targets (float32).
+
+    The model computes it (``num_items_in_batch=1`` turns its mean into the sum), so training goes through the
+    chunked LM-head loss when ``fuse_cross_entropy`` is on and never holds the (tokens x vocab) logits.
+    """
     with autocast:
-        logits = model(input_ids=input_ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+        return model(input_ids=input_ids, labels=labels, use_cache=False, num_items_in_batch=1).loss.float()
 
 
 @torch.no_grad()

@@ -1,0 +1,235 @@
+"""One training step, end to end: foxlab's models with the fuse_* switches on and off, and transformers' Llama.
+
+    python benchmarks/train_step.py                      # the BENCHMARKS.md table (one CUDA GPU)
+    python benchmarks/train_step.py --liger --ablation   # + fox-125m on Liger Kernel's ops, + one switch at a time
+    python benchmarks/train_step.py --long               # + fox-125m at 1 x 16384 tokens
+    python benchmarks/train_step.py --long --acp-log-tolerance 8   # + the same with adaptive computation pruning
+    python benchmarks/train_step.py --device cpu --preset-size tiny --batch 2 --seq 64   # a smoke run
+
+A step is forward, backward and a fused AdamW update (torch.optim.AdamW(fused=True) on CUDA) under bf16
+autocast with float32 weights, on random tokens (labels = inputs). Each row builds its model on the GPU,
+runs --warmup steps (Triton compiles its kernels there), then times --steps steps between two synchronizes.
+tokens/s = steps x batch x seq / seconds; peak = torch.cuda.max_memory_allocated over the whole row (weights,
+optimizer state, activations), in GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import inspect
+import json
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM, fused  # noqa: E402
+
+SWITCHES = ("fuse_norm", "fuse_swiglu", "fuse_cross_entropy")
+
+
+def version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def foxlab_model(preset: str, **overrides):
+    return ForgettingTransformerForCausalLM(ForgettingTransformerConfig.from_preset(preset, **overrides))
+
+
+def llama_model(size: str):
+    """transformers' LlamaForCausalLM with SDPA attention, shaped like foxlab's transformer preset of that size."""
+    cfg = ForgettingTransformerConfig.from_preset(f"transformer-{size}")
+    llama = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, initializer_range=cfg.initializer_range,
+        max_position_embeddings=32768, tie_word_embeddings=False, attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(llama)
+
+
+@contextmanager
+def liger_ops():
+    """Route foxlab's fused ops through Liger Kernel where it has them (plain and add+RMSNorm, SwiGLU, the fused
+    linear cross-entropy); the gated norm and the KV-shift stay foxlab's."""
+    from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    ours = fused.rms_norm, fused.swiglu, fused.linear_cross_entropy
+    liger_ce = LigerFusedLinearCrossEntropyLoss()
+
+    def rms_norm(x, weight, eps, *, residual=None, gate=None, out_dtype=None):
+        if gate is not None:
+            return ours[0](x, weight, eps, gate=gate, out_dtype=out_dtype)
+        if residual is not None:
+            return LigerFusedAddRMSNormFunction.apply(x.to(residual.dtype), residual, weight, eps)
+        return LigerRMSNormFunction.apply(x, weight, eps)
+
+    def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, num_items_in_batch=None, chunk_size=None):
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+        return liger_ce(weight.to(dtype), hidden.to(dtype), targets)
+
+    fused.rms_norm, fused.swiglu, fused.linear_cross_entropy = (rms_norm, LigerSiLUMulFunction.apply,
+                                                                linear_cross_entropy)
+    try:
+        yield
+    finally:
+        fused.rms_norm, fused.swiglu, fused.linear_cross_entropy = ours
+
+
+def gpu_busy_ms(step) -> float:
+    """Milliseconds the GPU spends in kernels during one step (torch.profiler): the step time with no host
+    overhead. Far below the wall-clock step time means the step waits on Python and kernel launches."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / 1e3
+
+
+def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext, gpu_time=False) -> dict:
+    """Build a model, train it for warmup + steps steps on random tokens; tokens/s and peak memory."""
+    row = dict(model=label, batch=batch, seq=seq)
+    cuda = device.type == "cuda"
+    model = optimizer = None
+    try:
+        with context():
+            gc.collect()  # the previous row's model must not count in this row's peak
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            torch.manual_seed(0)  # the same weights and tokens for a model with its switches on and off
+            with torch.device(device):
+                model = build().train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                          fused=cuda)
+            vocab = model.config.vocab_size
+            ids = torch.randint(0, vocab, (batch, seq), device=device)
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+
+            def step():
+                with autocast:
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                return loss
+
+            start = time.perf_counter()
+            for i in range(warmup):
+                loss = step()
+                if i == 0:
+                    row["first_loss"] = round(loss.item(), 4)
+            row["warmup_s"] = round(time.perf_counter() - start, 1)
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            if cuda and gpu_time:
+                row["gpu_busy_ms"] = round(gpu_busy_ms(step), 2)
+        row["tokens_per_s"] = round(steps * batch * seq / seconds)
+        row["step_ms"] = round(seconds / steps * 1e3, 2)
+        if cuda:
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+    except Exception as exc:  # a failing row is recorded; the others still run
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    finally:
+        del model, optimizer
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def rows(args):
+    """(label, builder, batch, seq, context) per row, in the order they run (the table's rows first)."""
+    size = args.preset_size
+    if size == "tiny":  # the smoke run: the three families at the tiny preset's size
+        pro = dict(qk_norm=True, use_output_gate=True, use_output_norm=True, use_k_shift=True, use_v_shift=True)
+        kinds = [("fox", "tiny", {}), ("fox-pro", "tiny", pro), ("transformer", "tiny", dict(fgate_type="none",
+                                                                                          use_rope=True))]
+    else:
+        kinds = [(kind, f"{kind}-{size}", {}) for kind in ("fox", "fox-pro", "transformer")]
+
+    def build(preset, **overrides):
+        return lambda: foxlab_model(preset, **overrides)
+
+    on, off = dict.fromkeys(SWITCHES, True), dict.fromkeys(SWITCHES, False)
+    fox = kinds[0][1]
+    table = [(f"foxlab {kind}-{size}, {state}", build(preset, **extra, **switches), nullcontext)
+             for kind, preset, extra in kinds for switches, state in ((off, "plain"), (on, "fused"))]
+    if size != "tiny":
+        table.append((f"transformers Llama (SDPA), transformer-{size} size", lambda: llama_model(size), nullcontext))
+    if args.liger:
+        table.append((f"foxlab fox-{size}, Liger Kernel ops", build(fox, **on), liger_ops))
+    if args.ablation:
+        table += [(f"foxlab fox-{size}, only {switch}", build(fox, **{**off, switch: True}), nullcontext)
+                  for switch in SWITCHES]
+    specs = [(label, builder, args.batch, args.seq, context) for label, builder, context in table]
+    if args.long or args.acp_log_tolerance is not None:
+        long_seq = args.batch * args.seq
+        specs.append((f"foxlab fox-{size}, fused, 1 x {long_seq}", build(fox, **on), 1, long_seq, nullcontext))
+        if args.acp_log_tolerance is None:
+            pass
+        elif "acp_log_tolerance" not in inspect.signature(ForgettingTransformerConfig.__init__).parameters:
+            print("note: this foxlab has no acp_log_tolerance config field yet; the ACP row is skipped")
+        else:
+            specs.append((f"foxlab fox-{size}, fused, ACP log tolerance {args.acp_log_tolerance}, 1 x {long_seq}",
+                          build(fox, **on, acp_log_tolerance=args.acp_log_tolerance), 1, long_seq, nullcontext))
+    return specs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset-size", default="125m", help="125m, 360m, 760m, or tiny (smoke run)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--gpu-time", action="store_true", help="also profile one step: GPU busy time (kernels)")
+    parser.add_argument("--liger", action="store_true", help="add fox with Liger Kernel's ops (needs liger-kernel)")
+    parser.add_argument("--ablation", action="store_true", help="add fox with one switch on at a time")
+    parser.add_argument("--long", action="store_true", help="add fox at 1 x (batch x seq) tokens")
+    parser.add_argument("--acp-log-tolerance", type=float, default=None,
+                        help="add fox at 1 x (batch x seq) tokens with adaptive computation pruning at this tolerance")
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="skip the rows left after this long")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    meta = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name() if device.type == "cuda"
+                else "cpu", torch=torch.__version__, triton=version("triton"), transformers=transformers.__version__,
+                liger_kernel=version("liger-kernel"))
+    print(json.dumps(meta), flush=True)
+    started, results = time.perf_counter(), []
+    for label, build, batch, seq, context in rows(args):
+        if time.perf_counter() - started > args.budget_s:
+            results.append(dict(model=label, skipped="time budget"))
+            continue
+        results.append(run_row(label, build, batch, seq, args.steps, args.warmup, device, context, args.gpu_time))
+    meta["fp32_out_matmul"] = fused._FP32_OUT_MATMUL  # whether the chunked loss summed dW with addmm(out_dtype)
+    print("\n| model | tokens/s | peak GiB | step ms | GPU busy ms |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r.get('tokens_per_s', r.get('error', r.get('skipped')))} | {r.get('peak_gib', '-')} "
+              f"| {r.get('step_ms', '-')} | {r.get('gpu_busy_ms', '-')} |")
+    if args.json:
+        args.json.write_text(json.dumps(dict(meta, results=results), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Shared by the fused-op tests (interpreter and GPU): exact PyTorch references and the comparison helper.
+
+Every comparison draws fresh random inputs, runs the op and its reference (in float64) on copies, and compares
+every output and every input gradient for one random cotangent by relative error ||a - b|| / ||b||.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from foxlab import fused
+
+
+def ref_rms_norm(x, weight, eps, residual=None, gate=None):
+    s = x + residual if residual is not None else x
+    y = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * weight
+    if gate is not None:
+        y = y * torch.sigmoid(gate)
+    return (y, s) if residual is not None else y
+
+
+def ref_swiglu(gate, up):
+    return F.silu(gate) * up
+
+
+def ref_token_shift(x, previous, a_logits):
+    before = torch.cat([previous if previous is not None else torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    a = torch.sigmoid(a_logits)[..., None]
+    return a * before + (1 - a) * x
+
+
+def ref_linear_cross_entropy(hidden, weight, targets, **kwargs):
+    return F.cross_entropy(hidden @ weight.T, targets, ignore_index=fused.IGNORE_INDEX)
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def compare(op, reference, tensors, tol, **kwargs):
+    """Run op(*tensors, **kwargs) and reference on float64 copies; check outputs and gradients of the floating
+    tensors (None and integer tensors pass through). Returns {name: relative error}."""
+    def leaves(dtype=None):
+        out = []
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                t = t.detach().clone() if dtype is None else t.detach().to(dtype)
+                t.requires_grad_()
+            out.append(t)
+        return out
+
+    ours_in, ref_in = leaves(), leaves(torch.float64)
+    ours = op(*ours_in, **kwargs)
+    ref = reference(*ref_in, **kwargs)
+    ours, ref = (ours, ref) if isinstance(ours, tuple) else ((ours,), (ref,))
+    cotangents = [torch.randn_like(o, dtype=torch.float64) for o in ref]
+    grad_of = [i for i, t in enumerate(ours_in) if isinstance(t, torch.Tensor) and t.requires_grad]
+    ours_grads = torch.autograd.grad(ours, [ours_in[i] for i in grad_of],
+                                     [c.to(o.dtype) for c, o in zip(cotangents, ours)])
+    ref_grads = torch.autograd.grad(ref, [ref_in[i] for i in grad_of], cotangents)
+    errors = {}
+    for name, a, b in [*((f"out{i}", a, b) for i, (a, b) in enumerate(zip(ours, ref))),
+                       *((f"d{i}", a, b) for i, a, b in zip(grad_of, ours_grads, ref_grads))]:
+        assert a.shape == b.shape, name
+        assert torch.isfinite(a).all(), f"{name} has NaN/inf"
+        errors[name] = rel_err(a, b)
+    assert all(e <= tol for e in errors.values()), f"relative errors above {tol}: {errors}"
+    return errors
+
+
+def rms_norm_cases(device, dtype, residual_dtype=None):
+    """(x, weight, eps, residual, gate) for rms_norm: odd row counts and widths, plain / residual / gate / both."""
+    residual_dtype = residual_dtype or dtype
+    for shape in [(3, 37), (2, 5, 100), (2, 7, 3, 48)]:
+        n = shape[-1]
+        x = torch.randn(shape, device=device, dtype=dtype)
+        w = (1 + 0.5 * torch.randn(n, device=device)).to(dtype)
+        for residual, gate in [(False, False), (True, False), (False, True), (True, True)]:
+            r = torch.randn(shape, device=device, dtype=residual_dtype) if residual else None
+            g = torch.randn(shape, device=device, dtype=dtype) * 2 if gate else None
+            yield x, w, 1e-6, r, g
+
+
+def rms_norm_op(x, w, eps, residual=None, gate=None):
+    return fused.rms_norm(x, w, eps, residual=residual, gate=gate)
+
+
+def token_shift_cases(device, dtype):
+    for B, T, H, D, with_previous in [(2, 9, 3, 5, False), (1, 17, 2, 48, True), (3, 1, 1, 7, True)]:
+        x = torch.randn(B, T, H, D, device=device, dtype=dtype)
+        previous = torch.randn(B, 1, H, D, device=device, dtype=dtype) if with_previous else None
+        yield x, previous, torch.randn(B, T, H, device=device, dtype=dtype) * 2
+
+
+def cross_entropy_cases(device, dtype):
+    """(hidden, weight, targets, chunk_size): odd sizes, a quarter of the rows ignored, chunks that do not divide."""
+    for N, C, V, chunk in [(29, 11, 100, 8), (7, 33, 1, 3), (40, 16, 257, 64), (5, 8, 50, 1)]:
+        targets = torch.randint(0, V, (N,), device=device)
+        targets[::4] = fused.IGNORE_INDEX
+        yield (torch.randn(N, C, device=device, dtype=dtype), torch.randn(V, C, device=device, dtype=dtype) / C**0.5,
+               targets, chunk)

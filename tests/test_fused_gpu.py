@@ -1,0 +1,101 @@
+"""The fused ops' Triton kernels on a CUDA GPU: bf16 and float32 against float64 references, outputs and
+gradients, and models with every fuse_* switch on against the same models with them off.
+
+bf16 must land within 1e-2 relative error, float32 within 1e-5. Each test prints its errors (`-s` records them).
+"""
+
+import pytest
+import torch
+
+from conftest import VARIANTS, tiny_model
+from fused_cases import (
+    compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_swiglu, ref_token_shift,
+    rms_norm_cases, rms_norm_op, token_shift_cases,
+)
+
+from foxlab import fused
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+DTYPES = list(TOL)
+
+
+def report(name, errors):
+    print(f"\n{name}: " + " ".join(f"{k} {v:.1e}" for k, v in errors.items()), end="")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm(dtype):
+    for x, w, eps, residual, gate in rms_norm_cases("cuda", dtype):
+        errors = compare(rms_norm_op, ref_rms_norm, (x, w, eps, residual, gate), TOL[dtype])
+        report(f"rms_norm {tuple(x.shape)} residual {residual is not None} gate {gate is not None}", errors)
+
+
+def test_rms_norm_block_case_bf16_branch_fp32_stream():
+    for tensors in rms_norm_cases("cuda", torch.bfloat16, residual_dtype=torch.float32):
+        if tensors[3] is not None:
+            report("rms_norm bf16 + fp32 residual", compare(rms_norm_op, ref_rms_norm, tensors, 1e-2))
+    x, r = torch.randn(64, 768, device="cuda", dtype=torch.bfloat16), torch.randn(64, 768, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, s = fused.rms_norm(x, torch.ones(768, device="cuda"), 1e-6, residual=r)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32  # the next matmul's dtype; the stream's
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swiglu(dtype):
+    for shape in [(3, 77), (16, 2048), (4, 1000, 130)]:
+        g, u = torch.randn(shape, device="cuda", dtype=dtype) * 3, torch.randn(shape, device="cuda", dtype=dtype)
+        report(f"swiglu {shape}", compare(fused.swiglu, ref_swiglu, (g, u), TOL[dtype]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_shift(dtype):
+    for tensors in [*token_shift_cases("cuda", dtype), (torch.randn(2, 300, 12, 64, device="cuda", dtype=dtype),
+                                                        None, torch.randn(2, 300, 12, device="cuda", dtype=dtype))]:
+        errors = compare(fused.token_shift, ref_token_shift, tensors, TOL[dtype])
+        report(f"token_shift {tuple(tensors[0].shape)}", errors)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_cross_entropy(dtype):
+    cases = [*cross_entropy_cases("cuda", dtype)]
+    big_targets = torch.randint(0, 50304, (3000,), device="cuda")
+    big_targets[::7] = -100
+    cases.append((torch.randn(3000, 64, device="cuda", dtype=dtype),
+                  torch.randn(50304, 64, device="cuda", dtype=dtype) / 8, big_targets, 1024))
+    for hidden, weight, targets, chunk in cases:
+        report(f"linear_cross_entropy {tuple(hidden.shape)} x {tuple(weight.shape)}",
+               compare(fused.linear_cross_entropy, ref_linear_cross_entropy, (hidden, weight, targets), TOL[dtype],
+                       chunk_size=chunk))
+
+
+def test_cross_entropy_kernel_flags_out_of_range_targets_with_nan():
+    hidden, weight = torch.randn(4, 8, device="cuda"), torch.randn(10, 8, device="cuda")
+    assert torch.isnan(fused.linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 10, 3], device="cuda")))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_model_switches_on_and_off_agree(variant, autocast):
+    """Loss and every parameter gradient with all switches on (Triton kernels) vs off (PyTorch ops)."""
+    ids = torch.randint(4, 260, (2, 100), device="cuda")
+    labels = ids.clone()
+    labels[0, :10] = -100
+    results = {}
+    for on in (True, False):
+        model = tiny_model(seed=8, device="cuda", fuse_norm=on, fuse_swiglu=on, fuse_cross_entropy=on,
+                           **VARIANTS[variant]).train()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, labels=labels)
+        assert (out.logits is None) == on
+        out.loss.backward()
+        results[on] = out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    loss_err = abs(results[True][0].item() - results[False][0].item()) / abs(results[False][0].item())
+    grad_err = max((results[True][1][n] - g).norm().item() / g.norm().clamp_min(1e-12).item()
+                   for n, g in results[False][1].items())
+    report(f"model {variant} {'bf16 autocast' if autocast else 'fp32'}", {"loss": loss_err, "max grad": grad_err})
+    assert loss_err <= (1e-2 if autocast else 1e-5)
+    assert grad_err <= (5e-2 if autocast else 1e-4)
