@@ -3,6 +3,7 @@
     python -m foxlab train --preset tiny --task segments --steps 500 --seed 0 --save-every 100 --out runs/a
     python -m foxlab train ... --out runs/a --resume        # continue from runs/a/checkpoint
     python -m foxlab demo [--out runs/demo]                 # tiny FoX learns to forget at <reset> (= make demo)
+    torchrun --nproc_per_node 2 -m foxlab train ... [--parallel fsdp]   # on 2 GPUs (README: several machines)
 
 Bad arguments exit with status 2 and one line on stderr; a failure while training exits with 1; Ctrl-C saves a
 checkpoint and exits with 130.
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run folder: metrics.json and checkpoint/")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun: ddp (a model copy per process) or fsdp (sharded weights and optimizer "
+                        "state, for models too big for one GPU); default: ddp")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     d = sub.add_parser("demo", help="train tiny FoX on segments and report how it forgets at resets",
@@ -123,7 +127,7 @@ def _train(args) -> int:
                    seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                    warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
                    save_every=args.save_every,
-                   out=args.out, resume=args.resume, seed=args.seed, device=args.device,
+                   out=args.out, resume=args.resume, seed=args.seed, device=args.device, parallel=args.parallel,
                    progress=not args.no_progress)
     if result.interrupted:
         print(f"interrupted at step {result.step}/{args.steps}; checkpoint in {Path(args.out) / 'checkpoint'}; "

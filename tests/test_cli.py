@@ -45,6 +45,7 @@ def one_error_line(capsys, rc, expected_rc=2):
     (["train", "--steps", "3", "--out", "{tmp}/nothing", "--resume"], "no checkpoint in"),
     (["train", "--steps", "3", "--out", "{tmp}/a", "--save-every", "0"], "positive integer"),
     (["train", "--steps", "3", "--out", "{tmp}/a", "--override", "num_heads"], "KEY=VALUE"),
+    (["train", "--steps", "3", "--out", "{tmp}/a", "--parallel", "zero3"], "invalid choice: 'zero3'"),
     (["demo", "--out", "{tmp}/file"], "cannot write to"),
 ])
 def test_bad_arguments_exit_with_one_line(tmp_path, capsys, args, message):
