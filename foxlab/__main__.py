@@ -4,6 +4,7 @@
     python -m foxlab train ... --out runs/a --resume        # continue from runs/a/checkpoint
     python -m foxlab train ... --steps 800 --out runs/a --resume   # extend the finished run to 800 steps
     python -m foxlab demo [--out runs/demo]                 # tiny FoX learns to forget at <reset> (= make demo)
+    torchrun --nproc_per_node 2 -m foxlab train ... [--parallel fsdp]   # on 2 GPUs (README: several machines)
 
 Every flag is checked as the Python argument it sets is (``foxlab.train.TRAIN_SETTINGS``). Bad arguments exit with
 status 2 and one line on stderr; a failure while training exits with 1; Ctrl-C saves a checkpoint and exits with
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in OUT/checkpoint, with the same settings (--steps may grow)")
     train_flag(t, "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    train_flag(t, "--parallel", default="ddp",
+               help="under torchrun: ddp (a model copy per process) or fsdp (sharded weights and optimizer state, "
+                    "for models too big for one GPU); default: ddp")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     d = sub.add_parser("demo", help="train tiny FoX on segments and report how it forgets at resets",
@@ -174,7 +178,7 @@ def _train(args) -> int:
                    seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                    warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
                    save_every=args.save_every,
-                   out=args.out, resume=args.resume, seed=args.seed, device=args.device,
+                   out=args.out, resume=args.resume, seed=args.seed, device=args.device, parallel=args.parallel,
                    progress=not args.no_progress)
     if result.interrupted:  # train() said where the checkpoint is and how to continue
         return 130

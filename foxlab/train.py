@@ -12,9 +12,11 @@ renamed into place, ``trainer_state.json`` last, so a crash mid-save leaves the 
 resume equal those of an uninterrupted run (bitwise on CPU). Ctrl-C finishes the current step, saves a checkpoint
 and returns with ``interrupted=True`` (a second Ctrl-C aborts at once).
 
-Under ``torchrun --nproc_per_node N`` it trains with DistributedDataParallel (gloo on CPU, nccl on GPU): the global
-batch is split over the processes and the loss is normalised by the global number of scored tokens, so N processes
-follow the same trajectory as one process with the same global batch.
+Under ``torchrun --nproc_per_node N`` it trains with DistributedDataParallel (gloo on CPU, nccl on GPU), or with
+``parallel="fsdp"`` sharded over the processes (FSDP2, ``foxlab.parallel``): the global batch is split over the
+processes and the loss is normalised by the global number of scored tokens, so N processes follow the same
+trajectory as one process with the same global batch. Checkpoints are the same whatever the number of processes
+or mode, and a run can resume with another.
 """
 
 from __future__ import annotations
@@ -44,15 +46,16 @@ from .config import PRESETS, ForgettingTransformerConfig
 from .data import BOS_ID, IGNORE_INDEX, PAD_ID, RESET_ID, TASKS, ByteTokenizer, Task, make_task
 from .model import ForgettingTransformerForCausalLM
 from .settings import Setting, SettingError, check_names, checked, choice, flag, integer, number, path
+from .parallel import PARALLEL_MODES, full_weights_model, load_optimizer_state, optimizer_state, wrap_model
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "training_state.pt"
 MARKER_FILE = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the optimizer state is keyed by parameter name (foxlab.parallel)
 METRICS_EVERY_S = 10.0  # metrics.json is also rewritten at every checkpoint and evaluation
 # Settings that may differ between a run and its resume (everything else must match, or the resumed run would
 # not be the same run). A larger ``steps`` extends a run: see ``train``.
-RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "progress", "device"}
+RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "progress", "device", "parallel"}
 
 
 def device_problem(device) -> str | None:
@@ -99,6 +102,7 @@ TRAIN_SETTINGS: dict[str, Setting] = {
                       text="a torch device ('cpu', 'cuda', 'cuda:1', ...)"),
     "tokenizer": Setting(PreTrainedTokenizerBase, optional=True, text="a tokenizer (default: ByteTokenizer)"),
     "progress": flag(),
+    "parallel": choice(*PARALLEL_MODES),
     "callback": Setting(Callable, optional=True, text="a function callback(step, loss)"),
 }
 
@@ -228,8 +232,8 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # saved with as many GPUs as that machine showed
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 @contextmanager
@@ -556,6 +560,7 @@ def train(
     resume: bool | str | os.PathLike = False,
     seed: int = 0,
     device: str | None = None,
+    parallel: str = "ddp",
     tokenizer: ByteTokenizer | None = None,
     progress: bool = True,
     callback=None,
@@ -581,6 +586,9 @@ def train(
             schedule (the rate goes back up from where the shorter schedule ended). An extended run is therefore
             not the same as a run of the longer total from the start, whose decay began later.
         seed: seeds the model's initialisation and the task's data.
+        parallel: with several processes (torchrun), ``ddp`` (a copy of the model on each) or ``fsdp`` (weights,
+            gradients and optimizer state sharded over them; then ``TrainResult.model`` is the sharded module and
+            the checkpoint holds the whole model). See ``foxlab.parallel``.
         callback: called as ``callback(step, loss)`` after every step (e.g. to stop early by raising).
     """
     if save_every and out is None:
@@ -606,7 +614,7 @@ def train(
                warmup_steps=default_warmup(steps) if warmup_steps is None else warmup_steps,
                weight_decay=weight_decay, betas=list(betas), grad_clip=grad_clip,
                eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, seed=seed,
-               world_size=world, preset=preset if model is None else None,
+               world_size=world, parallel=parallel, preset=preset if model is None else None,
                overrides=dict(overrides or {}) if model is None else None)
 
     # --- model, tokenizer, state ---
@@ -625,12 +633,12 @@ def train(
     warmup = run["warmup_steps"]
     run["model"] = {k: v for k, v in model.config.to_diff_dict().items() if k != "transformers_version"}
 
-    model.to(dev).train()
+    wrapped = wrap_model(model.train(), parallel, world, dev)  # before the optimizer: FSDP replaces the parameters
     optimizer = make_optimizer(model, lr, weight_decay, betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(steps, warmup, min_lr_ratio))
     result = TrainResult(model=model, tokenizer=tokenizer, task=task, out=out)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         # the schedule for this run's steps (a resume may extend a run), and the next step's rate under it
         scheduler.lr_lambdas = [_Schedule(steps, warmup, min_lr_ratio) for _ in optimizer.param_groups]
@@ -640,10 +648,6 @@ def train(
         result.step, result.losses, result.lrs = state["step"], list(state["losses"]), list(state["lrs"])
         result.evals, result.elapsed_s = list(state["evals"]), state["elapsed_s"]
 
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
 
     def metrics() -> dict:
@@ -655,14 +659,16 @@ def train(
     def checkpoint() -> None:
         if out is None:
             return
+        # Collective under FSDP (every process takes part); the whole state lands on rank 0.
+        to_save, optimizer_saved = full_weights_model(model), optimizer_state(model, optimizer)
         if is_main:
-            training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            training_state = {"optimizer": optimizer_saved, "scheduler": scheduler.state_dict(),
                               "rng": _rng_state(), "step": result.step, "losses": result.losses,
                               "lrs": result.lrs, "evals": result.evals, "elapsed_s": result.elapsed_s,
                               "samples_seen": result.step * batch_size}
             info = {"format": FORMAT_VERSION, "step": result.step, "samples_seen": result.step * batch_size,
                     "run": run}
-            save_checkpoint(out, model, tokenizer, training_state, info)
+            save_checkpoint(out, to_save, tokenizer, training_state, info)
             _write_json(out / "metrics.json", metrics())
         if world > 1:
             dist.barrier()
@@ -696,8 +702,8 @@ def train(
                 ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
                 count = _all_reduce(torch.tensor(float(scored_tokens(labels)), device=dev), world)
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum = token_loss_sum(ddp_model, ids, labels, autocast)
-                # DDP averages gradients over processes: scale so the sum over all of them is the global mean.
+                loss_sum = token_loss_sum(wrapped, ids, labels, autocast)
+                # DDP and FSDP average gradients over processes: scale so the sum over them is the global mean.
                 (loss_sum * (world / count.clamp(min=1))).backward()
                 if grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -79,6 +79,7 @@ BASE = ["train", "--steps", "3", "--out", "{tmp}/a"]
     (BASE + ["--override", "num_heads=3"], "hidden_size (128) must be divisible by num_heads (3)"),
     (BASE + ["--text-file", "{tmp}/file"], "--text-file is only for --task text"),
     (BASE + ["--bogus"], "unrecognized arguments: --bogus"),
+    (BASE + ["--parallel", "zero3"], "argument --parallel: must be one of"),
     (["demo", "--out", "{tmp}/file"], "cannot write to"),
     (["demo", "--out", "{tmp}/a", "--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
     (["demo", "--out", "{tmp}/a", "--device", "gpu"], "argument --device: must be a torch device"),

@@ -20,6 +20,7 @@ import foxlab
 import foxlab.train
 from foxlab.data import RESET_ID, ByteTokenizer, TaskDataset, make_task
 from foxlab.model import ForgettingTransformerForCausalLM
+from foxlab.parallel import load_optimizer_state, optimizer_state
 from foxlab.settings import SettingError
 from foxlab.train import (TRAIN_SETTINGS, ResumeMismatch, boundary_forget_ratio, find_checkpoint, load_checkpoint,
                           lr_factor, make_optimizer, save_checkpoint, train)
@@ -166,25 +167,82 @@ def test_save_checkpoint_replaces_atomically(uninterrupted, tmp_path):
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
 
 
-def test_ddp_two_processes_match_one(tmp_path):
-    """torchrun with 2 CPU processes (gloo), global batch 4 = 2 x 2, against one process with batch 4."""
-    single = train(**{**RUN, "steps": 3, "eval_every": None})
-    overrides = [arg for k, v in SMALL.items() for arg in ("--override", f"{k}={v}")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "foxlab",
-           "train", *overrides, "--task", "segments", "--seq-len", "32", "--batch-size", "4", "--steps", "3",
-           "--lr", "3e-3", "--seed", "0", "--eval-batches", "1", "--device", "cpu", "--out", str(tmp_path),
-           "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["run"]["world_size"] == 2
-    torch.testing.assert_close(torch.tensor(metrics["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
-    assert metrics["eval_loss"] == pytest.approx(single.evals[-1]["loss"], rel=1e-5)
-    ddp_model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
-    for name, p in ddp_model.state_dict().items():
+def assert_same_run(losses, evals, model, reference, what):
+    """Losses and evaluations as the one-process run's, up to float32 rounding (the gradients of a global batch
+    are summed in another order), and the same final weights up to Adam's amplification of that rounding."""
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference.losses), rtol=1e-5, atol=1e-6,
+                               msg=lambda m: f"{what}: {m}")
+    assert [e["step"] for e in evals] == [e["step"] for e in reference.evals], what
+    torch.testing.assert_close(torch.tensor([e["loss"] for e in evals]),
+                               torch.tensor([e["loss"] for e in reference.evals]), rtol=1e-5, atol=1e-6)
+    reference_weights = reference.model.state_dict()
+    for name, p in model.state_dict().items():
         # Adam turns float noise in near-zero gradients into up to ~lr-sized steps: compare well below lr (3e-3)
-        torch.testing.assert_close(p, single.model.state_dict()[name], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(p, reference_weights[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_ddp_and_fsdp_two_processes_match_one(uninterrupted, tmp_path):
+    """torchrun with 2 CPU processes (gloo), global batch 4 = 2 x 2, against one process with batch 4: the command
+    line with DDP; FSDP stopped at step 5 and resumed by one process; a one-process checkpoint resumed by FSDP."""
+    train(out=tmp_path / "one", callback=stop_at(4), **RUN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "distributed_runs.py"), str(tmp_path), json.dumps(RUN)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert cli["run"]["world_size"] == 2 and cli["run"]["parallel"] == "ddp"
+    assert_same_run(cli["losses"], cli["evals"], AutoModelForCausalLM.from_pretrained(tmp_path / "cli" / "checkpoint"),
+                    uninterrupted, "DDP")
+
+    stopped = json.loads((tmp_path / "fsdp" / "checkpoint" / "trainer_state.json").read_text())
+    assert stopped["step"] == 5 and stopped["run"]["parallel"] == "fsdp"
+    config = json.loads((tmp_path / "fsdp" / "checkpoint" / "config.json").read_text())
+    assert config["architectures"] == ["ForgettingTransformerForCausalLM"]  # a plain model's folder, not FSDP's
+    finished = train(out=tmp_path / "fsdp", resume=True, **RUN)  # one process continues the 2-process FSDP run
+    assert_same_run(finished.losses, finished.evals, finished.model, uninterrupted, "FSDP, then one process")
+
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert resumed["run"]["world_size"] == 2 and resumed["losses"][:4] == uninterrupted.losses[:4]
+    assert_same_run(resumed["losses"], resumed["evals"],
+                    AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "checkpoint"), uninterrupted,
+                    "one process, then FSDP")
+
+
+def test_optimizer_state_round_trips_by_parameter_name():
+    """What checkpoints hold (keyed by name, any number of processes), format-1 states (keyed by index), and the
+    state before any step all load back into a fresh optimizer exactly."""
+    torch.manual_seed(0)
+    model = ForgettingTransformerForCausalLM(foxlab.ForgettingTransformerConfig.from_preset("tiny", **SMALL))
+    optimizer = make_optimizer(model, 1e-3, 0.1)
+    assert optimizer_state(model, optimizer)["state"] == {}
+    ids = torch.randint(4, 260, (2, 16))
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    by_name = optimizer_state(model, optimizer)
+    assert "model.layers.0.attn.fgate.proj.weight" in by_name["state"]
+    expected = optimizer.state_dict()
+    for saved in (by_name, optimizer.state_dict(), {"state": {}, "param_groups": []}):
+        fresh = make_optimizer(model, 1e-3, 0.1)
+        load_optimizer_state(model, fresh, saved)
+        if not saved["state"]:
+            assert fresh.state_dict()["state"] == {}
+            continue
+        loaded = fresh.state_dict()
+        for group in loaded["param_groups"]:
+            group["betas"] = tuple(group["betas"])  # torch.distributed.checkpoint gives lists (AdamW takes both)
+        assert loaded["param_groups"] == expected["param_groups"]
+        for index, moments in expected["state"].items():
+            for key, value in moments.items():
+                assert torch.equal(loaded["state"][index][key], value), (index, key)
+
+
+def test_unknown_parallel_mode_is_refused():
+    with pytest.raises(ValueError, match="parallel must be one of ddp, fsdp, got 'zero3'"):
+        train(**{**RUN, "parallel": "zero3"})
 
 
 def test_transformers_trainer_trains_the_model(tmp_path):
