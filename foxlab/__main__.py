@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in OUT/checkpoint, with the same settings (--steps may grow)")
     train_flag(t, "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    train_flag(t, "--acp-log-tolerance", default=None, metavar="LOG_EPS",
+               help="adaptive computation pruning: skip the attention scores the forget gates have decayed below "
+                    "e^LOG_EPS of a query's weight, e.g. -10 (default: off)")
     train_flag(t, "--parallel", default="ddp",
                help="under torchrun: ddp (a model copy per process) or fsdp (sharded weights and optimizer state, "
                     "for models too big for one GPU); default: ddp")
@@ -179,7 +182,7 @@ def _train(args) -> int:
                    warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
                    save_every=args.save_every,
                    out=args.out, resume=args.resume, seed=args.seed, device=args.device, parallel=args.parallel,
-                   progress=not args.no_progress)
+                   acp_log_tolerance=args.acp_log_tolerance, progress=not args.no_progress)
     if result.interrupted:  # train() said where the checkpoint is and how to continue
         return 130
     if result.losses:

@@ -103,6 +103,7 @@ TRAIN_SETTINGS: dict[str, Setting] = {
     "tokenizer": Setting(PreTrainedTokenizerBase, optional=True, text="a tokenizer (default: ByteTokenizer)"),
     "progress": flag(),
     "parallel": choice(*PARALLEL_MODES),
+    "acp_log_tolerance": number(low=-1e4, high=0, optional=True),
     "callback": Setting(Callable, optional=True, text="a function callback(step, loss)"),
 }
 
@@ -561,6 +562,7 @@ def train(
     seed: int = 0,
     device: str | None = None,
     parallel: str = "ddp",
+    acp_log_tolerance: float | None = None,
     tokenizer: ByteTokenizer | None = None,
     progress: bool = True,
     callback=None,
@@ -589,6 +591,10 @@ def train(
         parallel: with several processes (torchrun), ``ddp`` (a copy of the model on each) or ``fsdp`` (weights,
             gradients and optimizer state sharded over them; then ``TrainResult.model`` is the sharded module and
             the checkpoint holds the whole model). See ``foxlab.parallel``.
+        acp_log_tolerance: adaptive computation pruning for this run, log eps <= 0 (e.g. -10: every layer skips
+            the scores its gates have decayed below e^-10 of a query's weight; ``foxlab.acp``); sets the model
+            config's ``acp_log_tolerance``. None keeps the config's (off unless it says otherwise). A resume may
+            change it.
         callback: called as ``callback(step, loss)`` after every step (e.g. to stop early by raising).
     """
     if save_every and out is None:
@@ -630,6 +636,8 @@ def train(
     if model.config.vocab_size < len(tokenizer):
         raise SettingError(f"the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's "
                            f"({len(tokenizer)})", "tokenizer")
+    if acp_log_tolerance is not None:
+        model.config.acp_log_tolerance = acp_log_tolerance
     warmup = run["warmup_steps"]
     run["model"] = {k: v for k, v in model.config.to_diff_dict().items() if k != "transformers_version"}
 

@@ -222,3 +222,22 @@ def test_fused_auto_threshold_matches_the_formula(backend):
     q, k = q.to(device), k.to(device)
     fused = kernels._auto_threshold2(q, k, 0.3, -4.0) / kernels.LOG2E
     torch.testing.assert_close(fused.cpu(), acp.threshold(q, k, "auto", log_eps=-4.0, sm_scale=0.3).cpu())
+
+
+def test_training_with_pruning_from_train_and_the_command_line(tmp_path, one_thread):
+    """train(acp_log_tolerance=...) and --acp-log-tolerance switch pruning on; the losses stay those of exact
+    attention up to the bound, and the saved model keeps the setting."""
+    from foxlab.__main__ import main
+    from foxlab.train import train
+
+    kw = dict(steps=3, batch_size=2, seq_len=96, progress=False, overrides={"fgate_init_timescales": [1.0, 8.0]})
+    exact = train(**kw)
+    pruned = train(**kw, acp_log_tolerance=-8.0, out=tmp_path / "run")
+    assert pruned.model.config.acp_log_tolerance == -8.0
+    assert exact.losses != pruned.losses and max(abs(a - b) for a, b in zip(exact.losses, pruned.losses)) < 1e-3
+    saved = ForgettingTransformerForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint")
+    assert saved.config.acp_log_tolerance == -8.0
+    assert main(["train", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--no-progress", "--out",
+                 str(tmp_path / "cli"), "--acp-log-tolerance", "-10"]) == 0
+    assert ForgettingTransformerForCausalLM.from_pretrained(tmp_path / "cli" / "checkpoint").config.acp_log_tolerance == -10
+    assert main(["train", "--steps", "1", "--out", str(tmp_path / "bad"), "--acp-log-tolerance", "3"]) == 2
