@@ -47,7 +47,8 @@ from plotly.subplots import make_subplots
 
 __all__ = [
     "Explorer", "Inspection", "StaticExportError", "explore", "find_chrome", "head_timescales", "inspect",
-    "plot_attention", "plot_decay", "plot_forget_gates", "plot_head_timescales", "save", "show", "to_image",
+    "plot_attention", "plot_decay", "plot_forget_gates", "plot_head_timescales", "plot_pruning", "save", "show",
+    "to_image",
     "write_report",
 ]
 
@@ -482,6 +483,54 @@ def plot_head_timescales(insp_or_model, threshold: float = THRESHOLD) -> go.Figu
                       height=220 + 40 * layers, width=max(640, 160 + 60 * heads))
     fig.update_xaxes(type="category", title_text="head")
     fig.update_yaxes(type="category", autorange="reversed", title_text="layer")
+    return fig
+
+
+# Tile states of foxlab.acp.PruningStats.tiles: not needed (above the diagonal, padding), computed, skipped.
+PRUNING_COLORS = [[0.0, "#ffffff"], [0.33, "#ffffff"], [0.33, "#3b528b"], [0.67, "#3b528b"], [0.67, "#fde725"],
+                  [1.0, "#fde725"]]
+TILE_STATES = ("not needed", "computed", "skipped")
+
+
+def plot_pruning(model, inputs, layer: int, head: int, tokenizer=None, *, row: int | None = None,
+                 attention_mask=None, log_eps: float = -10.0, tile: tuple[int, int] = (16, 16)) -> go.Figure:
+    """Which tiles adaptive computation pruning skips for one head (right), beside its decay matrix log10 F (left).
+
+    Pruning (``foxlab.acp``; config ``acp_log_tolerance``) drops every score whose decay log F_ij is below a
+    threshold that keeps all but e^log_eps of any query's attention weight, and the kernels never compute a tile
+    of ``tile`` = (queries, keys) whose scores are all dropped. Yellow: skipped; blue: computed; white: above the
+    diagonal. The kernels' own tiles are 64 x 64 on a GPU; smaller ones show short inputs in more detail.
+    ``inputs``, ``tokenizer``, ``row``, ``attention_mask``: as for ``inspect``.
+    """
+    from . import acp
+
+    insp = inspect(model, inputs, tokenizer, row=row, attention_mask=attention_mask)
+    layer, head = _check(layer, insp.num_layers, "layer"), _check(head, insp.num_heads, "head")
+    if not (isinstance(tile, (tuple, list)) and len(tile) == 2 and all(isinstance(t, int) and t > 0 for t in tile)):
+        raise ValueError(f"tile must be two positive integers (query rows, keys), got {tile!r}")
+    ids = torch.tensor(insp.token_ids)[None].to(model.device)
+    stats = acp.pruning_statistics(model, ids, log_eps=log_eps, tile=tuple(tile))
+    layer_stats = stats["per_layer"][layer]
+    tiles = layer_stats.tiles[0, head].float().cpu().numpy()
+    (tm, tn), T, offset = tile, insp.num_tokens, insp.input_length - insp.num_tokens
+    hover = [[f"queries {offset + i * tm}..{offset + min((i + 1) * tm, T) - 1}<br>keys {offset + j * tn}.."
+              f"{offset + min((j + 1) * tn, T) - 1}<br>{TILE_STATES[int(t)]}" for j, t in enumerate(r)]
+             for i, r in enumerate(tiles)]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.14,
+                        subplot_titles=["forget-gate matrix log10 F", f"tiles of {tm} queries x {tn} keys"])
+    fig.add_trace(_decay_trace(insp, layer, head, True, colorbar_x=0.42), 1, 1)
+    fig.add_trace(go.Heatmap(z=tiles, zmin=0, zmax=2, colorscale=PRUNING_COLORS, showscale=False, text=hover,
+                             hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1), 1, 2)
+    threshold = stats["thresholds"][layer, 0, head].item()
+    fig.update_layout(
+        title=f"Layer {layer}, head {head}: pruning drops {layer_stats.pruned_fraction[0, head]:.0%} of the scores, "
+              f"skips {layer_stats.skipped_tile_fraction[0, head]:.0%} of the tiles<br><sub>scores with log F < "
+              f"{threshold:.1f} (at most e^{log_eps:g} of any query's weight){insp.note()}</sub>",
+        height=600, width=1100, plot_bgcolor="white")
+    fig.update_xaxes(type="category", title_text="key j", row=1, col=1)
+    fig.update_yaxes(type="category", autorange="reversed", title_text="query i", row=1, col=1)
+    fig.update_xaxes(title_text="key block", row=1, col=2)
+    fig.update_yaxes(autorange="reversed", title_text="query block", row=1, col=2)
     return fig
 
 

@@ -241,3 +241,22 @@ def test_training_with_pruning_from_train_and_the_command_line(tmp_path, one_thr
                  str(tmp_path / "cli"), "--acp-log-tolerance", "-10"]) == 0
     assert ForgettingTransformerForCausalLM.from_pretrained(tmp_path / "cli" / "checkpoint").config.acp_log_tolerance == -10
     assert main(["train", "--steps", "1", "--out", str(tmp_path / "bad"), "--acp-log-tolerance", "3"]) == 2
+
+
+def test_pruning_figure_draws_the_statistics(one_thread):
+    from foxlab import viz
+    torch.manual_seed(0)
+    config = ForgettingTransformerConfig.from_preset("tiny", fgate_init_timescales=[1.0, 64.0])
+    model = ForgettingTransformerForCausalLM(config).eval()
+    ids = torch.randint(4, 260, (1, 100))
+    fig = viz.plot_pruning(model, ids, layer=1, head=0, tile=(16, 32))
+    decay, tiles = fig.data
+    stats = acp.pruning_statistics(model, ids, tile=(16, 32))["per_layer"][1]
+    assert tiles.z.shape == (7, 4) and (tiles.z == stats.tiles[0, 0].numpy()).all()
+    assert (tiles.z == 2).any() and "skipped" in tiles.text[-1][0]
+    assert decay.z.shape == (100, 100)
+    assert f"{stats.pruned_fraction[0, 0]:.0%} of the scores" in fig.layout.title.text
+    with pytest.raises(ValueError, match="tile"):
+        viz.plot_pruning(model, ids, layer=1, head=0, tile=(0, 16))
+    with pytest.raises(IndexError, match="head 9 out of range"):
+        viz.plot_pruning(model, ids, layer=1, head=9)
