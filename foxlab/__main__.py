@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -133,7 +134,7 @@ def _train(args) -> int:
         print(f"interrupted at step {result.step}/{args.steps}; checkpoint in {Path(args.out) / 'checkpoint'}; "
               "continue with --resume", file=sys.stderr)
         return 130
-    if result.losses:
+    if result.losses and os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
         last = result.evals[-1]["loss"] if result.evals else float("nan")
         print(f"done: {result.step} steps, final loss {result.losses[-1]:.4f}, eval loss {last:.4f}; "
               f"metrics in {Path(args.out) / 'metrics.json'}, checkpoint in {Path(args.out) / 'checkpoint'}")
