@@ -3,7 +3,9 @@
     python benchmarks/multigpu.py OUT            # a machine with 2 GPUs: OUT/multigpu.log and OUT/multigpu.json
     python benchmarks/multigpu.py OUT --smoke    # the same steps on the CPU (gloo), tiny sizes: checks the script
 
-1. A small model (4 blocks of width 512, the text task, 200 steps, global batch 16 x 512):
+(foxlab installed, or PYTHONPATH=. from the repository's root.)
+
+1. A small model (4 blocks of width 512, the text task, 120 steps, global batch 16 x 512):
    - one GPU, uninterrupted: the reference run;
    - one GPU stopped by SIGINT, then resumed on two GPUs with FSDP (1 -> 2);
    - two GPUs with DDP under torchrun, SIGINT sent to torchrun's process group as Ctrl-C in a terminal does:
@@ -29,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 SMALL = ["--preset", "tiny", "--override", "hidden_size=512", "--override", "num_hidden_layers=4", "--override",
-         "num_heads=8", "--task", "text", "--seq-len", "512", "--batch-size", "16", "--steps", "200", "--lr",
+         "num_heads=8", "--task", "text", "--seq-len", "512", "--batch-size", "16", "--steps", "120", "--lr",
          "1e-3", "--eval-every", "20", "--eval-batches", "1", "--no-progress"]
 SMOKE_SMALL = ["--preset", "tiny", "--override", "hidden_size=32", "--override", "num_heads=2", "--task", "text",
                "--seq-len", "64", "--batch-size", "4", "--steps", "200", "--lr", "1e-3", "--eval-every", "20",
@@ -99,8 +101,8 @@ def eval_losses(m: dict) -> list[float]:
     return [e["loss"] for e in m["evals"]]
 
 
-def small_runs(r: Runner, runs: Path) -> dict:
-    """Section 1 of the module docstring."""
+def small_runs(r: Runner, runs: Path, res: dict) -> None:
+    """Section 1 of the module docstring; fills ``res`` as it goes (what was measured stays if a step fails)."""
     small = SMOKE_SMALL if r.smoke else SMALL
     cli = [sys.executable, "-m", "foxlab", "train", *small]
     one = r.start("one_gpu", [*cli, "--out", str(runs / "one")], "0")
@@ -110,8 +112,8 @@ def small_runs(r: Runner, runs: Path) -> dict:
     r.wait(stopped)
     reference = metrics(runs / "one")
     k1 = metrics(runs / "one_stopped")["step"]
-    res = {"reference_final_loss": reference["losses"][-1], "one_gpu_exit": one["rc"],
-           "one_gpu_ctrl_c": {"exit": stopped["rc"], "stopped_at": k1}}
+    res.update({"reference_final_loss": reference["losses"][-1], "one_gpu_exit": one["rc"],
+                "one_gpu_ctrl_c": {"exit": stopped["rc"], "stopped_at": k1}})
 
     ddp = r.start("two_gpu_ddp_ctrl_c", [*TORCHRUN, "-m", "foxlab", "train", *small, "--out", str(runs / "two")],
                   "0,1")
@@ -146,9 +148,8 @@ def small_runs(r: Runner, runs: Path) -> dict:
         "exit": fsdp["rc"], "from_step": k1, "steps": len(resumed["losses"]),
         "losses_before_resume_equal_reference": resumed["losses"][:k1] == reference["losses"][:k1],
         "max_loss_diff_vs_one_gpu": max_diff(resumed["losses"], reference["losses"]),
-        "max_eval_diff_vs_one_gpu": max_diff(eval_losses(resumed), eval_losses(reference)),
-        "checkpoint": checkpoint_check(runs / "one_stopped", runs / "one")}
-    return res
+        "max_eval_diff_vs_one_gpu": max_diff(eval_losses(resumed), eval_losses(reference))}
+    res["fsdp_checkpoint"] = checkpoint_check(runs / "one_stopped", runs / "one")
 
 
 def checkpoint_check(fsdp_run: Path, reference_run: Path) -> dict:
@@ -167,7 +168,7 @@ def checkpoint_check(fsdp_run: Path, reference_run: Path) -> dict:
             "weights_finite": all(bool(torch.isfinite(p).all()) for p in model.parameters())}
 
 
-def throughput_runs(r: Runner, runs: Path) -> dict:
+def throughput_runs(r: Runner, runs: Path, res: dict) -> None:
     """Section 2 of the module docstring."""
     results = runs / "throughput.jsonl"
     results.unlink(missing_ok=True)
@@ -184,13 +185,13 @@ def throughput_runs(r: Runner, runs: Path) -> dict:
     by = {(line["gpus"], line["batch_size"], line["parallel"]): line for line in lines}
     one16, one8 = by[(1, 16, "none")], by[(1, 8, "none")]
     ddp, fsdp = by[(2, 16, "ddp")], by[(2, 16, "fsdp")]
-    return {"runs": [{k: v for k, v in line.items() if k != "losses"} for line in lines],
+    res.update({"runs": [{k: v for k, v in line.items() if k != "losses"} for line in lines],
             "ddp_speedup_same_global_batch": round(ddp["tokens_per_s"] / one16["tokens_per_s"], 3),
             "ddp_speedup_same_per_gpu_batch": round(ddp["tokens_per_s"] / one8["tokens_per_s"], 3),
             "fsdp_speedup_same_per_gpu_batch": round(fsdp["tokens_per_s"] / one8["tokens_per_s"], 3),
             "max_loss_diff_ddp_vs_one_gpu": max_diff(ddp["losses"], one16["losses"]),
             "max_loss_diff_fsdp_vs_ddp": max_diff(fsdp["losses"], ddp["losses"]),
-            "final_loss_one_gpu": one16["losses"][-1]}
+            "final_loss_one_gpu": one16["losses"][-1]})
 
 
 def versions() -> dict:
@@ -232,10 +233,11 @@ def main() -> None:
     for name, run in sections.items():
         if args.only in (None, name):
             started = time.perf_counter()
+            results[name] = {}
             try:
-                results[name] = run(r, runs)
-            except Exception as e:  # keep what the other section measures
-                results[name] = {"error": f"{type(e).__name__}: {e}"}
+                run(r, runs, results[name])
+            except Exception as e:  # keep what was measured, and go on with the other section
+                results[name]["error"] = f"{type(e).__name__}: {e}"
             results[name + "_seconds"] = round(time.perf_counter() - started, 1)
             (out / "multigpu.json").write_text(json.dumps(results, indent=1))
     r.say(json.dumps({k: v for k, v in results.items() if k != "versions"}, indent=1))

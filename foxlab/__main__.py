@@ -185,7 +185,7 @@ def _train(args) -> int:
                    acp_log_tolerance=args.acp_log_tolerance, progress=not args.no_progress)
     if result.interrupted:  # train() said where the checkpoint is and how to continue
         return 130
-    if result.losses:
+    if result.losses and os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
         last = result.evals[-1]["loss"] if result.evals else float("nan")
         print(f"done: {result.step} steps, final loss {result.losses[-1]:.4f}, eval loss {last:.4f}; "
               f"metrics in {Path(args.out) / 'metrics.json'}, checkpoint in {Path(args.out) / 'checkpoint'}")

@@ -188,8 +188,14 @@ def test_ddp_and_fsdp_two_processes_match_one(uninterrupted, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "distributed_runs.py"), str(tmp_path), json.dumps(RUN)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun passes SIGTERM on to its processes (a SIGKILL would leave them running)
+        _, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"the distributed runs took over 300 s: {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
 
     cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert cli["run"]["world_size"] == 2 and cli["run"]["parallel"] == "ddp"
