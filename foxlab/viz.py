@@ -495,10 +495,16 @@ def _plot_losses(losses, optimal: float | None = None) -> go.Figure:
     curves = losses if isinstance(losses, Mapping) else {"loss": losses}
     fig, last = go.Figure(), 1
     for name, values in curves.items():
-        values = list(values)
-        steps, ys = zip(*values) if values and isinstance(values[0], Sequence) else (range(1, len(values) + 1), values)
+        try:
+            values = list(values)
+            pairs = bool(values) and isinstance(values[0], Sequence)
+            steps, ys = zip(*values) if pairs else (range(1, len(values) + 1), values)
+            ys = [float(y) for y in ys]
+        except (TypeError, ValueError):
+            raise TypeError(f"losses must be a list of numbers, of (step, loss) pairs, or a mapping name -> either; "
+                            f"got {str(values)[:80]} for {name!r}") from None
         mode = "lines" if len(values) > 20 else "lines+markers"
-        fig.add_trace(go.Scatter(x=list(steps), y=[float(y) for y in ys], mode=mode, name=str(name)))
+        fig.add_trace(go.Scatter(x=list(steps), y=ys, mode=mode, name=str(name)))
         last = max([last, *steps])
     if optimal is not None:  # a trace, not a shape: it joins the legend and the y range
         fig.add_trace(go.Scatter(x=[1, last], y=[optimal, optimal], mode="lines", name=f"optimal ({optimal:.3f})",
@@ -760,6 +766,8 @@ def write_report(path, model, input_ids, *, tokenizer=None, losses=None, marked_
             raise TypeError(f"{name} must be a string, got {type(text).__name__}")
     if metrics is not None and not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a mapping such as metrics.json's, got {type(metrics).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name (str or Path), got {type(path).__name__}")
     metrics = dict(metrics or {})
     insp = inspect(model, input_ids, tokenizer)
     marks = _report_marks(marked_positions, insp)

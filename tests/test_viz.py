@@ -438,6 +438,10 @@ def test_report_without_marks_says_how_it_picked_the_head(model, ids, tmp_path):
         viz.write_report(tmp_path / "bad.html", model, ids, metrics={"boundary_forget_head": 3})
     with pytest.raises(TypeError, match="description must be a string"):
         viz.write_report(tmp_path / "bad.html", model, ids, description=["task"])
+    with pytest.raises(TypeError, match="losses must be a list of numbers"):
+        viz.write_report(tmp_path / "bad.html", model, ids, losses=["low", "lower"])
+    with pytest.raises(TypeError, match="path must be a file name"):
+        viz.write_report(None, model, ids)
     with pytest.raises(TypeError, match="marked_positions"):
         viz.write_report(tmp_path / "bad.html", model, ids, marked_positions=[1.5])
 
