@@ -45,6 +45,8 @@ from plotly.basedatatypes import BaseFigure
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from .model import ForgettingTransformerPreTrainedModel
+
 __all__ = [
     "Explorer", "Inspection", "StaticExportError", "explore", "find_chrome", "head_timescales", "inspect",
     "plot_attention", "plot_decay", "plot_forget_gates", "plot_head_timescales", "plot_pruning", "save", "show",
@@ -60,6 +62,8 @@ GATE_SCALE, DECAY_SCALE, ATTENTION_SCALE = "Viridis", "Viridis", "Cividis"  # co
 VIEWS = ("gates", "decay", "attention", "decay+attention")
 STATIC_FORMATS = ("png", "svg", "pdf", "jpeg", "webp")
 CHROME_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+INPUTS_HELP = ("text (with a tokenizer), token ids of shape (T,) or (B, T) (list, tensor or array of integers), "
+               "or a tokenizer's output (BatchEncoding or dict with input_ids)")
 INSTALL_CHROME = ("static images (PNG/SVG) need Chrome or Chromium for kaleido: install it with "
                   "`apt-get install -y chromium` (Debian/Ubuntu) or `plotly_get_chrome`, or set BROWSER_PATH")
 
@@ -186,16 +190,10 @@ def _crop_attention(window: int):
 
 
 def _check_fox_model(model, caller: str, alternative: str = "") -> None:
-    from .model import ForgettingTransformerPreTrainedModel
-
     if not isinstance(model, ForgettingTransformerPreTrainedModel):
         raise TypeError(f"{caller} needs {alternative}a foxlab ForgettingTransformer model (ForgettingTransformerFor"
                         f"CausalLM or ForgettingTransformerModel), got {type(model).__name__}: other models have no "
                         "forget gates to show")
-
-
-INPUTS_HELP = ("text (with a tokenizer), token ids of shape (T,) or (B, T) (list, tensor or array of integers), "
-               "or a tokenizer's output (BatchEncoding or dict with input_ids)")
 
 
 def _input_row(inputs, tokenizer, row: int | None, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -546,10 +544,16 @@ def _plot_losses(losses, optimal: float | None = None) -> go.Figure:
     curves = losses if isinstance(losses, Mapping) else {"loss": losses}
     fig, last = go.Figure(), 1
     for name, values in curves.items():
-        values = list(values)
-        steps, ys = zip(*values) if values and isinstance(values[0], Sequence) else (range(1, len(values) + 1), values)
+        try:
+            values = list(values)
+            pairs = bool(values) and isinstance(values[0], Sequence)
+            steps, ys = zip(*values) if pairs else (range(1, len(values) + 1), values)
+            ys = [float(y) for y in ys]
+        except (TypeError, ValueError):
+            raise TypeError(f"losses must be a list of numbers, of (step, loss) pairs, or a mapping name -> either; "
+                            f"got {str(values)[:80]} for {name!r}") from None
         mode = "lines" if len(values) > 20 else "lines+markers"
-        fig.add_trace(go.Scatter(x=list(steps), y=[float(y) for y in ys], mode=mode, name=str(name)))
+        fig.add_trace(go.Scatter(x=list(steps), y=ys, mode=mode, name=str(name)))
         last = max([last, *steps])
     if optimal is not None:  # a trace, not a shape: it joins the legend and the y range
         fig.add_trace(go.Scatter(x=[1, last], y=[optimal, optimal], mode="lines", name=f"optimal ({optimal:.3f})",
@@ -706,10 +710,11 @@ def save(fig: go.Figure, path, **kwargs) -> Path:
     path = Path(path)
     suffix = path.suffix.lower().lstrip(".")
     if suffix in ("html", "htm"):
-        if _latex_strings(fig):
+        latex = _latex_strings(fig)
+        if latex:
             warnings.warn(f"{path.name}: LaTeX text needs MathJax, which offline HTML does not carry, so it shows "
-                          f"as raw source: {_latex_strings(fig)[0][:60]!r}; write it with HTML (<sub>, <sup>) "
-                          "and Unicode instead", stacklevel=2)
+                          f"as raw source: {latex[0][:60]!r}; write it with HTML (<sub>, <sup>) and Unicode "
+                          "instead", stacklevel=2)
         fig.write_html(path, include_plotlyjs=True, include_mathjax=False, full_html=True)
     elif suffix in STATIC_FORMATS or suffix == "jpg":
         path.write_bytes(to_image(fig, "jpeg" if suffix == "jpg" else suffix, **kwargs))
@@ -805,10 +810,13 @@ def write_report(path, model, input_ids, *, tokenizer=None, losses=None, marked_
     - F beside A for one head: ``boundary_forget_head`` when given, else the head whose gate is lowest at the
       marked positions, else layer 0, head 0; then the head-timescale grid.
     """
-    if not isinstance(title, str) or not (description is None or isinstance(description, str)):
-        raise TypeError("title and description must be strings")
+    for name, text in (("title", title), ("description", description)):
+        if not (text is None and name == "description") and not isinstance(text, str):
+            raise TypeError(f"{name} must be a string, got {type(text).__name__}")
     if metrics is not None and not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a mapping such as metrics.json's, got {type(metrics).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name (str or Path), got {type(path).__name__}")
     metrics = dict(metrics or {})
     insp = inspect(model, input_ids, tokenizer)
     marks = _report_marks(marked_positions, insp)
@@ -867,6 +875,8 @@ def _report_marks(marked_positions, insp: Inspection) -> list[int]:
 def _report_head(insp: Inspection, marks: list[int], chosen) -> tuple[int, int, str]:
     """(layer, head, why this head) for the report's F and A maps."""
     if chosen is not None:
+        if not isinstance(chosen, Mapping) or not {"layer", "head"} <= set(chosen):
+            raise TypeError(f"metrics['boundary_forget_head'] must be {{'layer': l, 'head': h}}, got {chosen!r}")
         layer, head = _check(chosen["layer"], insp.num_layers, "layer"), _check(chosen["head"], insp.num_heads, "head")
         return layer, head, ("The head with the lowest boundary_forget_ratio: the one that forgets most at <reset> "
                              "(see Results).")

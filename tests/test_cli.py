@@ -177,7 +177,12 @@ def test_demo_short_run(tmp_path, capsys, monkeypatch):
     assert m["boundary_forget_ratio"] <= 0.5  # it learns to forget at resets within a few dozen steps
     assert m["optimal_loss"] < m["final_loss"] and m["train_time_s"] > 0
     assert (out / "report.html").stat().st_size > 10_000
-    assert "<html" in (out / "report.html").read_text()[:2000].lower()
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "<html" in report[:2000].lower()
+    assert "<p>Task &#x27;segments&#x27;: sequences of 128 tokens" in report  # what the model learned, and how well
+    assert f"<td>eval loss</td><td>{m['eval_loss']:.4g}</td>" in report
+    assert f"optimal ({m['optimal_loss']:.3f})" in report  # the optimal-loss line on the loss plot
+    assert f"<td>boundary_forget_ratio</td><td>{m['boundary_forget_ratio']:.4g} (layer " in report
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
     tok = AutoTokenizer.from_pretrained(out / "checkpoint")
     assert type(tok) is ByteTokenizer and model.config.vocab_size == len(tok)

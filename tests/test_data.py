@@ -168,6 +168,18 @@ def test_text_task_default_corpus_and_file(tmp_path):
         TextTask(path=tmp_path / "missing.txt")
 
 
+def test_tasks_describe_themselves(tmp_path):
+    """One or two sentences for reports, with the task's own numbers."""
+    segments = make_task("segments", seq_len=96, min_segment=5, max_segment=20, symbols_per_segment=3)
+    assert segments.describe().startswith("Task 'segments': sequences of 96 tokens")
+    assert "segments of 5-20 tokens" in segments.describe() and "3 letters picked out of 16" in segments.describe()
+    recall = make_task("recall", seq_len=64, num_pairs=4, num_queries=6)
+    assert "4 key-value pairs" in recall.describe() and "6 queries" in recall.describe()
+    path = tmp_path / "notes.txt"
+    path.write_text("forget " * 40)
+    assert str(path) in make_task("text", seq_len=32, path=path).describe()
+
+
 def test_make_task_and_dataset():
     with pytest.raises(ValueError, match="unknown task"):
         make_task("nope")

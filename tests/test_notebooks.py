@@ -133,7 +133,7 @@ def test_06_loss_by_position_smooths_real_values_only():
     figure = next(o["data"]["application/vnd.plotly.v1+json"] for o in cell["outputs"] if "data" in o)
     traces = {t["name"]: plotly_array(t["y"]) for t in figure["data"]}
     for name in ("FoX", "Transformer (RoPE)"):
-        raw, smooth = traces[f"{name}, raw"], traces[name]
+        raw, smooth = traces[f"{name}, raw"].astype(np.float64), traces[name]
         expected = [raw[max(0, t + 1 - (1 + t // 4)): t + 1].mean() for t in range(len(raw))]
         np.testing.assert_allclose(smooth, expected, rtol=1e-9)
         assert smooth[:16].min() >= raw[:16].min() and smooth[:16].max() <= raw[:16].max()

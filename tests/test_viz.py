@@ -434,6 +434,14 @@ def test_report_without_marks_says_how_it_picked_the_head(model, ids, tmp_path):
         viz.write_report(tmp_path / "bad.html", model, ids, metrics=[1.0])
     with pytest.raises(TypeError, match=r"metrics\['eval_loss'\] must be a number"):
         viz.write_report(tmp_path / "bad.html", model, ids, metrics={"eval_loss": "low"})
+    with pytest.raises(TypeError, match="boundary_forget_head"):
+        viz.write_report(tmp_path / "bad.html", model, ids, metrics={"boundary_forget_head": 3})
+    with pytest.raises(TypeError, match="description must be a string"):
+        viz.write_report(tmp_path / "bad.html", model, ids, description=["task"])
+    with pytest.raises(TypeError, match="losses must be a list of numbers"):
+        viz.write_report(tmp_path / "bad.html", model, ids, losses=["low", "lower"])
+    with pytest.raises(TypeError, match="path must be a file name"):
+        viz.write_report(None, model, ids)
     with pytest.raises(TypeError, match="marked_positions"):
         viz.write_report(tmp_path / "bad.html", model, ids, marked_positions=[1.5])
 
