@@ -2,7 +2,9 @@
 
 Importing foxlab registers the model with transformers' Auto classes, so ``AutoConfig``,
 ``AutoModel`` and ``AutoModelForCausalLM`` (``from_config``, ``from_pretrained``) and ``generate`` work, and
-``AutoTokenizer`` loads the byte-level tokenizer saved with every checkpoint.
+``AutoTokenizer`` loads the byte-level tokenizer saved with every checkpoint. Without that import, transformers
+does not know the model type of a foxlab checkpoint (and suggests upgrading itself, which does not help).
+Every setting is checked: a wrong name, type or value raises ``SettingError`` naming it.
 Supported: transformers >= 5.0, < 6 (tested with 5.17 and 5.24).
 """
 
@@ -11,6 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .config import PRESETS, ForgettingTransformerConfig
 from .data import ByteTokenizer  # registers it with AutoTokenizer
 from .kernels import forgetting_attention, forgetting_attention_reference
+from .settings import SettingError
 from .model import (
     ForgettingTransformerCache,
     ForgettingTransformerForCausalLM,
@@ -31,6 +34,7 @@ __all__ = [
     "ForgettingTransformerForCausalLM",
     "ForgettingTransformerModel",
     "ForgettingTransformerPreTrainedModel",
+    "SettingError",
     "forgetting_attention",
     "forgetting_attention_reference",
 ]

@@ -143,7 +143,7 @@ def _flag(name: str) -> str | None:
     """The flag that sets train()'s setting ``name`` (as SettingError and ResumeMismatch name it), if any."""
     if name in FLAG_SETTINGS:
         return "--" + name.replace("_", "-")
-    return {"task_kwargs['path']": "--text-file", "task_kwargs": "--text-file", "overrides": "--override"}.get(name)
+    return {"task_kwargs['path']": "--text-file", "overrides": "--override"}.get(name)
 
 
 def _as_flags(name: str, value) -> str:
