@@ -13,13 +13,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .config import PRESETS, ForgettingTransformerConfig
 from .data import ByteTokenizer  # registers it with AutoTokenizer
 from .kernels import forgetting_attention, forgetting_attention_reference
-from .settings import SettingError
 from .model import (
     ForgettingTransformerCache,
     ForgettingTransformerForCausalLM,
     ForgettingTransformerModel,
     ForgettingTransformerPreTrainedModel,
 )
+from .settings import SettingError
 
 AutoConfig.register(ForgettingTransformerConfig.model_type, ForgettingTransformerConfig, exist_ok=True)
 AutoModel.register(ForgettingTransformerConfig, ForgettingTransformerModel, exist_ok=True)
