@@ -38,6 +38,11 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _plain(number, kind):
+    """``number`` as a Python int or float (numpy's and torch's scalars are not JSON-serializable)."""
+    return number if type(number) in (int, float) else kind(number)
+
+
 def _shown(value) -> str:
     """A value as an error message shows it: its repr (shortened), or its type for other objects."""
     if isinstance(value, (str, numbers.Number, list, tuple, dict, type(None))):
@@ -133,11 +138,16 @@ class Setting:
         return self.extra(value) if self.extra is not None else None
 
     def check(self, name: str, value, where: str = ""):
-        """``value`` if acceptable (a list for ``kind=list``); else SettingError "<where><name> must be ..."."""
+        """``value`` if acceptable, else SettingError "<where><name> must be ...". Numbers come back as Python's
+        own (a numpy integer as an int: they are saved as JSON) and a ``list`` setting as a list."""
         problem = self.problem(value)
         if problem is not None:
             raise SettingError(f"{where}{name} {problem}", name)
-        return list(value) if self.kind is list and value is not None else value
+        if value is None:
+            return None
+        if self.kind is list:
+            return [_plain(v, float) for v in value]
+        return _plain(value, self.kind) if self.kind in (int, float) else value
 
     def parse(self, text: str):
         """A command-line value: ``text`` converted to the setting's kind and checked (ValueError if wrong)."""
@@ -200,7 +210,8 @@ def require_rows(fn, table: dict[str, Setting], ignore: Iterable[str] = ()) -> i
 
 
 def checked(table: dict[str, Setting]):
-    """Decorator: every call checks its arguments' names and values against ``table``.
+    """Decorator: every call checks its arguments' names and values against ``table`` (and passes them on as
+    ``Setting.check`` returns them).
 
     Every parameter of the function needs a row (checked when the decorator is applied). Arguments left at their
     defaults are not checked: the defaults are valid by construction."""
@@ -217,8 +228,8 @@ def checked(table: dict[str, Setting]):
             except TypeError as e:
                 raise SettingError(f"{where}{e}") from None
             for name, value in bound.arguments.items():
-                table[name].check(name, value, where)
-            return fn(*args, **kwargs)
+                bound.arguments[name] = table[name].check(name, value, where)
+            return fn(*bound.args, **bound.kwargs)
 
         return wrapper
 

@@ -599,8 +599,12 @@ def train(
         raise SettingError("save_every needs an output folder (out=...)", "save_every")
     if resume and out is None and not isinstance(resume, (str, os.PathLike)):
         raise SettingError("resume=True needs the run's folder (out=...)", "resume")
-    if resume and model is not None:
-        raise SettingError("resume loads the model from the checkpoint: pass no model", "model")
+    if resume and (model is not None or tokenizer is not None):
+        raise SettingError("resume loads the model and tokenizer from the checkpoint: pass neither",
+                           "model" if model is not None else "tokenizer")
+    if model is not None and overrides:
+        raise SettingError("overrides apply to the preset's config: with a model given, set its config instead",
+                           "overrides")
     if warmup_steps is not None and warmup_steps > steps:
         raise SettingError(f"warmup_steps ({warmup_steps}) must be at most steps ({steps})", "warmup_steps")
 
