@@ -4,7 +4,9 @@ Importing foxlab registers the model with transformers' Auto classes, so ``AutoC
 ``AutoModel`` and ``AutoModelForCausalLM`` (``from_config``, ``from_pretrained``) and ``generate`` work, and
 ``AutoTokenizer`` loads the byte-level tokenizer saved with every checkpoint. The checkpoints of the paper's code
 and of fla load too, converted on reading (foxlab.checkpoints), with the paper's tokenizer (``JSONGPT2Tokenizer``);
-``export_to_fla`` writes fla's format.
+``export_to_fla`` writes fla's format. Without ``import foxlab``, transformers does not know the model type of a
+foxlab checkpoint (and suggests upgrading itself, which does not help).
+Every setting is checked: a wrong name, type or value raises ``SettingError`` naming it.
 Supported: transformers >= 5.0, < 6 (tested with 5.17 and 5.24).
 """
 
@@ -21,6 +23,7 @@ from .model import (
     ForgettingTransformerModel,
     ForgettingTransformerPreTrainedModel,
 )
+from .settings import SettingError
 
 AutoConfig.register(ForgettingTransformerConfig.model_type, ForgettingTransformerConfig, exist_ok=True)
 AutoModel.register(ForgettingTransformerConfig, ForgettingTransformerModel, exist_ok=True)
@@ -37,6 +40,7 @@ __all__ = [
     "ForgettingTransformerModel",
     "ForgettingTransformerPreTrainedModel",
     "JSONGPT2Tokenizer",
+    "SettingError",
     "export_to_fla",
     "forgetting_attention",
     "forgetting_attention_reference",

@@ -34,18 +34,15 @@ class UsageError(Exception):
     """A bad argument found after parsing: reported as one line, exit status 2."""
 
 
-# The train() arguments that the command line sets with a flag of the same name (--seq-len sets seq_len, ...).
-FLAG_SETTINGS = ("preset", "task", "seq_len", "steps", "batch_size", "lr", "warmup_steps", "seed", "eval_every",
-                 "eval_batches", "save_every", "device")
-
-
 def _setting(table: dict, name: str):
     """An argparse type for a flag that sets the Python argument ``name``: parsed and checked by its table row, so
     the flag accepts exactly what the argument does (argparse names the flag in the error)."""
 
+    row = table[name]
+
     def parse(text: str):
         try:
-            return table[name].parse(text)
+            return row.parse(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -63,43 +60,45 @@ def _override(text: str) -> tuple[str, object]:
     return key.replace("-", "_"), value
 
 
+# The train() arguments that have a flag of the same name (--seq-len sets seq_len), with the flag's argparse options.
+# Each flag parses and checks its value with the argument's TRAIN_SETTINGS row: a new flag needs one entry here.
+TRAIN_FLAGS = {
+    "preset": dict(default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)"),
+    "task": dict(default="segments", help=f"{', '.join(TASKS)} (default: segments)"),
+    "seq_len": dict(default=None, help="sequence length (default: the task's)"),
+    "steps": dict(required=True, help="total optimizer steps. With --resume a larger value extends the run: its "
+                  "cosine schedule is stretched to the new total, so the remaining steps' learning rates differ "
+                  "from the shorter run's (an extended run is not the same as a run of that length from the start)"),
+    "batch_size": dict(default=16, help="global batch size (default: 16)"),
+    "lr": dict(default=3e-3, help="peak learning rate (default: 3e-3)"),
+    "warmup_steps": dict(default=None, help="default: 10%% of the steps, at most 100; a resumed run keeps its own"),
+    "seed": dict(default=0, help="seeds the initialisation and the data (default: 0)"),
+    "eval_every": dict(default=None, help="evaluate every N steps (and at the end)"),
+    "eval_batches": dict(default=2, help="batches per evaluation (default: 2)"),
+    "save_every": dict(default=None, help="checkpoint every K steps"),
+    "device": dict(default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"),
+    "parallel": dict(default="ddp", help="under torchrun: ddp (a model copy per process) or fsdp (sharded weights "
+                     "and optimizer state, for models too big for one GPU); default: ddp"),
+    "acp_log_tolerance": dict(default=None, metavar="LOG_EPS",
+                              help="adaptive computation pruning: skip the attention scores the forget gates have "
+                                   "decayed below e^LOG_EPS of a query's weight, e.g. -10 (default: off)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="foxlab", description="Train and study small Forgetting Transformers.")
     sub = parser.add_subparsers(dest="command", metavar="{train,demo}", parser_class=_Parser)
 
-    def train_flag(p, flag, **kwargs):
-        p.add_argument(flag, type=_setting(TRAIN_SETTINGS, flag[2:].replace("-", "_")), **kwargs)
-
     t = sub.add_parser("train", help="train a model on a task", description="Train a FoX model on a task.")
-    train_flag(t, "--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
+    for name, options in TRAIN_FLAGS.items():
+        t.add_argument("--" + name.replace("_", "-"), type=_setting(TRAIN_SETTINGS, name), **options)
     t.add_argument("--override", action="append", type=_override, default=[], metavar="KEY=VALUE",
                    help="model setting, e.g. num_hidden_layers=3 or fgate_init_timescales=[1,64] (repeatable; "
                         "values are JSON)")
-    train_flag(t, "--task", default="segments", help=f"{', '.join(TASKS)} (default: segments)")
     t.add_argument("--text-file", default=None, help="for --task text: the text file (default: Python's stdlib)")
-    train_flag(t, "--seq-len", default=None, help="sequence length (default: the task's)")
-    train_flag(t, "--steps", required=True,
-               help="total optimizer steps. With --resume a larger value extends the run: its cosine schedule is "
-                    "stretched to the new total, so the remaining steps' learning rates differ from the shorter "
-                    "run's (an extended run is not the same as a run of that length from the start)")
-    train_flag(t, "--batch-size", default=16, help="global batch size (default: 16)")
-    train_flag(t, "--lr", default=3e-3, help="peak learning rate (default: 3e-3)")
-    train_flag(t, "--warmup-steps", default=None,
-               help="default: 10%% of the steps, at most 100; a resumed run keeps its own")
-    train_flag(t, "--seed", default=0, help="seeds the initialisation and the data (default: 0)")
-    train_flag(t, "--eval-every", default=None, help="evaluate every N steps (and at the end)")
-    train_flag(t, "--eval-batches", default=2, help="batches per evaluation (default: 2)")
-    train_flag(t, "--save-every", default=None, help="checkpoint every K steps")
     t.add_argument("--out", required=True, help="run folder: metrics.json and checkpoint/")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in OUT/checkpoint, with the same settings (--steps may grow)")
-    train_flag(t, "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    train_flag(t, "--acp-log-tolerance", default=None, metavar="LOG_EPS",
-               help="adaptive computation pruning: skip the attention scores the forget gates have decayed below "
-                    "e^LOG_EPS of a query's weight, e.g. -10 (default: off)")
-    train_flag(t, "--parallel", default="ddp",
-               help="under torchrun: ddp (a model copy per process) or fsdp (sharded weights and optimizer state, "
-                    "for models too big for one GPU); default: ddp")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     d = sub.add_parser("demo", help="train tiny FoX on segments and report how it forgets at resets",
@@ -148,9 +147,9 @@ def _check_train_args(args) -> None:
 
 def _flag(name: str) -> str | None:
     """The flag that sets train()'s setting ``name`` (as SettingError and ResumeMismatch name it), if any."""
-    if name in FLAG_SETTINGS:
+    if name in TRAIN_FLAGS:
         return "--" + name.replace("_", "-")
-    return {"task_kwargs['path']": "--text-file", "task_kwargs": "--text-file", "overrides": "--override"}.get(name)
+    return {"task_kwargs['path']": "--text-file", "overrides": "--override"}.get(name)
 
 
 def _as_flags(name: str, value) -> str:
@@ -177,12 +176,8 @@ def _train(args) -> int:
     from .train import train
 
     task_kwargs = {"path": args.text_file} if args.text_file else None
-    result = train(preset=args.preset, overrides=dict(args.override), task=args.task, task_kwargs=task_kwargs,
-                   seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                   warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
-                   save_every=args.save_every,
-                   out=args.out, resume=args.resume, seed=args.seed, device=args.device, parallel=args.parallel,
-                   acp_log_tolerance=args.acp_log_tolerance, progress=not args.no_progress)
+    result = train(overrides=dict(args.override), task_kwargs=task_kwargs, out=args.out, resume=args.resume,
+                   progress=not args.no_progress, **{name: getattr(args, name) for name in TRAIN_FLAGS})
     if result.interrupted:  # train() said where the checkpoint is and how to continue
         return 130
     if result.losses and os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process

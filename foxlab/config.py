@@ -191,8 +191,8 @@ class ForgettingTransformerConfig(PretrainedConfig):
     ):
         for alias, name in self.attribute_map.items():
             if alias in kwargs:
-                raise SettingError(f"{type(self).__name__}: {alias} is called {name} here: pass {name}", alias)
-        check_names(kwargs, SETTINGS, f"{type(self).__name__}: ", also=TRANSFORMERS_KEYS)
+                raise SettingError(f"{alias} is called {name} here: pass {name}", alias)
+        check_names(kwargs, SETTINGS, also=TRANSFORMERS_KEYS)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -231,31 +231,28 @@ class ForgettingTransformerConfig(PretrainedConfig):
     def __setattr__(self, name, value):
         name = self.attribute_map.get(name, name)
         if name in SETTINGS:
-            value = SETTINGS[name].check(name, value, where=f"{type(self).__name__}: ")
+            value = SETTINGS[name].check(name, value)
         super().__setattr__(name, value)
 
     def _validate_and_derive(self) -> None:
         """Check how settings relate (each one alone is checked when set) and fill in the derived sizes."""
-        def refuse(message, name):
-            raise SettingError(f"{type(self).__name__}: {message}", name)
-
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                refuse(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}), "
-                       "or set head_dim", "hidden_size")
+                raise SettingError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                                   f"({self.num_heads}), or set head_dim", "hidden_size")
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
-            refuse(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})",
-                   "num_kv_heads")
+            raise SettingError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                               f"({self.num_kv_heads})", "num_kv_heads")
         if self.intermediate_size is None:
             width = int(2 * self.hidden_ratio * self.hidden_size / 3)
             self.intermediate_size = 256 * ((width + 255) // 256)
         timescales = self.fgate_init_timescales
         if timescales is not None and not timescales[0] <= timescales[1]:
-            refuse(f"fgate_init_timescales must be [T_min, T_max] with T_min <= T_max, got {timescales}",
-                   "fgate_init_timescales")
+            raise SettingError(f"fgate_init_timescales must be [T_min, T_max] with T_min <= T_max, got "
+                               f"{timescales}", "fgate_init_timescales")
         if self.use_rope and self.head_dim % 2:
-            refuse(f"use_rope needs an even head_dim, got {self.head_dim}", "head_dim")
+            raise SettingError(f"use_rope needs an even head_dim, got {self.head_dim}", "head_dim")
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

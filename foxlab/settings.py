@@ -33,6 +33,16 @@ def _fmt(x) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
+def _is_number(value) -> bool:
+    """A finite real number; bools do not count, although Python makes them ints."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _plain(number, kind):
+    """``number`` as a Python int or float (numpy's and torch's scalars are not JSON-serializable)."""
+    return number if type(number) in (int, float) else kind(number)
+
+
 def _shown(value) -> str:
     """A value as an error message shows it: its repr (shortened), or its type for other objects."""
     if isinstance(value, (str, numbers.Number, list, tuple, dict, type(None))):
@@ -48,8 +58,8 @@ class Setting:
     kind: ``int``, ``float`` (any finite real number), ``bool`` (True or False only), ``str``, ``list`` (of
     ``length`` numbers, each in the range) or a tuple of classes an object must be an instance of.
     low/high: inclusive bounds; above/below: exclusive ones. choices: the allowed strings. optional: None allowed.
-    extra: a further check, value -> a problem ("must be ...") or None. text: describes what is accepted, where
-    the kind alone does not say it.
+    extra: a further check, value -> None or the problem, worded to follow the setting's name ("'cuda' is not
+    available: ..."). text: says what is accepted, where the kind alone does not.
     """
 
     kind: type | tuple
@@ -64,12 +74,15 @@ class Setting:
     text: str = ""
 
     def _range(self) -> str:
-        low = (">=", "[", self.low) if self.low is not None else (">", "(", self.above) if self.above is not None else None
-        high = ("<=", "]", self.high) if self.high is not None else ("<", ")", self.below) if self.below is not None else None
-        if low and high:
-            return f" in {low[1]}{_fmt(low[2])}, {_fmt(high[2])}{high[1]}"
-        bound = low or high
-        return f" {bound[0]} {_fmt(bound[2])}" if bound else ""
+        """The bounds as messages show them: " in [0, 1]", " > 0", " < 1" or ""."""
+        low = ("[", ">=", self.low) if self.low is not None else ("(", ">", self.above)
+        high = ("]", "<=", self.high) if self.high is not None else (")", "<", self.below)
+        if low[2] is not None and high[2] is not None:
+            return f" in {low[0]}{_fmt(low[2])}, {_fmt(high[2])}{high[0]}"
+        for _, sign, bound in (low, high):
+            if bound is not None:
+                return f" {sign} {_fmt(bound)}"
+        return ""
 
     def describe(self) -> str:
         """What the setting accepts, in words: "a number in [0, 1]", "True or False", "one of 'a', 'b' or None"."""
@@ -102,10 +115,9 @@ class Setting:
         if self.kind is int:
             return isinstance(value, numbers.Integral) and not isinstance(value, bool)
         if self.kind is float:
-            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            return _is_number(value)
         if self.kind is list:
-            return (isinstance(value, (list, tuple)) and len(value) == self.length
-                    and all(Setting(float)._kind_ok(v) for v in value))
+            return isinstance(value, (list, tuple)) and len(value) == self.length and all(map(_is_number, value))
         return isinstance(value, self.kind)
 
     def problem(self, value) -> str | None:
@@ -126,11 +138,16 @@ class Setting:
         return self.extra(value) if self.extra is not None else None
 
     def check(self, name: str, value, where: str = ""):
-        """``value`` if acceptable (a list for ``kind=list``); else SettingError "<where><name> must be ..."."""
+        """``value`` if acceptable, else SettingError "<where><name> must be ...". Numbers come back as Python's
+        own (a numpy integer as an int: they are saved as JSON) and a ``list`` setting as a list."""
         problem = self.problem(value)
         if problem is not None:
             raise SettingError(f"{where}{name} {problem}", name)
-        return list(value) if self.kind is list and value is not None else value
+        if value is None:
+            return None
+        if self.kind is list:
+            return [_plain(v, float) for v in value]
+        return _plain(value, self.kind) if self.kind in (int, float) else value
 
     def parse(self, text: str):
         """A command-line value: ``text`` converted to the setting's kind and checked (ValueError if wrong)."""
@@ -193,7 +210,8 @@ def require_rows(fn, table: dict[str, Setting], ignore: Iterable[str] = ()) -> i
 
 
 def checked(table: dict[str, Setting]):
-    """Decorator: every call checks its arguments' names and values against ``table``.
+    """Decorator: every call checks its arguments' names and values against ``table`` (and passes them on as
+    ``Setting.check`` returns them).
 
     Every parameter of the function needs a row (checked when the decorator is applied). Arguments left at their
     defaults are not checked: the defaults are valid by construction."""
@@ -210,8 +228,8 @@ def checked(table: dict[str, Setting]):
             except TypeError as e:
                 raise SettingError(f"{where}{e}") from None
             for name, value in bound.arguments.items():
-                table[name].check(name, value, where)
-            return fn(*args, **kwargs)
+                bound.arguments[name] = table[name].check(name, value, where)
+            return fn(*bound.args, **bound.kwargs)
 
         return wrapper
 

@@ -10,7 +10,11 @@ scheduler, RNG states, step, histories). A checkpoint is written into a temporar
 renamed into place, ``trainer_state.json`` last, so a crash mid-save leaves the previous checkpoint intact.
 ``resume=True`` continues from it: batches are a pure function of the step (``foxlab.data``), so the losses after a
 resume equal those of an uninterrupted run (bitwise on CPU). Ctrl-C finishes the current step, saves a checkpoint
-and returns with ``interrupted=True`` (a second Ctrl-C aborts at once).
+and returns with ``interrupted=True`` (a second Ctrl-C aborts at once). A resume with a larger ``steps`` extends a
+run, keeping its other settings (``train`` says what that changes).
+
+Every argument is checked against its row in ``TRAIN_SETTINGS`` (``foxlab.settings``): a wrong name, type or value
+raises ``SettingError`` naming it, before anything runs.
 
 Under ``torchrun --nproc_per_node N`` it trains with DistributedDataParallel (gloo on CPU, nccl on GPU), or with
 ``parallel="fsdp"`` sharded over the processes (FSDP2, ``foxlab.parallel``): the global batch is split over the
@@ -313,7 +317,8 @@ def load_checkpoint(path: str | os.PathLike, device="cpu"):
         raise FileNotFoundError(f"no training checkpoint to load: {why_no_checkpoint(path)}")
     model_type = json.loads((ckpt / "config.json").read_text()).get("model_type")
     if model_type != ForgettingTransformerConfig.model_type:
-        raise ValueError(f"{ckpt} holds a {model_type!r} model, not a foxlab {ForgettingTransformerConfig.model_type!r}")
+        raise ValueError(f"{ckpt} holds a {model_type!r} model, not a foxlab "
+                         f"{ForgettingTransformerConfig.model_type!r} one")
     with _quiet_hf():
         model = ForgettingTransformerForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(device)
         tokenizer = ByteTokenizer.from_pretrained(ckpt)
@@ -467,6 +472,16 @@ def default_warmup(steps: int) -> int:
     return min(100, max(1, steps // 10))
 
 
+class _Unset:
+    """A setting that a run's record does not have (an override given to one run only)."""
+
+    def __repr__(self):
+        return "unset"
+
+
+UNSET = _Unset()
+
+
 class ResumeMismatch(SettingError):
     """A resume whose settings differ from the checkpoint's run. ``differences``: (setting, value now, value in
     the checkpoint's run) for each, with the task's and the overrides' entries one by one."""
@@ -474,13 +489,11 @@ class ResumeMismatch(SettingError):
     def __init__(self, checkpoint: Path, differences: list[tuple[str, object, object]]):
         self.checkpoint, self.differences = checkpoint, differences
         listed = "; ".join(f"{name} is {now!r} here but {old!r} in that run" for name, now, old in differences)
+        fixes = ", ".join(f"no {name}" if old is UNSET else f"{name}={old!r}" for name, _, old in differences)
         super().__init__(
-            f"cannot resume the run in {checkpoint}: {listed}. To continue that run, pass its values; to start a "
-            f"new one, use another out folder (or no resume). Only {', '.join(sorted(RESUMABLE_CHANGES))} may "
-            "change on resume (a larger steps extends the run)", differences[0][0])
-
-
-UNSET = "<unset>"
+            f"cannot resume the run in {checkpoint}: {listed}. To continue that run, pass its values ({fixes}); to "
+            f"start a new one, use another out folder (or no resume). Only {', '.join(sorted(RESUMABLE_CHANGES))} "
+            "may change on resume (a larger steps extends the run)", differences[0][0])
 
 
 def run_differences(saved: dict, now: dict) -> list[tuple[str, object, object]]:
@@ -601,8 +614,12 @@ def train(
         raise SettingError("save_every needs an output folder (out=...)", "save_every")
     if resume and out is None and not isinstance(resume, (str, os.PathLike)):
         raise SettingError("resume=True needs the run's folder (out=...)", "resume")
-    if resume and model is not None:
-        raise SettingError("resume loads the model from the checkpoint: pass no model", "model")
+    if resume and (model is not None or tokenizer is not None):
+        raise SettingError("resume loads the model and tokenizer from the checkpoint: pass neither",
+                           "model" if model is not None else "tokenizer")
+    if model is not None and overrides:
+        raise SettingError("overrides apply to the preset's config: with a model given, set its config instead",
+                           "overrides")
     if warmup_steps is not None and warmup_steps > steps:
         raise SettingError(f"warmup_steps ({warmup_steps}) must be at most steps ({steps})", "warmup_steps")
 

@@ -72,8 +72,7 @@ BASE = ["train", "--steps", "3", "--out", "{tmp}/a"]
     (BASE + ["--device", "gpu"], "argument --device: must be a torch device such as 'cpu', 'cuda' or 'cuda:1'"),
     (BASE + ["--override", "num_layers=3"], "--override: unknown setting 'num_layers'; did you mean "
                                             "'num_hidden_layers'?"),
-    (BASE + ["--override", "qk_norm=no"], "--override: ForgettingTransformerConfig: qk_norm must be True or False, "
-                                          "got 'no'"),
+    (BASE + ["--override", "qk_norm=no"], "--override: qk_norm must be True or False, got 'no' (a str)"),
     (BASE + ["--override", 'hidden_ratio="4"'], "hidden_ratio must be a number > 0, got '4' (a str)"),
     (BASE + ["--override", "dtype=float16"], "--override: unknown setting 'dtype'; valid settings: acp_log_tolerance, attn_backend"),
     (BASE + ["--override", "num_heads=3"], "hidden_size (128) must be divisible by num_heads (3)"),

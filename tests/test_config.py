@@ -162,3 +162,13 @@ def test_checkpoint_saved_before_the_checks_loads_with_the_same_logits():
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
     torch.testing.assert_close(logits, expected["logits"], rtol=1e-6, atol=1e-6)
+
+
+def test_numpy_numbers_are_stored_as_python_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    config = ForgettingTransformerConfig(vocab_size=np.int64(300), hidden_ratio=np.float32(2.5),
+                                         fgate_init_timescales=(np.float32(2), 64))
+    assert type(config.vocab_size) is int and type(config.hidden_ratio) is float
+    assert config.fgate_init_timescales == [2.0, 64]
+    config.save_pretrained(tmp_path)  # JSON: would fail on numpy scalars
+    assert ForgettingTransformerConfig.from_pretrained(tmp_path).vocab_size == 300

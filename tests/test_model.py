@@ -129,13 +129,15 @@ def test_bad_model_inputs():
     (dict(input_ids=torch.tensor([1, 5, 6])), ValueError,
      r"input_ids must have shape \(batch, seq_len\), got \(3,\); for one sequence pass input_ids\[None\]"),
     (dict(input_ids=torch.ones(1, 2, 3, dtype=torch.long)), ValueError, r"input_ids must have shape"),
-    (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), ValueError, r"input_ids holds no tokens \(shape \(2, 0\)\)"),
+    (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), ValueError,
+     r"input_ids holds no tokens \(shape \(2, 0\)\)"),
     (dict(inputs_embeds=torch.zeros(1, 0, 128)), ValueError, r"inputs_embeds holds no tokens"),
     (dict(input_ids=torch.tensor([[1.0, 5.0]])), TypeError, r"input_ids must hold integer token ids, got dtype"),
     (dict(input_ids=[[1, 5, 6]]), TypeError, r"input_ids must be a torch.Tensor, got list"),
     (dict(input_ids=torch.tensor([[1, 260]])), ValueError, r"token ids in \[0, 259\].*from 1 to 260"),
     (dict(input_ids=torch.tensor([[-1, 5]])), ValueError, r"token ids in \[0, 259\].*from -1 to 5"),
-    (dict(inputs_embeds=torch.zeros(1, 4, 64)), ValueError, r"inputs_embeds must have shape \(batch, seq_len, hidden_size=128\)"),
+    (dict(inputs_embeds=torch.zeros(1, 4, 64)), ValueError,
+     r"inputs_embeds must have shape \(batch, seq_len, hidden_size=128\)"),
     (dict(inputs_embeds=torch.zeros(4, 128)), ValueError, r"for one sequence pass inputs_embeds\[None\]"),
 ])
 def test_inputs_the_model_cannot_take_are_explained(inputs, error, message):
