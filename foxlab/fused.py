@@ -71,6 +71,15 @@ def _check_triton(x: torch.Tensor, op: str) -> None:
         raise ValueError(f"{op} takes float16, bfloat16, float32 or float64 tensors, got {x.dtype}")
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """Host-side helpers in plain Python: triton.cdiv and friends cost microseconds per call from the host."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 arithmetic for float64 inputs (exact tests), else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -99,7 +108,7 @@ def _programs(n_units: int, device: torch.device) -> int:
 
 def _row_tile(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_N >= n_cols, num_warps) of one program of a row-wise kernel."""
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = _next_pow2(n_cols)
     block_m = max(1, _TILE_ELEMENTS // block_n)
     return block_m, block_n, 8 if block_m * block_n >= 8192 else 4
 
@@ -200,7 +209,7 @@ class _RMSNormFunction(torch.autograd.Function):
                         device=x.device) if residual is not None else x2
         block_m, block_n, warps = _row_tile(n_cols)
         if n_rows:
-            _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+            _rms_norm_fwd_kernel[(_cdiv(n_rows, block_m),)](
                 x2, r2, g2, weight, y, s, rstd, n_rows, n_cols, eps, HAS_RESIDUAL=residual is not None,
                 HAS_GATE=gate is not None, ACC=_tl_dtype(acc), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
         ctx.save_for_backward(s, weight, g2, rstd)
@@ -224,15 +233,16 @@ class _RMSNormFunction(torch.autograd.Function):
         dg = torch.empty_like(g2) if g2 is not None else None
         if n_rows:
             block_m, block_n, warps = _row_tile(n_cols)
-            programs = _programs(triton.cdiv(n_rows, block_m), s.device)
-            rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block_m) * block_m
-            programs = triton.cdiv(n_rows, rows_per_program)
+            programs = _programs(_cdiv(n_rows, block_m), s.device)
+            rows_per_program = _cdiv(_cdiv(n_rows, programs), block_m) * block_m
+            programs = _cdiv(n_rows, rows_per_program)
             dw_partial = torch.empty((programs, n_cols), dtype=rstd.dtype, device=s.device)  # a row per program
             _rms_norm_bwd_kernel[(programs,)](
                 s, weight, g2, rstd, dy, ds, dx, dr, dg, dw_partial, n_rows, n_cols, rows_per_program,
                 HAS_RESIDUAL=has_residual, HAS_GATE=g2 is not None, ACC=_tl_dtype(rstd.dtype), BLOCK_M=block_m,
                 BLOCK_N=block_n, num_warps=warps)
-            dw = dw_partial.sum(dim=0).to(weight.dtype)
+            dw = dw_partial.sum(dim=0)
+            dw = dw if dw.dtype == weight.dtype else dw.to(weight.dtype)
         else:
             dw = torch.zeros_like(weight)
         return (dx.view(shape), dw, dr.view(shape) if dr is not None else None,
@@ -254,7 +264,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: tor
         promoted dtype of x and residual (the residual stream).
     """
     _check_float_tensor("x", x)
-    if not isinstance(weight, torch.Tensor) or weight.shape != (x.shape[-1],):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must have shape ({x.shape[-1]},) (x's last dim), got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     if x.shape[-1] > _MAX_ROW:
@@ -303,7 +313,7 @@ class _SwiGLUFunction(torch.autograd.Function):
         y = torch.empty_like(g)
         n = g.numel()
         if n:
-            _swiglu_fwd_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
+            _swiglu_fwd_kernel[(_cdiv(n, _ELEMENTWISE_BLOCK),)](
                 g, u, y, n, ACC=_tl_dtype(_acc_dtype(g)), BLOCK=_ELEMENTWISE_BLOCK, num_warps=4)
         ctx.save_for_backward(g, u)
         return y
@@ -315,7 +325,7 @@ class _SwiGLUFunction(torch.autograd.Function):
         dg, du = torch.empty_like(g), torch.empty_like(u)
         n = g.numel()
         if n:
-            _swiglu_bwd_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
+            _swiglu_bwd_kernel[(_cdiv(n, _ELEMENTWISE_BLOCK),)](
                 g, u, dy, dg, du, n, ACC=_tl_dtype(_acc_dtype(g)), BLOCK=_ELEMENTWISE_BLOCK, num_warps=4)
         return dg, du
 
@@ -392,7 +402,7 @@ class _TokenShiftFunction(torch.autograd.Function):
         y = torch.empty_like(x)
         meta = _token_shift_meta(x)
         if x.numel():
-            _token_shift_fwd_kernel[(triton.cdiv(B * T * H, meta["BLOCK_M"]),)](
+            _token_shift_fwd_kernel[(_cdiv(B * T * H, meta["BLOCK_M"]),)](
                 x, previous, a_logits, y, B * T * H, T, H, D, HAS_PREV=previous is not None, **meta)
         ctx.save_for_backward(x, previous, a_logits)
         return y
@@ -405,7 +415,7 @@ class _TokenShiftFunction(torch.autograd.Function):
         dx, da = torch.empty_like(x), torch.empty_like(a_logits)
         meta = _token_shift_meta(x)
         if x.numel():
-            _token_shift_bwd_kernel[(triton.cdiv(B * T * H, meta["BLOCK_M"]),)](
+            _token_shift_bwd_kernel[(_cdiv(B * T * H, meta["BLOCK_M"]),)](
                 x, previous, a_logits, dy, dx, da, B * T * H, T, H, D, HAS_PREV=previous is not None, **meta)
         d_previous = None
         if previous is not None and ctx.needs_input_grad[1]:  # only token 0 reads previous
@@ -487,7 +497,7 @@ def _chunk_cross_entropy(logits, targets, scale, ignore_index, compute_grad, use
     acc = _acc_dtype(logits)
     if use_triton:
         loss = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
-        block = min(_CE_BLOCK, triton.next_power_of_2(logits.shape[1]))
+        block = min(_CE_BLOCK, _next_pow2(logits.shape[1]))
         _cross_entropy_kernel[(logits.shape[0],)](
             logits, targets, loss, scale, logits.shape[1], ignore_index, COMPUTE_GRAD=compute_grad,
             ACC=_tl_dtype(acc), BLOCK=block, num_warps=8 if block >= 2048 else 4)
