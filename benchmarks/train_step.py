@@ -3,14 +3,17 @@
     python benchmarks/train_step.py                      # the BENCHMARKS.md table (one CUDA GPU)
     python benchmarks/train_step.py --liger --ablation   # + fox-125m on Liger Kernel's ops, + one switch at a time
     python benchmarks/train_step.py --long               # + fox-125m at 1 x 16384 tokens
-    python benchmarks/train_step.py --long --acp-log-tolerance 8   # + the same with adaptive computation pruning
+    python benchmarks/train_step.py --long --acp-log-tolerance TOL # + the same with adaptive computation pruning
+    python benchmarks/train_step.py --gpu-time --cuda-graph  # + kernel time per step; + each row as a CUDA graph
     python benchmarks/train_step.py --device cpu --preset-size tiny --batch 2 --seq 64   # a smoke run
 
 A step is forward, backward and a fused AdamW update (torch.optim.AdamW(fused=True) on CUDA) under bf16
 autocast with float32 weights, on random tokens (labels = inputs). Each row builds its model on the GPU,
 runs --warmup steps (Triton compiles its kernels there), then times --steps steps between two synchronizes.
 tokens/s = steps x batch x seq / seconds; peak = torch.cuda.max_memory_allocated over the whole row (weights,
-optimizer state, activations), in GiB.
+optimizer state, activations), in GiB. --gpu-time adds the kernel time of one step (torch.profiler): far below the
+step time, the step waits on the host (Python, kernel launches), and --cuda-graph shows the step without that.
+fla is not in this script (it was not installed on the device); BENCHMARKS.md quotes its earlier measurement.
 """
 
 from __future__ import annotations
