@@ -3,14 +3,17 @@
     python benchmarks/train_step.py                      # the BENCHMARKS.md table (one CUDA GPU)
     python benchmarks/train_step.py --liger --ablation   # + fox-125m on Liger Kernel's ops, + one switch at a time
     python benchmarks/train_step.py --long               # + fox-125m at 1 x 16384 tokens
-    python benchmarks/train_step.py --long --acp-log-tolerance 8   # + the same with adaptive computation pruning
+    python benchmarks/train_step.py --long --acp-log-tolerance TOL # + the same with adaptive computation pruning
+    python benchmarks/train_step.py --gpu-time --cuda-graph  # + kernel time per step; + each row as a CUDA graph
     python benchmarks/train_step.py --device cpu --preset-size tiny --batch 2 --seq 64   # a smoke run
 
 A step is forward, backward and a fused AdamW update (torch.optim.AdamW(fused=True) on CUDA) under bf16
 autocast with float32 weights, on random tokens (labels = inputs). Each row builds its model on the GPU,
 runs --warmup steps (Triton compiles its kernels there), then times --steps steps between two synchronizes.
 tokens/s = steps x batch x seq / seconds; peak = torch.cuda.max_memory_allocated over the whole row (weights,
-optimizer state, activations), in GiB.
+optimizer state, activations), in GiB. --gpu-time adds the kernel time of one step (torch.profiler): far below the
+step time, the step waits on the host (Python, kernel launches), and --cuda-graph shows the step without that.
+fla is not in this script (it was not installed on the device); BENCHMARKS.md quotes its earlier measurement.
 """
 
 from __future__ import annotations
@@ -98,8 +101,32 @@ def gpu_busy_ms(step) -> float:
     return sum(event.self_device_time_total for event in prof.key_averages()) / 1e3
 
 
-def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext, gpu_time=False) -> dict:
-    """Build a model, train it for warmup + steps steps on random tokens; tokens/s and peak memory."""
+def cuda_graph_step(train_step, optimizer):
+    """Capture one whole training step (forward, backward, optimizer update) in a CUDA graph and return its replay:
+    the same step without Python or launch overhead (PyTorch's whole-network capture recipe). train_step must not
+    zero the gradients: the graph writes them in place each replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            train_step()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = train_step()
+
+    def replay():
+        graph.replay()
+        return loss
+    return replay
+
+
+def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext, gpu_time=False,
+            graph=False) -> dict:
+    """Build a model, train it for warmup + steps steps on random tokens; tokens/s and peak memory. With ``graph``
+    the step is captured once in a CUDA graph and replayed."""
     row = dict(model=label, batch=batch, seq=seq)
     cuda = device.type == "cuda"
     model = optimizer = None
@@ -113,18 +140,26 @@ def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext
             with torch.device(device):
                 model = build().train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                          fused=cuda)
+                                          fused=cuda, capturable=graph)
             vocab = model.config.vocab_size
             ids = torch.randint(0, vocab, (batch, seq), device=device)
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+            # CUDA graphs need autocast's cast cache off (a cached cast would outlive the capture)
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda, cache_enabled=not graph)
 
-            def step():
+            def train_step():
                 with autocast:
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 loss.backward()
                 optimizer.step()
+                return loss
+
+            def step():
+                loss = train_step()
                 optimizer.zero_grad(set_to_none=True)
                 return loss
+
+            if graph:
+                step = cuda_graph_step(train_step, optimizer)
 
             start = time.perf_counter()
             for i in range(warmup):
@@ -180,6 +215,9 @@ def rows(args):
         table += [(f"foxlab fox-{size}, only {switch}", build(fox, **{**off, switch: True}), nullcontext)
                   for switch in SWITCHES]
     specs = [(label, builder, args.batch, args.seq, context) for label, builder, context in table]
+    if args.cuda_graph:
+        specs += [(f"{label}, CUDA graph", builder, args.batch, args.seq, "graph") for label, builder, context in table
+                  if context is nullcontext and "Llama" not in label]
     if args.long or args.acp_log_tolerance is not None:
         long_seq = args.batch * args.seq
         specs.append((f"foxlab fox-{size}, fused, 1 x {long_seq}", build(fox, **on), 1, long_seq, nullcontext))
@@ -206,6 +244,9 @@ def main(argv=None):
     parser.add_argument("--long", action="store_true", help="add fox at 1 x (batch x seq) tokens")
     parser.add_argument("--acp-log-tolerance", type=float, default=None,
                         help="add fox at 1 x (batch x seq) tokens with adaptive computation pruning at this tolerance")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="add each foxlab row again with the whole step captured in a CUDA graph")
+    parser.add_argument("--rows", default="", help="run only the rows whose label contains one of these (separated by |)")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="skip the rows left after this long")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", type=Path)
@@ -217,11 +258,16 @@ def main(argv=None):
                 liger_kernel=version("liger-kernel"))
     print(json.dumps(meta), flush=True)
     started, results = time.perf_counter(), []
+    wanted = [w.strip() for w in args.rows.split("|") if w.strip()]
     for label, build, batch, seq, context in rows(args):
+        if wanted and not any(w in label for w in wanted):
+            continue
         if time.perf_counter() - started > args.budget_s:
             results.append(dict(model=label, skipped="time budget"))
             continue
-        results.append(run_row(label, build, batch, seq, args.steps, args.warmup, device, context, args.gpu_time))
+        graph = context == "graph"
+        results.append(run_row(label, build, batch, seq, args.steps, args.warmup, device,
+                               nullcontext if graph else context, args.gpu_time and not graph, graph))
     meta["fp32_out_matmul"] = fused._FP32_OUT_MATMUL  # whether the chunked loss summed dW with addmm(out_dtype)
     print("\n| model | tokens/s | peak GiB | step ms | GPU busy ms |\n|---|---|---|---|---|")
     for r in results:
