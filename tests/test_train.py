@@ -247,7 +247,7 @@ def test_optimizer_state_round_trips_by_parameter_name():
 
 
 def test_unknown_parallel_mode_is_refused():
-    with pytest.raises(ValueError, match="parallel must be one of ddp, fsdp, got 'zero3'"):
+    with pytest.raises(SettingError, match="parallel must be one of 'ddp', 'fsdp', got 'zero3'"):
         train(**{**RUN, "parallel": "zero3"})
 
 
