@@ -33,7 +33,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from foxlab import kernels  # noqa: E402
-from foxlab.kernels import forgetting_attention  # noqa: E402
+from foxlab.attention import forgetting_attention  # noqa: E402
 
 SHAPES = [(4, 4096, 16, 128), (1, 16384, 16, 128), (8, 2048, 32, 64), (2, 8192, 16, 64), (1, 32768, 16, 64)]
 QUICK_SHAPES = [(2, 2048, 16, 128), (4, 2048, 16, 64)]

@@ -16,7 +16,7 @@ from .checkpoints import JSONGPT2Tokenizer, export_to_fla
 from .checkpoints import register as _register_checkpoint_formats
 from .config import PRESETS, ForgettingTransformerConfig
 from .data import ByteTokenizer  # registers it with AutoTokenizer
-from .kernels import forgetting_attention, forgetting_attention_reference
+from .attention import forgetting_attention, forgetting_attention_reference
 from .model import (
     ForgettingTransformerCache,
     ForgettingTransformerForCausalLM,

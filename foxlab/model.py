@@ -11,7 +11,7 @@ ForgettingAttention (per head; shapes B batch, T tokens, H query heads, Hkv key/
     k, v     <- KV-shift (optional): k'_t = a_t k_{t-1} + (1 - a_t) k_t
     q, k     <- per-head RMSNorm (optional qk_norm), RoPE (Transformer baselines only)
     log f_t  = logsigmoid(w_f . x_t + b_f)          (B, T, H), float32; 0 for fgate_type="none"
-    o        = forgetting_attention(q, k, v, log f) (kernels.py: softmax(s q k^T + c_i - c_j) v)
+    o        = forgetting_attention(q, k, v, log f) (attention.py: softmax(s q k^T + c_i - c_j) v)
     o        <- per-head RMSNorm (optional), then o * sigmoid(W_g x) (optional output gate)
     out      = W_o o
 """
@@ -34,7 +34,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from . import fused as fused_ops
 from .checkpoints import check_loading_info, prepare_from_pretrained
 from .config import ForgettingTransformerConfig
-from .kernels import forgetting_attention, forgetting_attention_reference, log_forget_gate
+from .attention import forgetting_attention, forgetting_attention_reference, log_forget_gate
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` in 5.2x;
 # the model accepts both names and returns the one this version's generation loop reads.

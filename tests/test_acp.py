@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from conftest import masked_attention, quantized_gates
 
 from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM, acp
-from foxlab.kernels import forgetting_attention
+from foxlab.attention import forgetting_attention
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from foxlab.kernels import _forgetting_attention_chunked, forgetting_attention, forgetting_attention_reference
+from foxlab.attention import _forgetting_attention_chunked, forgetting_attention, forgetting_attention_reference
 
 
 def loop_attention(q, k, v, log_f, scale=None, seq_start=None, cu_seqlens=None):

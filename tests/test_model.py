@@ -5,7 +5,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import foxlab
 from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM, ForgettingTransformerModel
-from foxlab.kernels import forgetting_attention_reference
+from foxlab.attention import forgetting_attention_reference
 from foxlab.model import gate_bias_for_timescales
 
 from conftest import VARIANTS, tiny_model

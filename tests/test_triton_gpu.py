@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from foxlab.kernels import forgetting_attention, forgetting_attention_reference
+from foxlab.attention import forgetting_attention, forgetting_attention_reference
 
 pytestmark = [
     pytest.mark.gpu,

@@ -19,7 +19,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 from foxlab import kernels  # noqa: E402
-from foxlab.kernels import forgetting_attention, forgetting_attention_reference  # noqa: E402
+from foxlab.attention import forgetting_attention, forgetting_attention_reference  # noqa: E402
 
 
 def rel_err(a, b):
