@@ -9,8 +9,8 @@ weighs at most e^(U + delta) while the query's own key (D = 0) weighs at least e
 
 ``threshold(q, k, "auto")`` computes that delta per (batch, head) with U = s max_t |q_t| max_t |k_t|
 (Cauchy-Schwarz). The dropped keys of a query form a prefix of its keys, and a later query drops a longer
-one, so a kernel skips whole tiles of keys before a start found by binary search and masks only the few
-tiles where the boundary passes. Pruning needs log f <= 0 (true gates); the model's gates always are.
+one, so a kernel skips whole tiles of keys before a start it finds from the prefix sums c alone, and masks only
+the few tiles where the boundary passes. Pruning needs log f <= 0 (true gates); the model's gates always are.
 
 This module holds the threshold, the bookkeeping in plain PyTorch (no T x T tensor anywhere) and the
 statistics a user asks for: how many scores and kernel tiles a model's gates let the kernels skip.

@@ -172,6 +172,8 @@ def _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqle
     """
     qa, ka, va, c, q_pos, k_pos, segment_ids = _prepare(q, k, v, log_fgate, seq_start, cu_seqlens)
     c_heads = c.transpose(1, 2)  # (B, H, Tk)
+    threshold = None if threshold is None else threshold.to(c.dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, log_fgate))
 
     def block(qb, kb, vb, cqb, ckb, vis):
         return _attend(qb, kb, vb, cqb, ckb, vis, scale)[0]
@@ -181,14 +183,13 @@ def _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqle
         qp = q_pos[start:start + chunk_size]
         first = 0
         if threshold is not None:  # the block's first row prunes least
-            first = int(acp.first_kept_key(c_heads, c_heads[:, :, qp[:1]], threshold.to(c.dtype)).min())
+            first = int(acp.first_kept_key(c_heads, c_heads[:, :, qp[:1]], threshold).min())
         keys = slice(first, int(qp[-1]) + 1)
         vis = _visible(qp, k_pos[keys], seq_start, segment_ids)
         if threshold is not None:
             decay = c[:, qp].transpose(1, 2)[..., :, None] - c_heads[:, :, None, keys]
-            vis = vis & (decay >= threshold.to(c.dtype)[:, :, None, None])
+            vis = vis & (decay >= threshold[:, :, None, None])
         args = (qa[:, start:start + chunk_size], ka[:, keys], va[:, keys], c[:, qp], c[:, keys], vis)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, log_fgate))
         outs.append(checkpoint(block, *args, use_reentrant=False) if needs_grad else block(*args))
     return torch.cat(outs, dim=1).to(q.dtype)
 

@@ -127,7 +127,7 @@ def _first_kept_key_block(C, c_row, delta, lo, hi, KEY_IN_BLOCK: tl.constexpr, T
     if lo < hi:
         if c_row - tl.load(C + tl.minimum(lo * BLOCK_N + KEY_IN_BLOCK, Tk - 1)) >= delta:
             first = lo
-    top = tl.where(first == lo, lo, first)
+    top = first  # lo when block lo is kept (nothing to scan), else hi
     offs = tl.arange(0, _SCAN_BLOCKS)
     while top > lo:
         blocks = top - _SCAN_BLOCKS + offs
