@@ -56,14 +56,14 @@ except ImportError:  # no Triton on this platform: the torch backends still work
 # Adaptive computation pruning (acp.py; docs/fox.md, "Adaptive computation pruning"), flag PRUNE: a score
 # whose decay c2_{p_i} - c2_j is below the base-2 threshold THRESHOLD[b, h] is dropped. A query block's keys
 # then split into [start, band) (some scores dropped: masked), [band, mid) (none) and the diagonal, with
-# every key block before `start` dropped for all rows and never loaded (`_pruned_key_range`); a key
-# block's query rows, symmetrically, end at `stop` (`_pruned_query_range`). Decoding's split kernel starts
-# each split at its first key block that some row keeps.
+# every key block before `start` dropped for all rows and never loaded; a key block's query rows,
+# symmetrically, end at `stop`. These bounds come from one small kernel per tile shape that binary-searches
+# the prefix sums for every block at once (`_query_block_bounds_kernel`, `_key_block_bounds_kernel`), so an
+# attention program starts with one load instead of a chain of dependent ones. Decoding's split kernel
+# starts each split at its first key block that some row keeps.
 # ==================================================================================================
 
 LOG2E = 1.4426950408889634
-# Blocks whose gate prefix sums one step of a pruning boundary search reads at once.
-_SCAN_BLOCKS = tl.constexpr(64) if triton is not None else 64
 # Without Triton the kernels stay plain (never called) functions, so the module still imports.
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 
@@ -115,32 +115,6 @@ def _mask_scores(s, decay, delta, q_pos, keys, key_lo, CAUSAL: tl.constexpr, MAS
 
 
 @_jit
-def _first_kept_key_block(C, c_row, delta, lo, hi, KEY_IN_BLOCK: tl.constexpr, Tk, BLOCK_N: tl.constexpr):
-    """The first key block n in [lo, hi) whose key n * BLOCK_N + KEY_IN_BLOCK (clamped to Tk - 1) is kept for a
-    query row with prefix sum c_row (c_row - c_key >= delta), else hi.
-
-    c falls along the keys, so the kept blocks are a suffix of [lo, hi). Rather than a binary search (a chain
-    of dependent loads, each a memory latency), look at block lo first (nothing pruned: done), else count the
-    kept blocks of _SCAN_BLOCKS-wide chunks from hi down until a chunk holds a pruned one (usually one chunk).
-    """
-    lo += tl.full([], 0, tl.int32)
-    first = hi + tl.full([], 0, tl.int32)
-    if lo < hi:
-        if c_row - tl.load(C + tl.minimum(lo * BLOCK_N + KEY_IN_BLOCK, Tk - 1)) >= delta:
-            first = lo
-    top = first  # lo when block lo is kept (nothing to scan), else hi
-    offs = tl.arange(0, _SCAN_BLOCKS)
-    while top > lo:
-        blocks = top - _SCAN_BLOCKS + offs
-        valid = blocks >= lo
-        c_key = tl.load(C + tl.minimum(blocks * BLOCK_N + KEY_IN_BLOCK, Tk - 1), mask=valid, other=0.0)
-        n_kept = tl.sum(tl.where(valid & (c_row - c_key >= delta), 1, 0), 0)
-        first = top - n_kept
-        top = tl.where(n_kept == tl.sum(tl.where(valid, 1, 0), 0), top - _SCAN_BLOCKS, lo)
-    return first
-
-
-@_jit
 def _first_kept_key_block_rows(C, c_rows, c_limit, valid, lo, hi, Tk, BLOCK_N: tl.constexpr):
     """Binary search for packed rows of several heads (decoding): the first key block n in [lo, hi) whose last
     key some valid row r keeps (c at that key >= c_limit[r] = c_q[r] - delta[r]; row r's gates at C + c_rows[r]),
@@ -154,32 +128,6 @@ def _first_kept_key_block_rows(C, c_rows, c_limit, valid, lo, hi, Tk, BLOCK_N: t
         hi = tl.where(kept, mid, hi)
         lo = tl.where(kept, lo, mid + 1)
     return lo
-
-
-@_jit
-def _first_pruned_query_block(C, c_key, delta, lo, hi, ROW_IN_BLOCK: tl.constexpr, offset, q_end,
-                              BLOCK_M: tl.constexpr):
-    """The first query block m in [lo, hi) whose row m * BLOCK_M + ROW_IN_BLOCK (clamped to q_end - 1) prunes a
-    key with prefix sum c_key (c_q - c_key < delta), else hi. c_q falls along the rows, so the pruned blocks are
-    a suffix: look at block hi - 1 first (nothing pruned: done), else count unpruned blocks chunk by chunk from lo.
-    """
-    lo += tl.full([], 0, tl.int32)
-    hi += tl.full([], 0, tl.int32)
-    first = hi
-    bottom = hi
-    if lo < hi:
-        if tl.load(C + offset + tl.minimum(hi * BLOCK_M - BLOCK_M + ROW_IN_BLOCK, q_end - 1)) - c_key < delta:
-            bottom = lo
-    offs = tl.arange(0, _SCAN_BLOCKS)
-    while bottom < hi:
-        blocks = bottom + offs
-        valid = blocks < hi
-        rows = tl.minimum(blocks * BLOCK_M + ROW_IN_BLOCK, q_end - 1)
-        c_q = tl.load(C + offset + rows, mask=valid, other=0.0)
-        n_kept = tl.sum(tl.where(valid & (c_q - c_key >= delta), 1, 0), 0)
-        first = bottom + n_kept
-        bottom = tl.where(n_kept == tl.sum(tl.where(valid, 1, 0), 0), bottom + _SCAN_BLOCKS, hi)
-    return first
 
 
 @_jit
@@ -212,44 +160,14 @@ def _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob, stride
 
 
 @_jit
-def _pruned_key_range(C, m0, offset, Tq, Tk, delta, start, mid, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Adaptive computation pruning for query rows [m0, m0 + BLOCK_M): returns (first, band_end).
-
-    Key blocks before `first` are pruned for every row (even the block's first row, which prunes least, drops
-    their last key); blocks from `band_end` on keep every score (even the last row keeps their first key).
-    Only [first, band_end) and the diagonal blocks need the threshold mask. A row always keeps its own key
-    (decay 0 >= delta), so `first` never passes the first row's block.
-    """
-    p_first = offset + m0
-    p_last = offset + tl.minimum(m0 + BLOCK_M, Tq) - 1
-    first = _first_kept_key_block(C, tl.load(C + p_first), delta, start // BLOCK_N, p_first // BLOCK_N,
-                                  BLOCK_N - 1, Tk, BLOCK_N)
-    band_end = _first_kept_key_block(C, tl.load(C + p_last), delta, first, mid // BLOCK_N, 0, Tk, BLOCK_N)
-    return tl.maximum(first * BLOCK_N, start), tl.maximum(band_end * BLOCK_N, start)
-
-
-@_jit
-def _pruned_query_range(C, n0, offset, Tk, delta, mid, end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Adaptive computation pruning for keys [n0, n0 + BLOCK_N) over the non-diagonal query rows [mid, end):
-    returns (band, stop). Rows in [mid, band) keep every score of the block; [band, stop) prune some; from
-    `stop` on a query block's first row (the one that prunes least) drops even the last key: all pruned.
-    """
-    c_first = tl.load(C + n0)
-    c_last = tl.load(C + tl.minimum(n0 + BLOCK_N, Tk) - 1)
-    n_blocks = tl.cdiv(end, BLOCK_M)
-    band = _first_pruned_query_block(C, c_first, delta, mid // BLOCK_M, n_blocks, BLOCK_M - 1, offset, end, BLOCK_M)
-    stop = _first_pruned_query_block(C, c_last, delta, band, n_blocks, 0, offset, end, BLOCK_M)
-    return tl.maximum(band * BLOCK_M, mid), tl.maximum(tl.minimum(stop * BLOCK_M, end), mid)
-
-
-@_jit
-def _query_block_pruning(C, DELTA, bh, m0, offset, Tq, Tk, start, mid, PRUNE: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-    """(delta per row, start, band) for a query block (forward and dQ alike): the block's threshold (zeros
-    without PRUNE), its first key block to read and the end of its partly pruned band (start without PRUNE)."""
+def _query_block_pruning(BOUNDS, DELTA, bh, m_block, n_blocks, start, PRUNE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(threshold per row, start, band) of a query block (forward and dQ alike): with PRUNE, its threshold and the
+    key range [start, band) partly pruned, from `_query_block_bounds_kernel`; without, zeros and an empty band."""
     if PRUNE:
         delta = tl.load(DELTA + bh)
-        start, band = _pruned_key_range(C, m0, offset, Tq, Tk, delta, start, mid, BLOCK_M, BLOCK_N)
+        bounds = BOUNDS + (bh * n_blocks + m_block) * 2
+        start = tl.load(bounds)
+        band = tl.load(bounds + 1)
     else:
         delta = 0.0
         band = start
@@ -301,7 +219,7 @@ def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, str
 
 
 @_jit
-def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE,
+def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lob, stride_lot,
                 H, Tq, Tk, qk_scale,
@@ -330,7 +248,8 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE,
     q_pos, c_q, key_lo, start, mid, end = _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob,
                                                             stride_lot, MASK_LO, BLOCK_M, BLOCK_N)
 
-    delta, start, band = _query_block_pruning(C, DELTA, bh, m0, offset, Tq, Tk, start, mid, PRUNE, BLOCK_M, BLOCK_N)
+    delta, start, band = _query_block_pruning(BOUNDS, DELTA, bh, m0 // BLOCK_M, tl.num_programs(0), start, PRUNE,
+                                              BLOCK_M)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -489,6 +408,100 @@ def _auto_threshold_kernel(Q_SQ, K_SQ, THRESHOLD2, H, GROUP, q_chunks, k_chunks,
 
 
 @_jit
+def _first_block_where(C, c_ref, delta, lo, hi, pos0, step, pos_max, KEY_SIDE: tl.constexpr, steps):
+    """Per lane, the first block n in [lo, hi) that passes a test, else hi: a binary search of `steps` halvings.
+
+    The test reads the prefix sum c = C[min(pos0 + n * step, pos_max)]. Key blocks (KEY_SIDE): "kept",
+    c_ref - c >= delta, with c_ref a query row's prefix sum. Query blocks: "pruned", c - c_ref < delta, with
+    c_ref a key's. Both are written as the score mask computes them (`_mask_scores`), so the bounds agree with
+    it bit for bit; c falls along positions, so the blocks that pass are a suffix of [lo, hi).
+    """
+    lo += tl.zeros_like(hi)
+    for _ in range(steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        c = tl.load(C + tl.minimum(pos0 + mid * step, pos_max), mask=active, other=0.0)
+        if KEY_SIDE:
+            passed = c_ref - c >= delta
+        else:
+            passed = c - c_ref < delta
+        hi = tl.where(active & passed, mid, hi)
+        lo = tl.where(active & passed, lo, tl.where(active, mid + 1, lo))
+    return lo
+
+
+@_jit
+def _query_block_bounds_kernel(C, KEY_LO, DELTA, BOUNDS, stride_lob, stride_lot, H, Tq, Tk, n_blocks, steps,
+                               MASK_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               LANES: tl.constexpr):
+    """Pruning bounds of the query blocks (forward and dQ): BOUNDS[bh, m] = (start, band) in keys.
+
+    Key blocks before `start` are pruned for every row of block m (even its first row, which prunes least, drops
+    their last key) and never loaded; [start, band) is pruned in part (masked); from `band` on no score is (even
+    the last row keeps the first key). A row keeps its own key (decay 0 >= delta), so start stays at or before
+    the first row's block. One lane per query block, LANES blocks of one (batch, head) per program.
+    """
+    blocks = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    bh = tl.program_id(1).to(tl.int64)
+    valid = blocks < n_blocks
+    m0 = blocks * BLOCK_M
+    offset = Tk - Tq
+    C += bh * Tk
+    if MASK_LO:
+        first_key_lo = tl.load(KEY_LO + (bh // H) * stride_lob + m0 * stride_lot, mask=valid, other=0)
+    else:
+        first_key_lo = tl.zeros([LANES], dtype=tl.int32)
+    start, mid, _ = _query_block_key_range(m0, offset, Tk, first_key_lo, BLOCK_M, BLOCK_N)
+    delta = tl.load(DELTA + bh)
+    p_first = offset + m0
+    p_last = offset + tl.minimum(m0 + BLOCK_M, Tq) - 1
+    c_first = tl.load(C + p_first, mask=valid, other=0.0)
+    c_last = tl.load(C + p_last, mask=valid, other=0.0)
+    first = _first_block_where(C, c_first, delta, start // BLOCK_N, p_first // BLOCK_N, BLOCK_N - 1, BLOCK_N,
+                               Tk - 1, True, steps)
+    band = _first_block_where(C, c_last, delta, start // BLOCK_N, mid // BLOCK_N, 0, BLOCK_N, Tk - 1, True, steps)
+    out = BOUNDS + (bh * n_blocks + blocks) * 2
+    tl.store(out, tl.maximum(first * BLOCK_N, start), mask=valid)
+    tl.store(out + 1, tl.maximum(band * BLOCK_N, start), mask=valid)
+
+
+@_jit
+def _key_block_bounds_kernel(C, QUERY_HI, DELTA, BOUNDS, stride_hib, stride_hit, H, Tq, Tk, n_blocks, steps,
+                             MASK_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             LANES: tl.constexpr):
+    """Pruning bounds of the key blocks (dK/dV), the mirror image: BOUNDS[bh, n] = (band, stop) in query rows.
+
+    Past the diagonal, rows [mid, band) keep every score of key block n (even its last row keeps the first key),
+    [band, stop) prune some, and from `stop` on a query block's first row (the one that prunes least) drops even
+    the last key: the rest of the rows are skipped.
+    """
+    blocks = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    bh = tl.program_id(1).to(tl.int64)
+    valid = blocks < n_blocks
+    n0 = blocks * BLOCK_N
+    offset = Tk - Tq
+    C += bh * Tk
+    last_key = tl.minimum(n0 + BLOCK_N, Tk) - 1
+    if MASK_LO:
+        q_end = tl.load(QUERY_HI + (bh // H) * stride_hib + last_key * stride_hit, mask=valid, other=0) - offset
+        q_end = tl.minimum(q_end, Tq)
+    else:
+        q_end = tl.zeros([LANES], dtype=tl.int32) + Tq
+    _, mid, end = _key_block_query_range(n0, offset, q_end, BLOCK_M, BLOCK_N)
+    delta = tl.load(DELTA + bh)
+    c_first = tl.load(C + n0, mask=valid, other=0.0)
+    c_last = tl.load(C + last_key, mask=valid, other=0.0)
+    n_query_blocks = tl.cdiv(end, BLOCK_M)
+    band = _first_block_where(C + offset, c_first, delta, mid // BLOCK_M, n_query_blocks, BLOCK_M - 1, BLOCK_M,
+                              end - 1, False, steps)
+    stop = _first_block_where(C + offset, c_last, delta, mid // BLOCK_M, n_query_blocks, 0, BLOCK_M, end - 1, False,
+                              steps)
+    out = BOUNDS + (bh * n_blocks + blocks) * 2
+    tl.store(out, tl.maximum(tl.minimum(band * BLOCK_M, end), mid), mask=valid)
+    tl.store(out + 1, tl.maximum(tl.minimum(stop * BLOCK_M, end), mid), mask=valid)
+
+
+@_jit
 def _gate_grad_kernel(DC_COL, DLOG_F, stride_gb, stride_gt, stride_gh, H, Tk, BLOCK_T: tl.constexpr):
     """dlog f_t = -sum_{u >= t} colsum(dS)_u (the row sums of dS vanish: see the section header).
 
@@ -561,7 +574,7 @@ def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, t
 
 
 @_jit
-def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, DK, DV, DC_COL,
+def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BOUNDS, DK, DV, DC_COL,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                      stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
@@ -606,7 +619,9 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, DK
         c_k = tl.load(C + bh * Tk + keys, mask=keys < Tk, other=0.0)
         if PRUNE:
             threshold = tl.load(THRESHOLD + bh)
-            band, stop = _pruned_query_range(C + bh * Tk, n0, offset, Tk, threshold, mid, end, BLOCK_M, BLOCK_N)
+            bounds = BOUNDS + (bh * tl.num_programs(0) + tl.program_id(0)) * 2
+            band = tl.load(bounds)
+            stop = tl.load(bounds + 1)
         else:
             threshold = 0.0
             band, stop = end, end
@@ -655,7 +670,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C,
 
 
 @_jit
-def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, DQ,
+def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                    stride_dqb, stride_dqt, stride_dqh, stride_lob, stride_lot,
@@ -688,8 +703,8 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, DQ,
     q_pos, c_q, key_lo, start, mid, end = _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob,
                                                             stride_lot, MASK_LO, BLOCK_M, BLOCK_N)
 
-    threshold, start, band = _query_block_pruning(C, THRESHOLD, bh, m0, offset, Tq, Tk, start, mid, PRUNE,
-                                                  BLOCK_M, BLOCK_N)
+    threshold, start, band = _query_block_pruning(BOUNDS, THRESHOLD, bh, m0 // BLOCK_M, tl.num_programs(0), start,
+                                                  PRUNE, BLOCK_M)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
@@ -761,6 +776,8 @@ _CONFIG_CHOSEN: dict[tuple, _KernelConfig] = {}
 _DECODE_MAX_ROWS = 64
 # Positions per step of the gate's prefix sums (one program per batch row and head).
 _GATE_BLOCK = 1024
+# Blocks per program of the pruning-bounds kernels (one lane each).
+_BOUNDS_LANES = 64
 
 
 def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torch.device) -> list[_KernelConfig]:
@@ -827,7 +844,7 @@ def _triton_forward(q, k, v, c2, key_lo, threshold2, scale):
     strides = (*_strides(q), *_strides(k), *_strides(v))
     if Tq * meta["GROUP"] > _DECODE_MAX_ROWS:
         _launch("fwd", q, meta["BLOCK_D"], lambda cfg: _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-            *args, o, lse, *strides, *o.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E,
+            *args, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), o, lse, *strides, *o.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
         return o, lse
 
@@ -866,6 +883,23 @@ def _auto_threshold2(q, k, scale: float, log_eps: float) -> torch.Tensor:
     return threshold2
 
 
+def _pruning_bounds(side: str, c2, visibility, threshold2, Tq: int, cfg: _KernelConfig) -> torch.Tensor:
+    """ACP block bounds (B * H, blocks, 2) int32 for the query-block ("query": forward, dQ) or key-block ("key":
+    dK/dV) kernels with cfg's tiles; without pruning c2, a placeholder the kernels do not read."""
+    if threshold2 is None:
+        return c2
+    B, H, Tk = c2.shape
+    block, other = (cfg.block_m, cfg.block_n) if side == "query" else (cfg.block_n, cfg.block_m)
+    n_blocks = -(-(Tq if side == "query" else Tk) // block)
+    steps = (-(-(Tk if side == "query" else Tq) // other)).bit_length()  # halvings to search every block
+    bounds = torch.empty(B * H, n_blocks, 2, dtype=torch.int32, device=c2.device)
+    kernel = _query_block_bounds_kernel if side == "query" else _key_block_bounds_kernel
+    kernel[(-(-n_blocks // _BOUNDS_LANES), B * H)](
+        c2, _or(visibility, c2), threshold2, bounds, *_strides(visibility, 2), H, Tq, Tk, n_blocks, steps,
+        MASK_LO=visibility is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LANES=_BOUNDS_LANES, num_warps=2)
+    return bounds
+
+
 def _decode_splits(programs: int, Tk: int, block_n: int, device: torch.device) -> tuple[int, int]:
     """Split the keys so that about four programs run per multiprocessor (enough loads in flight to
     stream K and V at memory speed); return (splits, keys per split)."""
@@ -892,13 +926,14 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     qk_scale = scale * LOG2E
     _launch("dkdv", q, meta["BLOCK_D"], lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * Hkv)](
-        q, k, v, c2, do, lse, delta, lo, hi, thr, dk, dv, dc_col, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        q, k, v, c2, do, lse, delta, lo, hi, thr, _pruning_bounds("key", c2, query_hi, threshold2, Tq, cfg), dk, dv,
+        dc_col, *strides, *dk.stride()[:3], *dv.stride()[:3],
         *_strides(key_lo, 2), *_strides(query_hi, 2), H, Tq, Tk, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_M=Tq % cfg.block_m == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
     _launch("dq", q, meta["BLOCK_D"], lambda cfg: _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-        q, k, v, c2, do, lse, delta, lo, thr, dq, *strides, *dq.stride()[:3], *_strides(key_lo, 2),
-        H, Tq, Tk, scale, qk_scale,
+        q, k, v, c2, do, lse, delta, lo, thr, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), dq,
+        *strides, *dq.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
     dlog_f = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
     _gate_grad_kernel[(B * H,)](dc_col, dlog_f, *dlog_f.stride(), H, Tk, BLOCK_T=_GATE_BLOCK)

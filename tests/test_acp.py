@@ -224,6 +224,71 @@ def test_fused_auto_threshold_matches_the_formula(backend):
     torch.testing.assert_close(fused.cpu(), acp.threshold(q, k, "auto", log_eps=-4.0, sm_scale=0.3).cpu())
 
 
+def brute_force_bounds(c2, delta, Tq, key_lo, query_hi, block_m, block_n):
+    """What the pruning-bounds kernels must return, from the full kept/visible masks of one (batch, head):
+    per query block (start, band), per key block (band, stop); c2 (Tk,) float32, delta a float32 scalar."""
+    Tk = c2.shape[0]
+    pos = torch.arange(Tk - Tq, Tk)
+    keys = torch.arange(Tk)
+    kept = (c2[pos][:, None] - c2[None, :]) >= delta  # float32, as the kernels compute it
+    visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] >= key_lo[:, None])
+    query_rows = []
+    for m0 in range(0, Tq, block_m):
+        rows = slice(m0, min(m0 + block_m, Tq))
+        lo = (int(key_lo[m0]) // block_n) * block_n
+        mid = max((Tk - Tq + m0 + 1) // block_n * block_n, lo)
+        blocks = range(lo, mid, block_n)
+        any_kept = [bool(kept[rows, n:n + block_n].any()) for n in blocks]
+        all_kept = [bool(kept[rows, n:n + block_n].all()) for n in blocks]
+        start = lo + block_n * (any_kept.index(True) if True in any_kept else len(any_kept))
+        band = lo + block_n * (all_kept.index(True) if True in all_kept else len(all_kept))
+        query_rows.append((start, max(band, start)))
+    key_rows = []
+    for n0 in range(0, Tk, block_n):
+        cols = slice(n0, min(n0 + block_n, Tk))
+        q_end = min(int(query_hi[min(n0 + block_n, Tk) - 1]) - (Tk - Tq), Tq)
+        mid = min(-(-max(n0 + block_n - 1 - (Tk - Tq), 0) // block_m) * block_m, q_end)
+        mid = max(mid, (max(n0 - (Tk - Tq), 0) // block_m) * block_m)
+        blocks = range(mid, q_end, block_m) if mid < q_end else range(0)
+        # rows past q_end cannot see the block: a block's rows count up to q_end only
+        some_pruned = [bool((~kept[m:min(m + block_m, q_end), cols]).any()) for m in blocks]
+        all_pruned = [bool((~kept[m:min(m + block_m, q_end), cols]).all()) for m in blocks]
+        band = mid + block_m * (some_pruned.index(True) if True in some_pruned else len(blocks))
+        stop = mid + block_m * (all_pruned.index(True) if True in all_pruned else len(blocks))
+        key_rows.append((min(band, q_end) if blocks else mid, min(stop, q_end) if blocks else mid))
+    return torch.tensor(query_rows, dtype=torch.int32), torch.tensor(key_rows, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0][0] == "triton"])
+@pytest.mark.parametrize("Tq,Tk,tile,seq_start", [(200, 200, (16, 32), None), (75, 331, (32, 16), None),
+                                                  (130, 130, (64, 64), [0, 71])])
+def test_pruning_bounds_equal_a_brute_force_search(backend, Tq, Tk, tile, seq_start):
+    """The block bounds the kernels start and stop at, from the bounds kernels' binary searches, equal a search
+    over the full masks: every fully pruned tile is skipped, every tile with a kept score is read."""
+    from foxlab import kernels
+    device, (block_m, block_n) = backend[1], tile
+    B, H = 2, 3
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    log_f = F.logsigmoid(torch.randn(B, Tk, H, generator=g) * 2 + 2)
+    c2 = (log_f.cumsum(1) * kernels.LOG2E).transpose(1, 2).contiguous()  # (B, H, Tk) as the kernels read it
+    threshold2 = -torch.rand(B, H, generator=g) * 12 - 1
+    starts = torch.tensor(seq_start or [0] * B, dtype=torch.int32)
+    key_lo = starts[:, None].expand(B, Tq).contiguous()
+    query_hi = torch.full((B, Tk), Tk, dtype=torch.int32)
+    cfg = kernels._KernelConfig(block_m, block_n, 4, 1)
+    vis = (lambda t: t.to(device)) if seq_start else (lambda t: None)
+    args = (c2.to(device), vis(key_lo), threshold2.to(device), Tq, cfg)
+    query_bounds = kernels._pruning_bounds("query", *args).cpu().view(B, H, -1, 2)
+    args = (c2.to(device), vis(query_hi), threshold2.to(device), Tq, cfg)
+    key_bounds = kernels._pruning_bounds("key", *args).cpu().view(B, H, -1, 2)
+    for b in range(B):
+        for h in range(H):
+            want_q, want_k = brute_force_bounds(c2[b, h], threshold2[b, h], Tq, key_lo[b], query_hi[b], block_m,
+                                                block_n)
+            assert torch.equal(query_bounds[b, h], want_q), (b, h)
+            assert torch.equal(key_bounds[b, h], want_k), (b, h)
+
+
 def test_training_with_pruning_from_train_and_the_command_line(tmp_path, one_thread):
     """train(acp_log_tolerance=...) and --acp-log-tolerance switch pruning on; the losses stay those of exact
     attention up to the bound, and the saved model keeps the setting."""
