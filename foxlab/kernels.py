@@ -32,10 +32,12 @@ except ImportError:  # no Triton on this platform: the torch backends still work
 #   backward   delta_i = sum_d O_id dO_id                  `_bwd_delta_kernel`
 #              P = softmax(...), dS = P * (dO v^T - delta)
 #              dK = s dS^T q, dV = P^T dO (summed over the GROUP heads), colsum(dS)   `_bwd_dkdv_kernel`
-#              dQ = s dS k                                                           `_bwd_dq_kernel`
-#              dlog f_t = -sum_{u >= t} colsum(dS)_u                                 `_gate_grad_kernel`
-# The gate's gradient needs only the column sums: c_i enters every logit of row i, and a softmax does not
-# change when a constant is added to its row, so rowsum(dS)_i = dO_i . O_i - delta_i = 0 exactly.
+#              dQ = s dS k, rowsum(dS)                                               `_bwd_dq_kernel`
+#              dc_t = rowsum(dS)_{query at t} - colsum(dS)_t,  dlog f_t = sum_{u >= t} dc_u
+#                                                         `_gate_grad_kernel`
+# rowsum(dS) is zero in exact arithmetic (a softmax ignores a constant added to its row), but delta comes from
+# the stored O, rounded to 16 bits: the kernels' row sums are dO_i . (O_i - rounded O_i). Keeping them cancels
+# the same error inside the column sums, which would otherwise bias dlog f at every key before the first query.
 # P is never stored: both backward kernels recompute it from q, k, c and the forward's lse.
 #
 # Everything below works in base 2: the wrapper stores c2 = log2(e) * c once, and the kernels scale
@@ -502,19 +504,21 @@ def _key_block_bounds_kernel(C, QUERY_HI, DELTA, BOUNDS, stride_hib, stride_hit,
 
 
 @_jit
-def _gate_grad_kernel(DC_COL, DLOG_F, stride_gb, stride_gt, stride_gh, H, Tk, BLOCK_T: tl.constexpr):
-    """dlog f_t = -sum_{u >= t} colsum(dS)_u (the row sums of dS vanish: see the section header).
+def _gate_grad_kernel(DC_COL, DC_ROW, DLOG_F, stride_gb, stride_gt, stride_gh, H, Tq, Tk, BLOCK_T: tl.constexpr):
+    """dlog f_t = sum_{u >= t} dc_u, dc_u = (row sum of dS of the query at u) - (column sum of dS at key u).
 
     One program per (batch, head) walks the keys from the end, each block in reverse order, so that a
     forward cumsum gives the suffix sums.
     """
     bh = tl.program_id(0).to(tl.int64)
     DLOG_F += (bh // H) * stride_gb + (bh % H) * stride_gh
+    offset = Tk - Tq
     offs = tl.arange(0, BLOCK_T)
     carry = 0.0
     for t0 in range(0, Tk, BLOCK_T):
         t = Tk - 1 - (t0 + offs)
-        dc = -tl.load(DC_COL + bh * Tk + t, mask=t >= 0, other=0.0)
+        dc = tl.load(DC_ROW + bh * Tq + t - offset, mask=t >= offset, other=0.0)
+        dc -= tl.load(DC_COL + bh * Tk + t, mask=t >= 0, other=0.0)
         tl.store(DLOG_F + t * stride_gt, tl.cumsum(dc, 0) + carry, mask=t >= 0)
         carry += tl.sum(dc, 0)
 
@@ -648,11 +652,11 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BO
 
 
 @_jit
-def _bwd_dq_inner(dq, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt, Tk,
+def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt, Tk,
                   qk_scale, start, end, offs_n, offs_d,
                   CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [start, end)."""
+    """Accumulate dQ and the row sums of dS of one query block over key blocks [start, end)."""
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
@@ -666,11 +670,12 @@ def _bwd_dq_inner(dq, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C,
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+        dc += tl.sum(ds, 1)
+    return dq, dc
 
 
 @_jit
-def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ,
+def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ, DC_ROW,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                    stride_dqb, stride_dqt, stride_dqh, stride_lob, stride_lot,
@@ -678,7 +683,7 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
-    """One program: BLOCK_M query rows of one (batch, head). dQ = s dS K.
+    """One program: BLOCK_M query rows of one (batch, head). dQ = s dS K; row sums of dS go to DC_ROW.
 
     Key blocks as in the forward: [start, band) pruned in part, [band, mid) plain, [mid, end) the diagonal.
     """
@@ -707,19 +712,21 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ,
                                                   PRUNE, BLOCK_M)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
+    dc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
                            Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
                            BLOCK_N, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
                            Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D,
                            BLOCK_N, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
                            Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
                            BLOCK_N, DOT_PRECISION)
 
     dq_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=dq_mask)
+    tl.store(DC_ROW + bh * Tq + rows, dc, mask=rows < Tq)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -922,6 +929,7 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
     dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
     dc_col = torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)
+    dc_row = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     lo, hi, thr = _or(key_lo, c2), _or(query_hi, c2), _or(threshold2, c2)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     qk_scale = scale * LOG2E
@@ -932,11 +940,11 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_M=Tq % cfg.block_m == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
     _launch("dq", q, meta["BLOCK_D"], lambda cfg: _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-        q, k, v, c2, do, lse, delta, lo, thr, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), dq,
+        q, k, v, c2, do, lse, delta, lo, thr, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), dq, dc_row,
         *strides, *dq.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
     dlog_f = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
-    _gate_grad_kernel[(B * H,)](dc_col, dlog_f, *dlog_f.stride(), H, Tk, BLOCK_T=_GATE_BLOCK)
+    _gate_grad_kernel[(B * H,)](dc_col, dc_row, dlog_f, *dlog_f.stride(), H, Tq, Tk, BLOCK_T=_GATE_BLOCK)
     return dq, dk, dv, dlog_f
 
 
