@@ -818,9 +818,9 @@ _GPU_CONFIGS = {
     ("dq", 64): _KernelConfig(64, 64, 4, 3),
     ("dq", 128): _KernelConfig(128, 64, 8, 2),
     ("dq", 256): _KernelConfig(128, 32, 8, 2),
-    ("decode", 16): _KernelConfig(16, 64, 4, 3),
-    ("decode", 32): _KernelConfig(16, 64, 4, 3),
-    ("decode", 64): _KernelConfig(16, 64, 4, 3),
+    ("decode", 16): _KernelConfig(16, 128, 4, 3),
+    ("decode", 32): _KernelConfig(16, 128, 4, 3),
+    ("decode", 64): _KernelConfig(16, 128, 4, 3),
     ("decode", 128): _KernelConfig(16, 64, 4, 3),
     ("decode", 256): _KernelConfig(16, 32, 4, 3),
 }
@@ -841,9 +841,11 @@ _DECODE_MAX_ROWS = 64
 # Chunked prefill (Tq < Tk) takes the split kernel too while the blocked forward would run fewer programs than
 # this many per multiprocessor.
 _PREFILL_SPLIT_WAVES = 2
-# The split kernel aims at this many programs per multiprocessor, with at most _MAX_SPLITS slices of the keys;
-# the last program of a tile merges them _COMBINE_ELEMENTS (splits x rows x head dim) at a time.
-_SPLIT_PROGRAMS_PER_SM = 4
+# The split kernel runs at least this many programs per multiprocessor and at most _SPLIT_MAX_KEYS keys per
+# program, with at most _MAX_SPLITS slices of the keys (H200 sweep, benchmarks/NOTES.md); the last program of a
+# tile merges them _COMBINE_ELEMENTS (splits x rows x head dim) at a time.
+_SPLIT_PROGRAMS_PER_SM = 1
+_SPLIT_MAX_KEYS = 2048
 _MAX_SPLITS = 32
 _COMBINE_ELEMENTS = 4096
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -857,8 +859,8 @@ def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torc
     first = _GPU_CONFIGS[(kind, block_d)]
     if dtype == torch.float32:  # twice the bytes per tile: start from half the tile
         first = _KernelConfig(max(16, first.block_m // 2), max(16, first.block_n // 2), first.num_warps, 2)
-    if kind == "decode":  # block_m is the least tile height: every query row must fit one tile
-        return [first, _KernelConfig(16, 16, 4, 1)]
+    if kind == "decode":  # block_m is the least tile height (taller tiles, up to 64 rows, need less block_n)
+        return [first, _KernelConfig(16, max(16, first.block_n // 2), 4, 2), _KernelConfig(16, 16, 4, 1)]
     return [first, *(c for c in _FALLBACK_CONFIGS if c.block_m * c.block_n < first.block_m * first.block_n)]
 
 
@@ -1003,10 +1005,12 @@ def _auto_threshold2(q, k, scale: float, log_eps: float) -> torch.Tensor:
 
 
 def _decode_splits(programs: int, Tk: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """Split the keys so that about _SPLIT_PROGRAMS_PER_SM programs run per multiprocessor (enough loads in flight
-    to stream K and V at memory speed), at most _MAX_SPLITS; return (splits, keys per split)."""
+    """Split the keys so that at least _SPLIT_PROGRAMS_PER_SM programs run per multiprocessor and none reads more
+    than _SPLIT_MAX_KEYS keys (long caches stream faster from more programs), at most _MAX_SPLITS slices; return
+    (splits, keys per split)."""
     blocks = triton.cdiv(Tk, block_n)
-    wanted = triton.cdiv(_SPLIT_PROGRAMS_PER_SM * _multiprocessors(device), programs)
+    wanted = max(triton.cdiv(_SPLIT_PROGRAMS_PER_SM * _multiprocessors(device), programs),
+                 triton.cdiv(Tk, _SPLIT_MAX_KEYS))
     per_split = triton.cdiv(blocks, max(1, min(blocks, wanted, _MAX_SPLITS))) * block_n
     return triton.cdiv(Tk, per_split), per_split
 
