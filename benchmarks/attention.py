@@ -3,6 +3,7 @@
     python benchmarks/attention.py            # five training shapes (those of the ACP paper's table), bf16, causal
     python benchmarks/attention.py --quick    # two small shapes, a smoke test
     python benchmarks/attention.py --tune     # sweep block sizes per kernel and head dim first
+    python benchmarks/attention.py --decode-only [--decode-sweep]   # decoding and chunked prefill only
 
 Rows: foxlab (Triton), foxlab with adaptive computation pruning ("+ ACP": threshold "auto", log eps = -10),
 the FoX paper's own kernel with and without its ACP (when a copy of it sits in `.anchors/`, a git-ignored
@@ -14,6 +15,8 @@ GPU time, replayed from CUDA graphs (triton.testing.do_bench_cudagraph) so that 
 stays out; the last column times foxlab and SDPA launched eagerly from Python (do_bench), host
 overhead included. TFLOP/s count causal FLOPs as docs/fox.md does: forward = 2 B H T^2 D,
 backward = 2.5 x forward. "x SDPA" is the ratio of SDPA's time to this row's, measured in the same run.
+Decoding and chunked prefill read a bf16 cache whose gate is stored as prefix sums c (as foxlab's cache keeps
+it); "x SDPA time" there is foxlab's time over SDPA's (the target is <= 1.15).
 """
 
 from __future__ import annotations
@@ -294,22 +297,103 @@ def run_acp_training_step(T: int = 16384) -> None:
 
 
 DECODE_SHAPES = [(1, 4096, 16, 16, 128), (8, 8192, 32, 8, 128), (1, 32768, 16, 16, 64), (32, 2048, 16, 4, 64)]
+# Chunked prefill: Tq new tokens against a cache of Tk, per (B, H, Hkv, D).
+PREFILL_HEADS = [(1, 16, 16, 128), (2, 32, 8, 64)]
+PREFILL_TQ, PREFILL_TK = (16, 64, 256, 512), (8192, 32768)
+# --decode-sweep: split-kernel candidates (programs per SM, BLOCK_N, num_warps, num_stages).
+DECODE_CANDIDATES = [(p, *cfg) for p in (1, 2, 4) for cfg in ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3),
+                                                             (32, 4, 3))]
+
+
+def cache_inputs(B, Tq, Tk, H, Hkv, D):
+    """q (B, Tq, H, D) and a bf16 cache: k, v (B, Tk, Hkv, D), the gates' prefix sums c as the cache stores them
+    ((B, H, Tk) float32, viewed (B, Tk, H)) and the per-token log gates."""
+    q = torch.randn(B, Tq, H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Tk, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    log_f = F.logsigmoid(torch.randn(B, Tk, H, device="cuda") + 3.0)
+    c = log_f.transpose(1, 2).cumsum(-1).transpose(1, 2)
+    return q, k, v, c, log_f
+
+
+def sdpa_cache_ms(q, k, v) -> float:
+    """The fastest SDPA without a gate, queries aligned to the last keys (causal_lower_right): GQA through
+    enable_gqa, or k and v expanded to every query head beforehand (more bytes, other kernels); the faster."""
+    from torch.nn.attention.bias import causal_lower_right
+    Tq, Tk = q.shape[1], k.shape[1]
+    mask = None if Tq == 1 else causal_lower_right(Tq, Tk)
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    ke, ve = (t.repeat_interleave(group, dim=1) for t in (kh, vh))
+    times = []
+    for kw in (dict(k=kh, v=vh, enable_gqa=True), dict(k=ke, v=ve)):
+        try:
+            times.append(bench(lambda: F.scaled_dot_product_attention(qh, kw["k"], kw["v"], attn_mask=mask,
+                                                                      enable_gqa=kw.get("enable_gqa", False))))
+        except RuntimeError as e:
+            print(f"    (SDPA {'GQA' if 'enable_gqa' in kw else 'expanded'}: {str(e).splitlines()[0][:100]})")
+    return min(times)
+
+
+def foxlab_cache_ms(q, k, v, c, **kw) -> float:
+    return bench(lambda: forgetting_attention(q, k, v, log_fgate_cumsum=c, backend="triton", **kw))
 
 
 def run_decode():
-    """One query against a cache of Tk keys: GPU time and the K/V bytes read per second."""
-    print("| (B, Tk, H, Hkv, D) | foxlab decode us | GB/s of K+V | foxlab + ACP us | SDPA (no gate) us |")
-    print("|---|---|---|---|---|")
+    """One query against a cache of Tk keys: GPU time, K/V bytes read per second, ratio to SDPA (same run)."""
+    print("| (B, Tk, H, Hkv, D) | foxlab us (cache's c) | x SDPA time | GB/s of K+V | foxlab us (per-token log f) "
+          "| foxlab + ACP us (c) | SDPA (no gate) us |")
+    print("|---" * 7 + "|")
     for B, Tk, H, Hkv, D in DECODE_SHAPES:
-        q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(B, Tk, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        log_f = F.logsigmoid(torch.randn(B, Tk, H, device="cuda") + 3.0)
-        fox = bench(lambda: forgetting_attention(q, k, v, log_f, backend="triton"))
-        pruned = bench(lambda: forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto"))
-        sdpa = bench(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                            enable_gqa=True))
-        print(f"| {(B, Tk, H, Hkv, D)} | {fox * 1e3:.1f} | {2 * k.numel() * 2 / fox / 1e6:.0f} | {pruned * 1e3:.1f} "
-              f"| {sdpa * 1e3:.1f} |", flush=True)
+        q, k, v, c, log_f = cache_inputs(B, 1, Tk, H, Hkv, D)
+        fox = foxlab_cache_ms(q, k, v, c)
+        per_token = bench(lambda: forgetting_attention(q, k, v, log_f, backend="triton"))
+        pruned = foxlab_cache_ms(q, k, v, c, adaptive_threshold="auto")
+        sdpa = sdpa_cache_ms(q, k, v)
+        print(f"| {(B, Tk, H, Hkv, D)} | {fox * 1e3:.1f} | {fox / sdpa:.2f} | {2 * k.numel() * 2 / fox / 1e6:.0f} | "
+              f"{per_token * 1e3:.1f} | {pruned * 1e3:.1f} | {sdpa * 1e3:.1f} |", flush=True)
+
+
+def run_prefill():
+    """Chunked prefill: Tq new queries against Tk cached keys (the last Tq of them theirs), foxlab from the cache's c
+    (its choice of kernel, and the blocked forward forced), SDPA with a lower-right causal mask."""
+    print("| (B, Tq, Tk, H, Hkv, D) | foxlab us | x SDPA time | foxlab blocked fwd us | SDPA (no gate) us |")
+    print("|---" * 5 + "|")
+    for B, H, Hkv, D in PREFILL_HEADS:
+        for Tk in PREFILL_TK:
+            for Tq in PREFILL_TQ:
+                q, k, v, c, _ = cache_inputs(B, Tq, Tk, H, Hkv, D)
+                fox = foxlab_cache_ms(q, k, v, c)
+                waves, rows = kernels._PREFILL_SPLIT_WAVES, kernels._DECODE_MAX_ROWS
+                kernels._PREFILL_SPLIT_WAVES, kernels._DECODE_MAX_ROWS = 0, 0
+                blocked = foxlab_cache_ms(q, k, v, c)
+                kernels._PREFILL_SPLIT_WAVES, kernels._DECODE_MAX_ROWS = waves, rows
+                sdpa = sdpa_cache_ms(q, k, v)
+                print(f"| {(B, Tq, Tk, H, Hkv, D)} | {fox * 1e3:.1f} | {fox / sdpa:.2f} | {blocked * 1e3:.1f} | "
+                      f"{sdpa * 1e3:.1f} |", flush=True)
+                del q, k, v, c
+
+
+def sweep_decode():
+    """Time the split kernel's candidate configurations at each decode shape (and two prefill ones); print them
+    fastest first."""
+    shapes = [(B, 1, Tk, H, Hkv, D) for B, Tk, H, Hkv, D in DECODE_SHAPES] + [(1, 64, 32768, 16, 16, 128),
+                                                                            (2, 16, 8192, 32, 8, 64)]
+    default = kernels._SPLIT_PROGRAMS_PER_SM
+    for shape in shapes:
+        q, k, v, c, _ = cache_inputs(*shape)
+        times = {}
+        for per_sm, *cfg in DECODE_CANDIDATES:
+            kernels._SPLIT_PROGRAMS_PER_SM = per_sm
+            kernels._CONFIG_OVERRIDES["decode"] = kernels._KernelConfig(16, *cfg)
+            try:
+                times[(per_sm, *cfg)] = foxlab_cache_ms(q, k, v, c)
+            except Exception as e:
+                print(f"  {shape} {(per_sm, *cfg)}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+        ranked = sorted(times.items(), key=lambda kv: kv[1])
+        print(f"decode sweep {shape} (per SM, BLOCK_N, warps, stages): "
+              + ", ".join(f"{c}: {t * 1e3:.1f}" for c, t in ranked), flush=True)
+    kernels._SPLIT_PROGRAMS_PER_SM = default
+    kernels._CONFIG_OVERRIDES.pop("decode", None)
 
 
 def print_table(rows):
@@ -377,6 +461,9 @@ def main():
     parser.add_argument("--json", help="write all measurements here")
     parser.add_argument("--acp", action="store_true", help="also: ACP with log f = 0 and with trained gates, and "
                         "a fox-125m training step at 16k tokens with ACP off and on")
+    parser.add_argument("--decode-only", action="store_true", help="only the decoding and chunked-prefill tables")
+    parser.add_argument("--decode-sweep", action="store_true", help="with --decode-only: time the split kernel's "
+                        "configurations first")
     parser.add_argument("--demo-checkpoint", default="runs/demo/checkpoint", type=Path,
                         help="the trained model whose gates --acp uses (make demo writes it)")
     args = parser.parse_args()
@@ -385,6 +472,12 @@ def main():
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.date.today().isoformat()}; host overhead {host_overhead_us():.1f} us per tiny CUDA op",
           flush=True)
+    if args.decode_only:
+        if args.decode_sweep:
+            sweep_decode()
+        run_decode()
+        run_prefill()
+        return
     best = {}
     if args.tune:
         best = tune()
@@ -401,6 +494,7 @@ def main():
         kernels._CONFIG_OVERRIDES.clear()
     print_table(rows)
     run_decode()
+    run_prefill()
     if args.acp:
         run_acp(shapes, args.demo_checkpoint)
         run_acp_training_step()

@@ -11,6 +11,11 @@ The math (one batch row, one head; docs/fox.md, "Forgetting attention")::
 Batched shapes: q (B, Tq, H, D); k, v (B, Tk, Hkv, D) with Hkv dividing H (grouped-query attention:
 query head h reads key/value head h // (H // Hkv)); log_fgate (B, Tk, H), one gate per *query* head.
 
+The gate comes in one of two forms: the per-token log gates ``log_fgate``, or their running sums
+``log_fgate_cumsum`` = c (B, Tk, H), float32. Only differences c_i - c_j enter the math, so c may start from
+any origin: a decoding cache keeps c and appends c_last + cumsum(new log f), and decoding then needs no scan
+over the cache (docs/fox.md, "Decoding with a cache"). Gradients flow to whichever form is given.
+
 Two optional masks, both of which only remove keys:
 - ``seq_start`` (B,) int: keys before ``seq_start[b]`` are invisible (left padding). A query row that
   sees no key at all returns zeros, never NaN.
@@ -44,9 +49,19 @@ TORCH_CHUNK_SIZE = 256
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(q, k, v, log_fgate, sm_scale, seq_start, cu_seqlens, backend) -> float:
-    """Validate shapes, dtypes and devices; return the softmax scale."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("log_fgate", log_fgate)):
+def _gate_input(log_fgate, log_fgate_cumsum) -> tuple[str, torch.Tensor, bool]:
+    """(argument name, tensor, is it the prefix sums) of the one gate form given."""
+    if (log_fgate is None) == (log_fgate_cumsum is None):
+        raise ValueError("pass exactly one of log_fgate (per-token log forget gates) or log_fgate_cumsum (their "
+                         "running sums over the keys), both of shape (batch, Tk, heads)")
+    if log_fgate is not None:
+        return "log_fgate", log_fgate, False
+    return "log_fgate_cumsum", log_fgate_cumsum, True
+
+
+def _check_inputs(q, k, v, gate_name, gate, sm_scale, seq_start, cu_seqlens, backend) -> float:
+    """Validate shapes, dtypes and devices (``gate`` is the argument ``gate_name``); return the softmax scale."""
+    for name, t in (("q", q), ("k", k), ("v", v), (gate_name, gate)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -64,13 +79,13 @@ def _check_inputs(q, k, v, log_fgate, sm_scale, seq_start, cu_seqlens, backend) 
         raise ValueError(f"k/v heads ({Hkv}) must divide q heads ({H})")
     if Tq > Tk:
         raise ValueError(f"q has more positions ({Tq}) than k ({Tk}); queries are aligned to the last Tq keys")
-    if log_fgate.shape != (B, Tk, H):
-        raise ValueError(f"log_fgate must have shape (batch, Tk, heads) = {(B, Tk, H)}, got {tuple(log_fgate.shape)}")
-    if log_fgate.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"log_fgate must be float32 (or float64), got {log_fgate.dtype}")
+    if gate.shape != (B, Tk, H):
+        raise ValueError(f"{gate_name} must have shape (batch, Tk, heads) = {(B, Tk, H)}, got {tuple(gate.shape)}")
+    if gate.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{gate_name} must be float32 (or float64), got {gate.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    for name, t in (("k", k), ("v", v), ("log_fgate", log_fgate)):
+    for name, t in (("k", k), ("v", v), (gate_name, gate)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if seq_start is not None:
@@ -131,14 +146,19 @@ def _attend(q, k, v, c_q, c_k, visible, scale):
     return torch.einsum("bhqk,bkhd->bqhd", probs, v), probs
 
 
-def _prepare(q, k, v, log_fgate, seq_start, cu_seqlens):
+def _prefix_sums(gate, is_cumsum, dtype):
+    """c (B, Tk, H) in ``dtype`` from either gate form (the prefix sums are taken as given)."""
+    return gate.to(dtype) if is_cumsum else gate.to(dtype).cumsum(dim=1)
+
+
+def _prepare(q, k, v, c, seq_start, cu_seqlens):
     """Upcast to the accumulation dtype, expand GQA heads, and build the per-position bookkeeping."""
     acc = _accumulation_dtype(q)
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     group = H // k.shape[2]
     k, v = (t.to(acc).repeat_interleave(group, dim=2) for t in (k, v))
-    c = log_fgate.to(acc).cumsum(dim=1)
+    c = c.to(acc)
     segment_ids = None
     if cu_seqlens is not None:
         lengths = cu_seqlens.diff().to(q.device)
@@ -148,32 +168,35 @@ def _prepare(q, k, v, log_fgate, seq_start, cu_seqlens):
     return q.to(acc), k, v, c, q_pos, k_pos, segment_ids
 
 
-def forgetting_attention_reference(q, k, v, log_fgate, *, sm_scale=None, seq_start=None, cu_seqlens=None,
-                                   return_probs=False):
+def forgetting_attention_reference(q, k, v, log_fgate=None, *, log_fgate_cumsum=None, sm_scale=None, seq_start=None,
+                                   cu_seqlens=None, return_probs=False):
     """Exact forgetting attention with the (Tq, Tk) scores materialized (see the module docstring).
 
+    Takes the gate as ``log_fgate`` or as its prefix sums ``log_fgate_cumsum`` (like ``forgetting_attention``).
     Accumulates in float32 (float64 for float64 inputs). Returns the output (B, Tq, H, D) in q's dtype,
     and with ``return_probs`` also the attention probabilities (B, H, Tq, Tk) in the accumulation dtype.
     """
-    scale = _check_inputs(q, k, v, log_fgate, sm_scale, seq_start, cu_seqlens, "reference")
-    qa, ka, va, c, q_pos, k_pos, segment_ids = _prepare(q, k, v, log_fgate, seq_start, cu_seqlens)
+    gate_name, gate, is_cumsum = _gate_input(log_fgate, log_fgate_cumsum)
+    scale = _check_inputs(q, k, v, gate_name, gate, sm_scale, seq_start, cu_seqlens, "reference")
+    c = _prefix_sums(gate, is_cumsum, _accumulation_dtype(q))
+    qa, ka, va, c, q_pos, k_pos, segment_ids = _prepare(q, k, v, c, seq_start, cu_seqlens)
     out, probs = _attend(qa, ka, va, c[:, q_pos], c, _visible(q_pos, k_pos, seq_start, segment_ids), scale)
     out = out.to(q.dtype)
     return (out, probs) if return_probs else out
 
 
-def _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqlens, threshold=None,
+def _forgetting_attention_chunked(q, k, v, c, scale, seq_start, cu_seqlens, threshold=None,
                                   chunk_size=TORCH_CHUNK_SIZE):
-    """The reference computed one block of ``chunk_size`` queries at a time.
+    """The reference computed one block of ``chunk_size`` queries at a time, from the gate's prefix sums c.
 
     Each block only reads the keys it can see causally, and is checkpointed, so neither forward nor
     backward ever holds more than (chunk_size, Tk) scores per head. With a pruning ``threshold`` (B, H) a
     block also skips the keys that all its rows prune (acp.py) and masks the scores with decay < threshold.
     """
-    qa, ka, va, c, q_pos, k_pos, segment_ids = _prepare(q, k, v, log_fgate, seq_start, cu_seqlens)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, c))
+    qa, ka, va, c, q_pos, k_pos, segment_ids = _prepare(q, k, v, c, seq_start, cu_seqlens)
     c_heads = c.transpose(1, 2)  # (B, H, Tk)
     threshold = None if threshold is None else threshold.to(c.dtype)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, log_fgate))
 
     def block(qb, kb, vb, cqb, ckb, vis):
         return _attend(qb, kb, vb, cqb, ckb, vis, scale)[0]
@@ -199,39 +222,46 @@ def _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqle
 # --------------------------------------------------------------------------------------------------
 
 
-def forgetting_attention(q, k, v, log_fgate, *, sm_scale=None, seq_start=None, cu_seqlens=None,
-                         adaptive_threshold=None, log_eps=acp.DEFAULT_LOG_EPS, backend="auto"):
+def forgetting_attention(q, k, v, log_fgate=None, *, log_fgate_cumsum=None, sm_scale=None, seq_start=None,
+                         cu_seqlens=None, adaptive_threshold=None, log_eps=acp.DEFAULT_LOG_EPS, backend="auto"):
     """Forgetting attention, O = softmax(s q k^T + D) v with D_ij = c_i - c_j (module docstring).
 
     Args:
         q: (B, Tq, H, D). k, v: (B, Tk, Hkv, D), Hkv divides H, Tq <= Tk (queries are the last Tq positions).
         log_fgate: (B, Tk, H) float32 log forget gates (<= 0), one per query head.
+        log_fgate_cumsum: instead of log_fgate (exactly one of the two), their running sums over the keys
+            c = cumsum(log f, dim=1), (B, Tk, H) float32, from any origin; any strides (a (B, H, Tk) buffer
+            viewed with .transpose(1, 2) is read in place). Decoding from c skips the scan over the cache.
         sm_scale: softmax scale, 1/sqrt(D) by default.
         seq_start: optional (B,) int, the first visible key of each row (left padding).
         cu_seqlens: optional (N + 1,) int offsets of packed sequences (B = 1, Tq = Tk).
         adaptive_threshold: adaptive computation pruning (acp.py): None (exact, the default); "auto", which drops
             at most e^log_eps of any query's attention weight (threshold from the query and key norms); or a
             log-space threshold delta <= 0, a number or a tensor broadcastable to (B, H): every score whose
-            decay c_i - c_j is below delta is dropped. Needs log_fgate <= 0. The reference backend never prunes.
+            decay c_i - c_j is below delta is dropped. Needs log_fgate <= 0 (c non-increasing). The reference
+            backend never prunes.
         log_eps: for "auto", the log of the largest attention weight a query may lose (default -10).
         backend: "auto" (Triton on CUDA for float16/bfloat16/float32 and head dims <= 256, else "torch"),
             "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" or "reference".
     Returns:
         (B, Tq, H, D) in q's dtype.
     """
-    scale = _check_inputs(q, k, v, log_fgate, sm_scale, seq_start, cu_seqlens, backend)
+    gate_name, gate, is_cumsum = _gate_input(log_fgate, log_fgate_cumsum)
+    scale = _check_inputs(q, k, v, gate_name, gate, sm_scale, seq_start, cu_seqlens, backend)
     if adaptive_threshold is not None and backend == "reference":
         raise ValueError("backend='reference' is exact and never prunes: drop adaptive_threshold or pick another "
                          "backend")
     if backend == "auto":
         backend = "triton" if q.is_cuda and triton_unavailable_reason(q) is None else "torch"
     if backend == "reference":
-        return forgetting_attention_reference(q, k, v, log_fgate, sm_scale=scale, seq_start=seq_start,
-                                              cu_seqlens=cu_seqlens)
+        return forgetting_attention_reference(q, k, v, log_fgate, log_fgate_cumsum=log_fgate_cumsum, sm_scale=scale,
+                                              seq_start=seq_start, cu_seqlens=cu_seqlens)
     if backend == "torch":
         threshold = acp.threshold(q, k, adaptive_threshold, log_eps=log_eps, sm_scale=scale)
-        return _forgetting_attention_chunked(q, k, v, log_fgate, scale, seq_start, cu_seqlens, threshold)
-    return forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens, adaptive_threshold, log_eps)
+        c = _prefix_sums(gate, is_cumsum, _accumulation_dtype(q))
+        return _forgetting_attention_chunked(q, k, v, c, scale, seq_start, cu_seqlens, threshold)
+    return forgetting_attention_triton(q, k, v, gate, is_cumsum, scale, seq_start, cu_seqlens, adaptive_threshold,
+                                       log_eps)
 
 
 def log_forget_gate(logits: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,10 @@ except ImportError:  # no Triton on this platform: the torch backends still work
 # Triton kernels (FlashAttention-2 structure), reached through `_TritonForgettingAttention`.
 #
 # Per batch row b and query head h (kv head h // GROUP), with q (Tq, D), k, v (Tk, D), log f (Tk,):
-#   forward    c = cumsum(log f)                          `_gate_cumsum_kernel`, float32
-#              O = softmax(s q k^T + D) v, lse per row     `_fwd_kernel`; Tq x GROUP <= 64 rows (decoding):
-#                                                         `_fwd_split_kernel` + `_fwd_combine_kernel`
+#   forward    c = cumsum(log f)                          `_gate_cumsum_kernel`, float32 (skipped when the
+#                                                         caller passes c itself, as a decoding cache does)
+#              O = softmax(s q k^T + D) v, lse per row     `_fwd_kernel`; decoding (Tq x GROUP <= 64 rows) and
+#                                                         short chunked prefill: `_fwd_split_kernel`
 #   backward   delta_i = sum_d O_id dO_id                  `_bwd_delta_kernel`
 #              P = softmax(...), dS = P * (dO v^T - delta)
 #              dK = s dS^T q, dV = P^T dO (summed over the GROUP heads), colsum(dS)   `_bwd_dkdv_kernel`
@@ -44,7 +45,8 @@ except ImportError:  # no Triton on this platform: the torch backends still work
 # q k^T by qk_scale = log2(e) * sm_scale, so a logit in base 2 is
 #     s2_ij = qk_scale * q_i . k_j + (c2_{p_i} - c2_j)      and   P_ij = exp2(s2_ij - lse2_i).
 # The c difference is taken before it meets q.k: c grows to -1e4 and beyond on long sequences, and
-# subtracting two nearby float32 values is exact where adding a large one to q.k would round it.
+# subtracting two nearby float32 values is exact where adding a large one to q.k would round it. The split
+# kernel also reads natural c as the caller gave it (any strides) and scales the difference, log2(e) (c_i - c_j).
 #
 # Visibility of key j from query row i (key position p_i = Tk - Tq + i):
 #     key_lo_i <= j <= p_i
@@ -117,16 +119,17 @@ def _mask_scores(s, decay, delta, q_pos, keys, key_lo, CAUSAL: tl.constexpr, MAS
 
 
 @_jit
-def _first_kept_key_block_rows(C, c_rows, c_limit, valid, lo, hi, Tk, BLOCK_N: tl.constexpr):
-    """Binary search for packed rows of several heads (decoding): the first key block n in [lo, hi) whose last
-    key some valid row r keeps (c at that key >= c_limit[r] = c_q[r] - delta[r]; row r's gates at C + c_rows[r]),
-    else hi."""
+def _first_kept_key_block_rows(C, c_rows, c_q, delta, c_scale, valid, lo, hi, stride_ct, Tk, BLOCK_N: tl.constexpr):
+    """Binary search for packed rows of several heads (split-key forward): the first key block n in [lo, hi) whose
+    last key some valid row r keeps ((c_q[r] - c_key) * c_scale >= delta[r], the loop's own test; row r's prefix
+    sums at C + c_rows[r] + key * stride_ct), else hi."""
     lo += tl.full([], 0, tl.int32)
     hi += tl.full([], 0, tl.int32)
     while lo < hi:
         mid = (lo + hi) // 2
-        c_key = tl.load(C + c_rows + tl.minimum(mid * BLOCK_N + BLOCK_N - 1, Tk - 1), mask=valid, other=0.0)
-        kept = tl.max(tl.where(valid & (c_key <= c_limit), 1, 0), 0) > 0
+        key = tl.minimum(mid * BLOCK_N + BLOCK_N - 1, Tk - 1)
+        c_key = tl.load(C + c_rows + key * stride_ct, mask=valid, other=0.0)
+        kept = tl.max(tl.where(valid & ((c_q - c_key) * c_scale >= delta), 1, 0), 0) > 0
         hi = tl.where(kept, mid, hi)
         lo = tl.where(kept, lo, mid + 1)
     return lo
@@ -276,88 +279,164 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE,
 
 
 @_jit
-def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O_PART, LSE_PART,
+def _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, stride_kt, stride_vt, stride_ct, Tk,
+                 qk_scale, c_scale, start, end, offs_n, offs_d,
+                 CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of packed rows (each its own head's prefix sums, C + c_rows[r] + key * stride_ct, scaled to
+    base 2 by c_scale after the difference) over key blocks [start, end). Only CAUSAL blocks can run past Tk."""
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + offs_n
+        k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        if CAUSAL:
+            c_k = tl.load(C + c_rows[:, None] + keys[None, :] * stride_ct, mask=keys[None, :] < Tk, other=0.0)
+        else:
+            c_k = tl.load(C + c_rows[:, None] + keys[None, :] * stride_ct)
+        decay = (c_q[:, None] - c_k) * c_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + decay
+        s = _mask_scores(s, decay, delta[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO,
+                         PRUNE)
+        v = _load_tile(V + keys[:, None] * stride_vt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@_jit
+def _online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax: base-2 scores s (rows, keys) and values v (keys, D) into the running
+    max m, denominator l and unnormalized output acc."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@_jit
+def _store_rows(O, LSE, o, lse, b, t, h, valid, offs_d, stride_ob, stride_ot, stride_oh, H, Tq,
+                HEAD_DIM: tl.constexpr):
+    """Write packed rows (b, query t, head h) of the output O (B, Tq, H, D) and the base-2 lse (B, H, Tq)."""
+    o_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tl.store(O + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + (b * H + h) * Tq + t, lse, mask=valid)
+
+
+@_jit
+def _combine_splits(O_PART, LSE_PART, O, LSE, b, hk, bhk, r_start, r_end, n_bhk, n_rows, num_splits, offs_d,
+                    stride_ob, stride_ot, stride_oh, H, Tq, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, COMBINE_ROWS: tl.constexpr):
+    """O = sum_s 2^(lse_s - lse) O_s and lse = log2 sum_s 2^lse_s for packed rows [r_start, r_end) of one kv head,
+    COMBINE_ROWS rows x all splits per step (one round trip to L2, where the partials still are)."""
+    splits = tl.arange(0, BLOCK_S)
+    for r0 in range(r_start, r_end, COMBINE_ROWS):
+        r = r0 + tl.arange(0, COMBINE_ROWS)
+        ok = (splits[:, None] < num_splits) & (r[None, :] < r_end)
+        part = (splits[:, None] * n_bhk + bhk) * n_rows + r[None, :]  # (BLOCK_S, COMBINE_ROWS)
+        lse_s = tl.load(LSE_PART + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        lse_max = tl.max(lse_s, 0)
+        lse_max = tl.where(r < r_end, lse_max, 0.0)  # rows past the tile's end: no split, nothing stored
+        w = tl.where(ok, tl.exp2(lse_s - lse_max[None, :]), 0.0)
+        o_mask = ok[:, :, None] & (offs_d[None, None, :] < HEAD_DIM)
+        o_s = tl.load(O_PART + part[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=o_mask, other=0.0,
+                      cache_modifier=".cg")
+        total = tl.sum(w, 0)
+        total = tl.where(r < r_end, total, 1.0)
+        o = tl.sum(w[:, :, None] * o_s, 0) / total[:, None]
+        _store_rows(O, LSE, o, lse_max + tl.log2(total), b, r // GROUP, hk * GROUP + r % GROUP, r < r_end, offs_d,
+                    stride_ob, stride_ot, stride_oh, H, Tq, HEAD_DIM)
+
+
+@_jit
+def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE, O_PART, LSE_PART, COUNTER,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                      stride_vb, stride_vt, stride_vh, stride_lob, stride_lot,
-                      H, Tq, Tk, qk_scale, keys_per_split,
+                      stride_vb, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
+                      stride_ob, stride_ot, stride_oh, stride_lob, stride_lot,
+                      H, Tq, Tk, qk_scale, c_scale, keys_per_split,
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
-    """Decoding (flash-decoding): the Tq query rows of the GROUP heads that share one kv head, packed into
-    one tile (row r: head r // Tq of the group, query r % Tq), against one slice of the keys.
+                      DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, COMBINE_ROWS: tl.constexpr):
+    """Split-key forward (flash-decoding) for decoding and chunked prefill: the Tq query rows of the GROUP heads that
+    share one kv head are packed (row r: query r // GROUP, head r % GROUP of the group), BLOCK_M rows per tile, and
+    each program takes one tile against one slice of keys_per_split keys. Grid (splits, row tiles, B * Hkv).
 
-    Packing reads K and V once per group instead of once per head. A handful of rows cannot fill the GPU
-    one program per head, so the keys are split across programs; each writes a normalized partial output
-    and its lse, and `_fwd_combine_kernel` merges them. With PRUNE a split starts at its first key block that
-    some row keeps (an all-pruned split reads nothing and contributes weight 0).
+    Packing reads K and V once per group instead of once per head; splitting the keys fills the GPU when the rows
+    are few. C holds the prefix sums at any strides, natural (c_scale = log2 e) or base 2 (c_scale = 1), so a
+    decoding cache's c is read in place. With one split a program writes O and the lse; otherwise it writes a
+    normalized partial O_s and its lse_s, and the last program of its tile to finish (an atomic counter, which it
+    resets to 0 for the next call) merges the splits. With PRUNE a split starts at its first key block that some row
+    keeps (an all-pruned split reads nothing and contributes weight 0).
     """
     split = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
+    row_tile = tl.program_id(1)
+    bhk = tl.program_id(2).to(tl.int64)
+    num_splits = tl.num_programs(0)
+    n_bhk = tl.num_programs(2)
     b = bhk // (H // GROUP)
     hk = bhk % (H // GROUP)
     offset = Tk - Tq
-    rows = tl.arange(0, BLOCK_M)
+    n_rows = GROUP * Tq
+    r_start = row_tile * BLOCK_M
+    rows = r_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    valid = rows < GROUP * Tq
-    t = rows % Tq
-    h = hk * GROUP + tl.minimum(rows // Tq, GROUP - 1)  # padding rows repeat the last head: in-bounds reads
+    valid = rows < n_rows
+    t = tl.minimum(rows // GROUP, Tq - 1)  # padding rows repeat the last query: in-bounds reads
+    h = hk * GROUP + rows % GROUP
     K += b * stride_kb + hk * stride_kh
     V += b * stride_vb + hk * stride_vh
 
     q_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :], mask=q_mask,
                 other=0.0)
-    c_rows = (b * H + h) * Tk
+    c_rows = b * stride_cb + h * stride_ch
     q_pos = offset + t
-    c_q = tl.load(C + c_rows + q_pos, mask=valid, other=0.0)
+    c_q = tl.load(C + c_rows + q_pos * stride_ct)
+    t_first = r_start // GROUP
+    t_last = tl.minimum((r_start + BLOCK_M - 1) // GROUP, Tq - 1)
     start = split * keys_per_split
+    end = tl.minimum(tl.minimum(start + keys_per_split, Tk), offset + t_last + 1)  # later keys: no row sees them
     if MASK_LO:
-        key_lo = tl.load(KEY_LO + b * stride_lob + t * stride_lot, mask=valid, other=Tk)
-        start = tl.maximum(start, (tl.load(KEY_LO + b * stride_lob) // BLOCK_N) * BLOCK_N)
+        key_lo = tl.load(KEY_LO + b * stride_lob + t * stride_lot)
+        start = tl.maximum(start, (tl.load(KEY_LO + b * stride_lob + t_first * stride_lot) // BLOCK_N) * BLOCK_N)
     else:
         key_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
-    end = tl.minimum(split * keys_per_split + keys_per_split, Tk)
     if PRUNE:
         delta = tl.load(DELTA + b * H + h)
-        start = _first_kept_key_block_rows(C, c_rows, c_q - delta, valid, start // BLOCK_N, tl.cdiv(end, BLOCK_N),
-                                           Tk, BLOCK_N) * BLOCK_N
+        start = _first_kept_key_block_rows(C, c_rows, c_q, delta, c_scale, valid, start // BLOCK_N,
+                                           tl.cdiv(end, BLOCK_N), stride_ct, Tk, BLOCK_N) * BLOCK_N
     else:
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Blocks before `mid` hold only keys that every row of the tile sees causally.
+    mid = tl.maximum(tl.minimum(((offset + t_first + 1) // BLOCK_N) * BLOCK_N, end), start)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = _initial_max(BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, stride_kt, stride_vt,
-                               Tk, qk_scale, start, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
-                               BLOCK_N, True, DOT_PRECISION)
+    acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, stride_kt, stride_vt,
+                                 stride_ct, Tk, qk_scale, c_scale, start, mid, offs_n, offs_d, False, MASK_LO, PRUNE,
+                                 HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, stride_kt, stride_vt,
+                                 stride_ct, Tk, qk_scale, c_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE,
+                                 HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
 
+    # A row with no visible key has l = 0: it returns 0 (weight 0 among splits), and a finite lse.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    part = (split * tl.num_programs(1) * GROUP + b * H + h) * Tq + t  # O_PART: (splits, B * H, Tq, D)
-    o_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=o_mask)
-    tl.store(LSE_PART + part, m_i + tl.log2(l_safe), mask=valid)
-
-
-@_jit
-def _fwd_combine_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_ot, stride_oh, H, Tq, num_splits,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One program per (query row, batch * head): O = sum_s 2^(lse_s - lse) O_s, lse = log2 sum_s 2^lse_s."""
-    row = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    splits = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    part = (splits * tl.num_programs(1) + bh) * Tq + row
-    lse_s = tl.load(LSE_PART + part, mask=splits < num_splits, other=float("-inf"))
-    lse_max = tl.max(lse_s, 0)
-    w = tl.exp2(lse_s - lse_max)
-    o_mask = (splits[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM)
-    o_s = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
-    total = tl.sum(w, 0)
-    o = tl.sum(w[:, None] * o_s, 0) / total
-    O += (bh // H) * stride_ob + (bh % H) * stride_oh + row * stride_ot
-    tl.store(O + offs_d, o.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
-    tl.store(LSE + bh * Tq + row, lse_max + tl.log2(total))
+    o = acc / l_safe[:, None]
+    lse = m_i + tl.log2(l_safe)
+    if num_splits == 1:
+        _store_rows(O, LSE, o, lse, b, t, h, valid, offs_d, stride_ob, stride_ot, stride_oh, H, Tq, HEAD_DIM)
+    else:
+        part = (split * n_bhk + bhk) * n_rows + rows  # O_PART: (splits, B * Hkv, GROUP * Tq, D)
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=q_mask)
+        tl.store(LSE_PART + part, lse, mask=valid)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so (release, gpu scope)
+        counter = COUNTER + bhk * tl.num_programs(1) + row_tile
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            tl.store(counter, 0)
+            _combine_splits(O_PART, LSE_PART, O, LSE, b, hk, bhk, r_start, tl.minimum(r_start + BLOCK_M, n_rows),
+                            n_bhk, n_rows, num_splits, offs_d, stride_ob, stride_ot, stride_oh, H, Tq, GROUP,
+                            HEAD_DIM, BLOCK_D, BLOCK_S, COMBINE_ROWS)
 
 
 @_jit
@@ -761,9 +840,9 @@ _GPU_CONFIGS = {
     ("dq", 64): _KernelConfig(64, 64, 4, 3),
     ("dq", 128): _KernelConfig(128, 64, 8, 2),
     ("dq", 256): _KernelConfig(128, 32, 8, 2),
-    ("decode", 16): _KernelConfig(16, 64, 4, 3),
-    ("decode", 32): _KernelConfig(16, 64, 4, 3),
-    ("decode", 64): _KernelConfig(16, 64, 4, 3),
+    ("decode", 16): _KernelConfig(16, 128, 4, 3),
+    ("decode", 32): _KernelConfig(16, 128, 4, 3),
+    ("decode", 64): _KernelConfig(16, 128, 4, 3),
     ("decode", 128): _KernelConfig(16, 64, 4, 3),
     ("decode", 256): _KernelConfig(16, 32, 4, 3),
 }
@@ -779,8 +858,19 @@ _INTERPRET_CONFIGS = {
 _CONFIG_OVERRIDES: dict[str, _KernelConfig] = {}
 _CONFIG_CHOSEN: dict[tuple, _KernelConfig] = {}
 # Up to this many query rows (queries x heads of a GQA group, one tile), the forward pass packs them
-# and splits the keys instead (decoding).
+# and splits the keys instead (decoding); it is also the split kernel's tallest tile.
 _DECODE_MAX_ROWS = 64
+# Chunked prefill (Tq < Tk) takes the split kernel too while the blocked forward would run fewer programs than
+# this many per multiprocessor.
+_PREFILL_SPLIT_WAVES = 2
+# The split kernel runs at least this many programs per multiprocessor and at most _SPLIT_MAX_KEYS keys per
+# program, with at most _MAX_SPLITS slices of the keys (H200 sweep, benchmarks/NOTES.md); the last program of a
+# tile merges them _COMBINE_ELEMENTS (splits x rows x head dim) at a time.
+_SPLIT_PROGRAMS_PER_SM = 1
+_SPLIT_MAX_KEYS = 2048
+_MAX_SPLITS = 32
+_COMBINE_ELEMENTS = 4096
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 # Positions per step of the gate's prefix sums (one program per batch row and head).
 _GATE_BLOCK = 1024
 # Blocks per program of the pruning-bounds kernels (one lane each).
@@ -793,8 +883,8 @@ def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torc
     first = _GPU_CONFIGS[(kind, block_d)]
     if dtype == torch.float32:  # twice the bytes per tile: start from half the tile
         first = _KernelConfig(max(16, first.block_m // 2), max(16, first.block_n // 2), first.num_warps, 2)
-    if kind == "decode":  # block_m is the least tile height: every query row must fit one tile
-        return [first, _KernelConfig(16, 16, 4, 1)]
+    if kind == "decode":  # block_m is the least tile height (taller tiles, up to 64 rows, need less block_n)
+        return [first, _KernelConfig(16, max(16, first.block_n // 2), 4, 2), _KernelConfig(16, 16, 4, 1)]
     return [first, *(c for c in _FALLBACK_CONFIGS if c.block_m * c.block_n < first.block_m * first.block_n)]
 
 
@@ -842,6 +932,8 @@ def _triton_forward(q, k, v, c2, key_lo, threshold2, scale):
     threshold2: the pruning threshold in base 2 (B, H), or None. Optional tensors that are absent are passed
     as c2: the kernels do not read them when their flag is off.
     """
+    if _split_wanted(q, k):
+        return _split_forward(q, k, v, c2.transpose(1, 2), 1.0, key_lo, threshold2, scale)
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     meta = _common_meta(q, k, key_lo, threshold2)
@@ -849,26 +941,73 @@ def _triton_forward(q, k, v, c2, key_lo, threshold2, scale):
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     args = (q, k, v, c2, _or(key_lo, c2), _or(threshold2, c2))
     strides = (*_strides(q), *_strides(k), *_strides(v))
-    if Tq * meta["GROUP"] > _DECODE_MAX_ROWS:
-        _launch("fwd", q, meta["BLOCK_D"], lambda cfg: _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-            *args, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), o, lse, *strides, *o.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
-        return o, lse
-
-    def split_forward(cfg):
-        kv_heads = B * k.shape[2]
-        splits, keys_per_split = _decode_splits(kv_heads, Tk, cfg.block_n, q.device)
-        o_part = torch.empty(splits, B * H, Tq, D, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(splits, B * H, Tq, dtype=torch.float32, device=q.device)
-        _fwd_split_kernel[(splits, kv_heads)](
-            *args, o_part, lse_part, *strides, *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E, keys_per_split,
-            BLOCK_M=max(cfg.block_m, triton.next_power_of_2(Tq * meta["GROUP"])), BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
-        _fwd_combine_kernel[(Tq, B * H)](o_part, lse_part, o, lse, *o.stride()[:3], H, Tq, splits, HEAD_DIM=D,
-                                         BLOCK_D=meta["BLOCK_D"], BLOCK_S=triton.next_power_of_2(splits))
-
-    _launch("decode", q, meta["BLOCK_D"], split_forward)
+    _launch("fwd", q, meta["BLOCK_D"], lambda cfg: _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
+        *args, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), o, lse, *strides, *o.stride()[:3],
+        *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
     return o, lse
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+def _split_wanted(q, k) -> bool:
+    """The split-key forward for decoding (Tq x GROUP <= _DECODE_MAX_ROWS rows) and for chunked prefill (Tq < Tk)
+    whose one-head-per-program grid would fill less than _PREFILL_SPLIT_WAVES waves of the GPU."""
+    B, Tq, H, _ = q.shape
+    Tk, group = k.shape[1], H // k.shape[2]
+    if Tq * group <= _DECODE_MAX_ROWS:
+        return True
+    return Tq < Tk and triton.cdiv(Tq, 64) * B * H < _PREFILL_SPLIT_WAVES * _multiprocessors(q.device)
+
+
+def _split_forward(q, k, v, c, c_scale, key_lo, threshold2, scale):
+    """`_fwd_split_kernel`: O (B, Tq, H, D) and the base-2 lse (B, H, Tq), as `_triton_forward` returns them.
+
+    c: the gate's prefix sums (B, Tk, H) float32 at any strides, natural (c_scale = log2 e) or base 2 (c_scale = 1).
+    """
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    meta = _common_meta(q, k, key_lo, threshold2)
+    n_rows = Tq * meta["GROUP"]
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+
+    def launch(cfg):
+        block_m = min(max(cfg.block_m, triton.next_power_of_2(n_rows)), _DECODE_MAX_ROWS)
+        row_tiles = triton.cdiv(n_rows, block_m)
+        splits, keys_per_split = _decode_splits(B * Hkv * row_tiles, Tk, cfg.block_n, q.device)
+        if splits > 1:
+            o_part = torch.empty(splits, B * Hkv, n_rows, D, dtype=torch.float32, device=q.device)
+            lse_part = torch.empty(splits, B * Hkv, n_rows, dtype=torch.float32, device=q.device)
+            counters = _split_counters(B * Hkv * row_tiles, q.device)
+        else:  # never read: each program writes O itself
+            o_part, lse_part, counters = o, lse, lse
+        block_s = triton.next_power_of_2(splits)
+        combine_rows = max(1, min(block_m, _COMBINE_ELEMENTS // (block_s * meta["BLOCK_D"])))
+        _fwd_split_kernel[(splits, row_tiles, B * Hkv)](
+            q, k, v, c, _or(key_lo, c), _or(threshold2, c), o, lse, o_part, lse_part, counters,
+            *_strides(q), *_strides(k), *_strides(v), *c.stride(), *o.stride()[:3], *_strides(key_lo, 2),
+            H, Tq, Tk, scale * LOG2E, c_scale, keys_per_split, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+            BLOCK_S=block_s, COMBINE_ROWS=combine_rows, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+
+    _launch("decode", q, meta["BLOCK_D"], launch)
+    return o, lse
+
+
+def _split_counters(n: int, device: torch.device) -> torch.Tensor:
+    """At least n int32 counters for the split kernel's "last program combines", zero between calls (that program
+    resets its own). One buffer per device, kept across calls: made outside any CUDA-graph capture, it adds no
+    memset to a captured graph. Split-key forwards on one device must therefore not run concurrently on two streams.
+    """
+    counters = _SPLIT_COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:  # memory of a graph's private pool must not outlive the graph
+            _SPLIT_COUNTERS[device] = counters
+    return counters
 
 
 def _auto_threshold2(q, k, scale: float, log_eps: float) -> torch.Tensor:
@@ -908,16 +1047,18 @@ def _pruning_bounds(side: str, c2, visibility, threshold2, Tq: int, cfg: _Kernel
 
 
 def _decode_splits(programs: int, Tk: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """Split the keys so that about four programs run per multiprocessor (enough loads in flight to
-    stream K and V at memory speed); return (splits, keys per split)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    """Split the keys so that at least _SPLIT_PROGRAMS_PER_SM programs run per multiprocessor and none reads more
+    than _SPLIT_MAX_KEYS keys (long caches stream faster from more programs), at most _MAX_SPLITS slices; return
+    (splits, keys per split)."""
     blocks = triton.cdiv(Tk, block_n)
-    per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(4 * sms, programs), 128))) * block_n
+    wanted = max(triton.cdiv(_SPLIT_PROGRAMS_PER_SM * _multiprocessors(device), programs),
+                 triton.cdiv(Tk, _SPLIT_MAX_KEYS))
+    per_split = triton.cdiv(blocks, max(1, min(blocks, wanted, _MAX_SPLITS))) * block_n
     return triton.cdiv(Tk, per_split), per_split
 
 
-def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scale):
-    """dq, dk, dv in their inputs' dtypes and dlog f (B, Tk, H) in float32."""
+def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scale, gate_is_cumsum=False):
+    """dq, dk, dv in their inputs' dtypes and dlog f (B, Tk, H) in float32 (with ``gate_is_cumsum``, dc instead)."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     meta = _common_meta(q, k, key_lo, threshold2)
@@ -943,30 +1084,52 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
         q, k, v, c2, do, lse, delta, lo, thr, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), dq, dc_row,
         *strides, *dq.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
+    if gate_is_cumsum:  # dc_t = rowsum(dS) of the query at t - colsum(dS)_t (why the row sums stay: section header)
+        dc = dc_col.neg_()
+        dc[:, :, Tk - Tq:] += dc_row
+        return dq, dk, dv, dc.transpose(1, 2)
     dlog_f = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
     _gate_grad_kernel[(B * H,)](dc_col, dc_row, dlog_f, *dlog_f.stride(), H, Tq, Tk, BLOCK_T=_GATE_BLOCK)
     return dq, dk, dv, dlog_f
 
 
+def _base2_prefix_sums(gate, is_cumsum):
+    """c2 = log2(e) * c (B, H, Tk) contiguous float32, as the blocked kernels read it, from either gate form (B, Tk, H):
+    the per-token log gates (a scan, `_gate_cumsum_kernel`) or their prefix sums c (one multiply)."""
+    B, Tk, H = gate.shape
+    c2 = torch.empty(B, H, Tk, dtype=torch.float32, device=gate.device)
+    if is_cumsum:
+        torch.mul(gate.transpose(1, 2), LOG2E, out=c2)
+    else:
+        _gate_cumsum_kernel[(B * H,)](gate, c2, *gate.stride(), H, Tk, BLOCK_T=_GATE_BLOCK)
+    return c2
+
+
 class _TritonForgettingAttention(torch.autograd.Function):
-    """O = forgetting attention of (q, k, v, log f), log f float32; gradients for all four."""
+    """O = forgetting attention of (q, k, v, gate), the gate float32 (B, Tk, H): the log gates log f, or with
+    ``is_cumsum`` their prefix sums c; gradients for all four."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_f, scale, key_lo, query_hi, threshold2):
+    def forward(ctx, q, k, v, gate, is_cumsum, scale, key_lo, query_hi, threshold2):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        B, Tk, H = log_f.shape
-        c2 = torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)  # one row of keys per head
-        _gate_cumsum_kernel[(B * H,)](log_f, c2, *log_f.stride(), H, Tk, BLOCK_T=_GATE_BLOCK)
-        o, lse = _triton_forward(q, k, v, c2, key_lo, threshold2, scale)
-        ctx.save_for_backward(q, k, v, c2, o, lse, key_lo, query_hi, threshold2)
-        ctx.scale = scale
+        if is_cumsum and _split_wanted(q, k):  # reads c in place: no scan, no copy
+            c2 = None
+            o, lse = _split_forward(q, k, v, gate, LOG2E, key_lo, threshold2, scale)
+        else:
+            c2 = _base2_prefix_sums(gate, is_cumsum)
+            o, lse = _triton_forward(q, k, v, c2, key_lo, threshold2, scale)
+        ctx.save_for_backward(q, k, v, gate if c2 is None else c2, o, lse, key_lo, query_hi, threshold2)
+        ctx.scale, ctx.is_cumsum, ctx.saved_c2 = scale, is_cumsum, c2 is not None
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, c2, o, lse, key_lo, query_hi, threshold2 = ctx.saved_tensors
-        dq, dk, dv, dc = _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, ctx.scale)
-        return dq, dk, dv, dc, None, None, None, None
+        if not ctx.saved_c2:  # the forward read c in place; the backward kernels want c2
+            c2 = _base2_prefix_sums(c2, True)
+        dq, dk, dv, dgate = _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, ctx.scale,
+                                             ctx.is_cumsum)
+        return dq, dk, dv, dgate, None, None, None, None, None
 
 
 def _visibility_bounds(q, k, seq_start, cu_seqlens):
@@ -997,7 +1160,8 @@ def triton_unavailable_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens, adaptive_threshold, log_eps):
+def forgetting_attention_triton(q, k, v, gate, is_cumsum, scale, seq_start, cu_seqlens, adaptive_threshold, log_eps):
+    """forgetting_attention on the Triton kernels; ``gate``: log f (B, Tk, H), or with ``is_cumsum`` its prefix sums."""
     reason = triton_unavailable_reason(q)
     if reason is not None:
         raise ValueError(f"backend='triton': {reason}")
@@ -1008,4 +1172,4 @@ def forgetting_attention_triton(q, k, v, log_fgate, scale, seq_start, cu_seqlens
     else:
         threshold = acp.threshold(q, k, adaptive_threshold, log_eps=log_eps, sm_scale=scale)
         threshold2 = None if threshold is None else threshold * LOG2E
-    return _TritonForgettingAttention.apply(q, k, v, log_fgate.float(), scale, key_lo, query_hi, threshold2)
+    return _TritonForgettingAttention.apply(q, k, v, gate.float(), is_cumsum, scale, key_lo, query_hi, threshold2)

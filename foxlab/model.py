@@ -11,7 +11,8 @@ ForgettingAttention (per head; shapes B batch, T tokens, H query heads, Hkv key/
     k, v     <- KV-shift (optional): k'_t = a_t k_{t-1} + (1 - a_t) k_t
     q, k     <- per-head RMSNorm (optional qk_norm), RoPE (Transformer baselines only)
     log f_t  = logsigmoid(w_f . x_t + b_f)          (B, T, H), float32; 0 for fgate_type="none"
-    o        = forgetting_attention(q, k, v, log f) (attention.py: softmax(s q k^T + c_i - c_j) v)
+    o        = forgetting_attention(q, k, v, log f) (attention.py: softmax(s q k^T + c_i - c_j) v; with a cache,
+               from the cached prefix sums c instead of log f)
     o        <- per-head RMSNorm (optional), then o * sigmoid(W_g x) (optional output gate)
     out      = W_o o
 """
@@ -63,10 +64,12 @@ class ForgettingTransformerCausalLMOutput(CausalLMOutputWithPast):
 class ForgettingCacheLayer(DynamicLayer):
     """One layer's decoding state.
 
-    ``keys``/``values`` (B, Hkv, T, D) as DynamicLayer keeps them (after shift, norm and RoPE), the log forget
-    gates of every cached token ``log_fgates`` (B, T, H), and for KV-shift the raw (pre-shift) keys and values
-    ``shift_states["k" | "v"]`` (B, n, Hkv, D) whose last token shifts into the next one. Only differences of the
-    gates' prefix sums matter, so storing per-token gates and summing them in the kernel is exact at any length.
+    ``keys``/``values`` (B, Hkv, T, D) as DynamicLayer keeps them (after shift, norm and RoPE), the running sums of
+    the log forget gates ``fgate_cumsum`` (B, H, T) float32 (c_t = log f_0 + ... + log f_t, heads first as the
+    kernels read it), and for KV-shift the raw (pre-shift) keys and values ``shift_states["k" | "v"]`` (B, n, Hkv, D)
+    whose last token shifts into the next one. New tokens append c_last + cumsum(their log f), the same float32
+    running sum a scan over all gates would give; attention reads c in place (``log_fgate_cumsum``), so a decoding
+    step costs no scan over the cache.
 
     ``crop`` must restore the shift state of the new last token, so after ``activate_past_recording()`` (which
     assisted generation calls) ``shift_states`` keeps every raw token from then on (n grows with the cache);
@@ -75,15 +78,20 @@ class ForgettingCacheLayer(DynamicLayer):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.log_fgates: torch.Tensor | None = None
+        self.fgate_cumsum: torch.Tensor | None = None
         self.shift_states: dict[str, torch.Tensor] = {}
         self.record_past = False
 
     def append(self, k: torch.Tensor, v: torch.Tensor, log_fgate: torch.Tensor):
-        """Add T new tokens (k, v: (B, T, Hkv, D); log_fgate: (B, T, H)); return all cached ones, same layout."""
+        """Add T new tokens (k, v: (B, T, Hkv, D); log_fgate: (B, T, H) float32); return all cached keys and values
+        in the same layout and the gate's prefix sums c (B, T_all, H), a view of ``fgate_cumsum``."""
         keys, values = self.update(k.transpose(1, 2), v.transpose(1, 2))
-        self.log_fgates = log_fgate if self.log_fgates is None else torch.cat([self.log_fgates, log_fgate], dim=1)
-        return keys.transpose(1, 2), values.transpose(1, 2), self.log_fgates
+        c_new = log_fgate.float().transpose(1, 2).cumsum(dim=-1)
+        cached = self.fgate_cumsum
+        if cached is not None and cached.shape[-1] > 0:
+            c_new = cached[..., -1:] + c_new
+        self.fgate_cumsum = c_new if cached is None else torch.cat([cached, c_new], dim=-1)
+        return keys.transpose(1, 2), values.transpose(1, 2), self.fgate_cumsum.transpose(1, 2)
 
     def shift_state(self, name: str) -> torch.Tensor | None:
         """The raw ``name`` ("k" or "v") of the last cached token (B, 1, Hkv, D), or None before the first."""
@@ -103,13 +111,13 @@ class ForgettingCacheLayer(DynamicLayer):
         self.record_past = True
 
     def _map_extras(self, fn) -> None:
-        if self.log_fgates is not None:
-            self.log_fgates = fn(self.log_fgates)
+        if self.fgate_cumsum is not None:
+            self.fgate_cumsum = fn(self.fgate_cumsum)
         self.shift_states = {name: fn(state) for name, state in self.shift_states.items()}
 
     def reset(self) -> None:
         super().reset()
-        self.log_fgates, self.shift_states = None, {}
+        self.fgate_cumsum, self.shift_states = None, {}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -131,7 +139,7 @@ class ForgettingCacheLayer(DynamicLayer):
             return
         self.shift_states = self._cropped_shift_states(length - keep, keep)
         self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
-        self.log_fgates = self.log_fgates[:, :keep]
+        self.fgate_cumsum = self.fgate_cumsum[..., :keep]
 
     def _cropped_shift_states(self, removed: int, keep: int) -> dict[str, torch.Tensor]:
         if keep == 0:
@@ -289,16 +297,17 @@ class ForgettingAttention(nn.Module):
             log_f = torch.zeros(B, T, self.num_heads, device=x.device, dtype=torch.float32)
         if token_mask is not None:
             log_f = log_f * token_mask[..., None]  # padded tokens neither forget nor are seen (seq_start)
-        if layer_cache is not None:
-            k, v, log_f_all = layer_cache.append(k, v, log_f)
+        if layer_cache is not None:  # the cache keeps the gate's prefix sums: decoding needs no scan
+            k, v, c = layer_cache.append(k, v, log_f)
+            gate = dict(log_fgate_cumsum=c)
         else:
-            log_f_all = log_f
+            gate = dict(log_fgate=log_f)
 
         probs = None
         if output_attentions:
-            o, probs = forgetting_attention_reference(q, k, v, log_f_all, seq_start=seq_start, return_probs=True)
+            o, probs = forgetting_attention_reference(q, k, v, seq_start=seq_start, return_probs=True, **gate)
         else:
-            o = self.attend(q, k, v, log_f_all, seq_start)
+            o = self.attend(q, k, v, gate, seq_start)
         gate = self.g_proj(x).view_as(o) if self.g_proj is not None else None
         if self.o_norm is not None:
             o = self.o_norm(o, gate=gate)  # the gate multiplies after the norm, in the same kernel when fused
@@ -307,12 +316,13 @@ class ForgettingAttention(nn.Module):
         return self.o_proj(o.reshape(B, T, -1)), probs, log_f
 
 
-    def attend(self, q, k, v, log_f, seq_start):
-        """The attention kernel call, pruned when the config sets ``acp_log_tolerance`` (acp.py)."""
+    def attend(self, q, k, v, gate, seq_start):
+        """The attention kernel call, pruned when the config sets ``acp_log_tolerance`` (acp.py); ``gate``: the
+        keyword of the gate's form, {"log_fgate": log f} or {"log_fgate_cumsum": c}."""
         tolerance, backend = self.config.acp_log_tolerance, self.config.attn_backend
         pruning = {} if tolerance is None or backend == "reference" else dict(adaptive_threshold="auto",
                                                                                log_eps=tolerance)
-        return forgetting_attention(q, k, v, log_f, seq_start=seq_start, backend=backend, **pruning)
+        return forgetting_attention(q, k, v, seq_start=seq_start, backend=backend, **gate, **pruning)
 
 
 class SwiGLU(nn.Module):

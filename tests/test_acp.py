@@ -87,6 +87,28 @@ def test_pruned_equals_dense_with_the_same_mask(backend, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4], SHAPES[2]], ids=["decode", "decode-seq_start", "prefill"])
+def test_pruned_from_prefix_sums(backend, shape):
+    """The gate given as its prefix sums c (as a decoding cache passes it): the same pruned output, and the
+    gradient of c (mapped to log f: dlog f_t = sum_{u >= t} dc_u) equals the per-token form's."""
+    B, Tq, Tk, H, Hkv, D, kw = shape
+    q, k, v, g = inputs(B, Tq, Tk, H, Hkv, D)
+    log_f, threshold = quantized_gates(B, Tk, H, generator=g)
+    d_out = torch.randn(q.shape, generator=g)
+    device = backend[1]
+    leaves = [t.to(device).clone().requires_grad_() for t in (q, k, v, log_f.cumsum(1))]
+    kw = {name: t.to(device) for name, t in kw.items()}
+    out = forgetting_attention(*leaves[:3], log_fgate_cumsum=leaves[3], backend=backend[0],
+                               adaptive_threshold=threshold.to(device), **kw)
+    grads = torch.autograd.grad(out, leaves, d_out.to(device))
+    ours = [t.cpu() for t in (out, *grads[:3], grads[3].flip(1).cumsum(1).flip(1))]
+    ref, _, kept, visible = dense(q, k, v, log_f, d_out, threshold, **kw)
+    assert (visible & ~kept).any(), "the test must prune something"
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dlog_f"), ours, ref):
+        assert rel_err(a, b) <= 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("Tq,Tk", [(64, 64), (1, 80), (9, 80)])
 def test_no_forgetting_prunes_nothing_bit_for_bit(backend, Tq, Tk):
     q, k, v, g = inputs(2, Tq, Tk, 4, 2, 16)

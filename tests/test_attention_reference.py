@@ -104,7 +104,9 @@ def test_chunked_matches_reference_with_gradients(shape, chunk):
     inputs = make_inputs(*shape, requires_grad=True)
     seq_start = torch.tensor([1] + [0] * (shape[0] - 1))
     ref = forgetting_attention_reference(*inputs, seq_start=seq_start)
-    out = _forgetting_attention_chunked(*inputs, 1 / math.sqrt(shape[-1]), seq_start, None, chunk_size=chunk)
+    q, k, v, log_f = inputs
+    out = _forgetting_attention_chunked(q, k, v, log_f.cumsum(1), 1 / math.sqrt(shape[-1]), seq_start, None,
+                                        chunk_size=chunk)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad((out * grad_out).sum(), inputs),
@@ -134,6 +136,35 @@ def test_return_probs_rows_sum_to_one():
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 5, dtype=torch.float64))
     assert torch.all(probs[1, :, :, :3] == 0)  # padded keys get no weight
     assert torch.all(torch.triu(probs[0, 0, :, 3:], diagonal=1) == 0)  # causal: nothing from the future
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_prefix_sum_input_equals_per_token_gates(backend):
+    """log_fgate_cumsum = cumsum(log f) from any origin gives the per-token form's output; the gradient of c maps to
+    that of log f by a suffix sum (c_t depends on log f_0..t)."""
+    q, k, v, log_f = make_inputs(2, 5, 13, 4, 2, 8, requires_grad=True)
+    c = (log_f.detach().cumsum(1) - 7.0).requires_grad_()  # another origin: only differences matter
+    seq_start = torch.tensor([0, 3])
+    out = forgetting_attention(q, k, v, log_f, seq_start=seq_start, backend=backend)
+    out_c = forgetting_attention(q, k, v, log_fgate_cumsum=c, seq_start=seq_start, backend=backend)
+    torch.testing.assert_close(out_c, out, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(out)
+    (dlog_f,) = torch.autograd.grad(out, log_f, grad_out)
+    (dc,) = torch.autograd.grad(out_c, c, grad_out)
+    torch.testing.assert_close(dc.flip(1).cumsum(1).flip(1), dlog_f, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("gates,message", [
+    (dict(), "exactly one of log_fgate"),
+    (dict(log_fgate=torch.zeros(1, 6, 4), log_fgate_cumsum=torch.zeros(1, 6, 4)), "exactly one of log_fgate"),
+    (dict(log_fgate_cumsum=torch.zeros(1, 6, 2)), r"log_fgate_cumsum must have shape \(batch, Tk, heads\)"),
+    (dict(log_fgate_cumsum=torch.zeros(1, 6, 4, dtype=torch.bfloat16)), "log_fgate_cumsum must be float32"),
+])
+def test_bad_gate_forms_name_the_argument(gates, message):
+    q, k = torch.zeros(1, 4, 4, 8), torch.zeros(1, 6, 2, 8)
+    for backend in ("torch", "reference"):
+        with pytest.raises(ValueError, match=message):
+            forgetting_attention(q, k, k, backend=backend, **gates)
 
 
 BAD_INPUTS = [

@@ -107,9 +107,29 @@ def test_crop_then_continue_equals_full_forward(variant, crop, one_thread):
     cache.crop(crop)
     keep = cache.get_seq_length()
     assert keep == (10 + crop if crop < 0 else crop)
-    assert all(layer.log_fgates.shape[1] == keep for layer in cache.layers)
+    assert all(layer.fgate_cumsum.shape[-1] == keep for layer in cache.layers)
     rest = model(ids[:, keep:], cache=cache).logits
     torch.testing.assert_close(rest, full[:, keep:], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_keeps_the_gates_prefix_sums_through_crop_and_reorder(one_thread):
+    """fgate_cumsum (B, H, T) is the running sum of the layer's log forget gates, chunk after chunk, after a crop
+    and after a reorder of the batch (beam search), as a full forward's gates give it."""
+    model = tiny_model()
+    ids = torch.stack(prompts([12, 12], seed=8))
+    gates = model(ids, use_cache=False, output_forget_gates=True).forget_gates  # per layer (B, T, H)
+    cache = ForgettingTransformerCache(model.config)
+    model(ids[:, :5], cache=cache)
+    model(ids[:, 5:9], cache=cache)
+    for layer, log_f in zip(cache.layers, gates):
+        assert layer.fgate_cumsum.dtype == torch.float32
+        torch.testing.assert_close(layer.fgate_cumsum, log_f[:, :9].cumsum(1).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    cache.crop(-3)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    model(ids.flip(0)[:, 6:], cache=cache)
+    for layer, log_f in zip(cache.layers, gates):
+        torch.testing.assert_close(layer.fgate_cumsum, log_f.flip(0).cumsum(1).transpose(1, 2), rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_kv_shift_crop_without_recording_is_refused_and_changes_nothing():
@@ -117,7 +137,7 @@ def test_kv_shift_crop_without_recording_is_refused_and_changes_nothing():
     cache = cached(model(torch.stack(prompts([5])), use_cache=True))
     with pytest.raises(RuntimeError, match="activate_past_recording"):
         cache.crop(-2)
-    assert cache.get_seq_length() == 5 and cache.layers[0].log_fgates.shape[1] == 5
+    assert cache.get_seq_length() == 5 and cache.layers[0].fgate_cumsum.shape[-1] == 5
     cache.crop(0)  # nothing to undo: allowed
 
 

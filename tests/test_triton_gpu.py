@@ -30,15 +30,23 @@ def make_inputs(B, Tq, Tk, H, Hkv, D, dtype):
     return q, k, v, log_f
 
 
-def check(B, Tq, H, D, dtype=torch.bfloat16, Tk=None, Hkv=None, **kw):
-    """Compare output and gradients with the reference; returns the Triton output and gradients."""
+def check(B, Tq, H, D, dtype=torch.bfloat16, Tk=None, Hkv=None, cumsum=False, **kw):
+    """Compare output and gradients with the reference; returns the Triton output and gradients. With ``cumsum`` the
+    kernels get the gate as its prefix sums (log_fgate_cumsum, heads-first storage as the cache keeps it) and the
+    gradient of c is mapped to log f (dlog f_t = sum_{u >= t} dc_u)."""
     Tk = Tq if Tk is None else Tk
     Hkv = H if Hkv is None else Hkv
     q, k, v, log_f = make_inputs(B, Tq, Tk, H, Hkv, D, dtype)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, log_f)]
-    out = forgetting_attention(*leaves, backend="triton", **kw)
+    gate = log_f.cumsum(1).transpose(1, 2).contiguous().transpose(1, 2) if cumsum else log_f
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, gate)]
+    if cumsum:
+        out = forgetting_attention(*leaves[:3], log_fgate_cumsum=leaves[3], backend="triton", **kw)
+    else:
+        out = forgetting_attention(*leaves, backend="triton", **kw)
     d_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, d_out)
+    grads = list(torch.autograd.grad(out, leaves, d_out))
+    if cumsum:
+        grads[3] = grads[3].flip(1).cumsum(1).flip(1)
 
     exact = B * H * Tq * Tk <= 2**25
     ref_dtype = torch.float64 if exact else torch.float32
@@ -90,15 +98,23 @@ def test_varlen():
     check(1, int(offsets[-1]), 4, 128, Hkv=2, cu_seqlens=offsets)
 
 
+@pytest.mark.parametrize("cumsum", [False, True], ids=["log_f", "cumsum"])
 @pytest.mark.parametrize("Tq,Tk", [(256, 2048), (333, 1001), (17, 4096)])
-def test_chunked_prefill(Tq, Tk):
-    check(2, Tq, 4, 128, Tk=Tk)
+def test_chunked_prefill(Tq, Tk, cumsum):
+    check(2, Tq, 4, 128, Tk=Tk, cumsum=cumsum)
 
 
+@pytest.mark.parametrize("cumsum", [False, True], ids=["log_f", "cumsum"])
 @pytest.mark.parametrize("Tq", [1, 4, 16])
 @pytest.mark.parametrize("D", [64, 128, 256])
-def test_decode(Tq, D):
-    check(4, Tq, 8, D, Tk=4099, Hkv=2)
+def test_decode(Tq, D, cumsum):
+    check(4, Tq, 8, D, Tk=4099, Hkv=2, cumsum=cumsum)
+
+
+def test_decode_long_cache_from_prefix_sums():
+    """32k cached keys, the gate's prefix sums reaching ~ -1700: the split kernel takes their differences first."""
+    check(1, 1, 16, 64, Tk=32768, Hkv=4, cumsum=True)
+    check(1, 64, 16, 128, Tk=8192, Hkv=16, cumsum=True, seq_start=torch.tensor([100], device="cuda"))
 
 
 def test_decode_matches_full_forward():

@@ -146,6 +146,49 @@ def test_other_tile_shapes(monkeypatch, tiles):
     check(B=1, Tq=45, cu_seqlens=torch.tensor([0, 16, 29, 45]))
 
 
+def run_cumsum_form(q, k, v, log_f, **kw):
+    """The Triton output and the gradients of (q, k, v, c) with the gate given as its prefix sums c; the gradient
+    of c mapped to log f (dlog f_t = sum_{u >= t} dc_u) so that it compares with the per-token form's."""
+    c = log_f.cumsum(1).transpose(1, 2).contiguous().transpose(1, 2)  # heads-first storage, as the cache keeps it
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, c)]
+    out = forgetting_attention(*leaves[:3], log_fgate_cumsum=leaves[3], backend="triton", **kw)
+    d_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, d_out)
+    dlog_f = grads[3].flip(1).cumsum(1).flip(1)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, log_f)]
+    ref = forgetting_attention_reference(*ref_leaves, **kw)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, d_out.double())
+    return (out, *grads[:3], dlog_f), (ref, *ref_grads)
+
+
+@pytest.mark.parametrize("Tq,Tk,H,Hkv,kw", [
+    (1, 50, 8, 2, {}),  # decoding: c read in place by the split kernel
+    (3, 41, 4, 1, {"seq_start": torch.tensor([0, 17])}),
+    (40, 65, 4, 2, {}),  # 80 packed rows: two row tiles of the split kernel... or the blocked forward
+    (33, 33, 2, 2, {"seq_start": torch.tensor([5, 0])}),  # the blocked forward from c (one multiply, no scan)
+    (50, 50, 4, 2, {"cu_seqlens": torch.tensor([0, 20, 50])}),
+])
+def test_prefix_sum_input_equals_the_reference(Tq, Tk, H, Hkv, kw):
+    B = 1 if "cu_seqlens" in kw else 2
+    ours, ref = run_cumsum_form(*make_inputs(B, Tq, Tk, H, Hkv, 24), **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dlog_f"), ours, ref):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) <= 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("Tq,Tk,Hkv", [(1, 70, 1), (9, 70, 2), (40, 70, 2), (70, 70, 1)])
+def test_split_kernel_for_any_rows(monkeypatch, Tq, Tk, Hkv):
+    """The split-key forward on every shape (forced): several row tiles, splits that no row reaches causally,
+    a split count above one and one."""
+    monkeypatch.setattr(kernels, "_DECODE_MAX_ROWS", 32)
+    monkeypatch.setattr(kernels, "_split_wanted", lambda q, k: True)
+    for splits in (4, 1):
+        monkeypatch.setattr(kernels, "_SPLIT_PROGRAMS_PER_SM", splits)
+        check(Tq=Tq, Tk=Tk, H=4, Hkv=Hkv, D=16, seq_start=torch.tensor([0, 9]))
+        ours, ref = run_cumsum_form(*make_inputs(2, Tq, Tk, 4, Hkv, 16))
+        assert max(rel_err(a, b) for a, b in zip(ours, ref)) <= 1e-4
+
+
 def test_dispatch():
     q, k, v, log_f = make_inputs(1, 5, 5, 2, 2, 16)
     # "auto" on CPU tensors stays on the torch path, float64 included; "triton" refuses float64.
