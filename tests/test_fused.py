@@ -131,6 +131,13 @@ def test_bad_inputs_name_the_argument():
         fused.rms_norm(x, torch.ones(8), 1e-6, residual=torch.randn(2, 9))
     with pytest.raises(ValueError, match="x must be a floating-point tensor"):
         fused.rms_norm(torch.ones(2, 8, dtype=torch.long), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fused.rms_norm(torch.randn(2, 3, 8), torch.ones(2, 8), 1e-6)  # per-head weights: (3, 8) for 3 heads
+    with pytest.raises(ValueError, match="must both be"):
+        fused.rms_norm_pair(torch.randn(2, 3, 8), torch.ones(8), torch.randn(2, 3, 8), torch.ones(3, 8), 1e-6)
+    with pytest.raises(ValueError, match="v must have the shape and dtype of k"):
+        fused.token_shift_pair(torch.randn(1, 3, 2, 4), None, torch.randn(1, 3, 2), torch.randn(1, 3, 2, 5), None,
+                               torch.randn(1, 3, 2))
     with pytest.raises(ValueError, match="up must have the shape of gate"):
         fused.swiglu(x, torch.randn(2, 9))
     with pytest.raises(ValueError, match="a_logits must have shape"):

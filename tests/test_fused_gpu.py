@@ -9,8 +9,9 @@ import torch
 
 from conftest import VARIANTS, tiny_model
 from fused_cases import (
-    compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_swiglu, ref_token_shift,
-    rms_norm_cases, rms_norm_op, token_shift_cases,
+    compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_rms_norm_pair, ref_swiglu,
+    ref_token_shift, ref_token_shift_pair, rms_norm_cases, rms_norm_op, rms_norm_pair_cases, token_shift_cases,
+    token_shift_pair_cases,
 )
 
 from foxlab import fused
@@ -29,9 +30,23 @@ def report(name, errors):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rms_norm(dtype):
-    for x, w, eps, residual, gate in rms_norm_cases("cuda", dtype):
+    o, g = torch.randn(4, 512, 12, 64, device="cuda", dtype=dtype), torch.randn(4, 512, 12, 64, device="cuda", dtype=dtype)
+    o_norm_case = (o, torch.rand(12, 64, device="cuda", dtype=dtype) + 0.5, 1e-6, None, g)  # fox-pro's o_norm + gate
+    for x, w, eps, residual, gate in [*rms_norm_cases("cuda", dtype), o_norm_case]:
         errors = compare(rms_norm_op, ref_rms_norm, (x, w, eps, residual, gate), TOL[dtype])
-        report(f"rms_norm {tuple(x.shape)} residual {residual is not None} gate {gate is not None}", errors)
+        report(f"rms_norm {tuple(x.shape)} weight {tuple(w.shape)} residual {residual is not None} "
+               f"gate {gate is not None}", errors)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_pair(dtype):
+    cases = [*rms_norm_pair_cases("cuda", dtype)]
+    q, k = torch.randn(4, 512, 12, 64, device="cuda", dtype=dtype), torch.randn(4, 512, 4, 64, device="cuda", dtype=dtype)
+    cases.append((q, torch.rand(12, 64, device="cuda", dtype=dtype) + 0.5, k,
+                  torch.rand(4, 64, device="cuda", dtype=dtype) + 0.5, 1e-5))  # fox-pro-125m's heads, grouped k
+    for tensors in cases:
+        report(f"rms_norm_pair {tuple(tensors[0].shape)} {tuple(tensors[2].shape)} weights {tuple(tensors[1].shape)}",
+               compare(fused.rms_norm_pair, ref_rms_norm_pair, tensors, TOL[dtype]))
 
 
 def test_rms_norm_block_case_bf16_branch_fp32_stream():
@@ -57,6 +72,17 @@ def test_token_shift(dtype):
                                                         None, torch.randn(2, 300, 12, device="cuda", dtype=dtype))]:
         errors = compare(fused.token_shift, ref_token_shift, tensors, TOL[dtype])
         report(f"token_shift {tuple(tensors[0].shape)}", errors)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_shift_pair(dtype):
+    cases = [*token_shift_pair_cases("cuda", dtype)]
+    big = [torch.randn(2, 300, 12, 64, device="cuda", dtype=dtype), None,
+           torch.randn(2, 300, 12, device="cuda", dtype=dtype)]
+    cases.append((*big, *(t.clone() if t is not None else None for t in big)))
+    for tensors in cases:
+        report(f"token_shift_pair {tuple(tensors[0].shape)}",
+               compare(fused.token_shift_pair, ref_token_shift_pair, tensors, TOL[dtype]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
