@@ -117,6 +117,12 @@ def _row_tile(n_cols: int) -> tuple[int, int, int]:
     return block_m, block_n, 8 if block_m * block_n >= 8192 else 4
 
 
+def _stand_in(dummy: torch.Tensor, *tensors):
+    """The tensors, with ``dummy`` for each None: a pointer the kernel never reads (its constexpr flag is off), so
+    that no None reaches a Triton function called from inside a kernel."""
+    return [dummy if t is None else t for t in tensors]
+
+
 def _check_float_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got "
@@ -254,6 +260,7 @@ def _norm_rows(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
     return x.numel() // (groups * weight.shape[-1]), groups
 
 
+@functools.lru_cache(maxsize=None)
 def _norm_blocks(groups: int, group_size: int) -> tuple[int, int, int, int]:
     """(BLOCK_M rows, BLOCK_G >= groups, BLOCK_D >= group_size, num_warps) of one program of the norm kernels."""
     block_g, block_d = _next_pow2(groups), _next_pow2(group_size)
@@ -287,9 +294,10 @@ class _RMSNormFunction(torch.autograd.Function):
         block_m, block_g, block_d, warps = _norm_blocks(max(groups, groups2), weight.shape[-1])
         tiles = _cdiv(max(rows, rows2), block_m)
         if tiles:
+            r_, g_, x2_, w2_, y2_, rstd2_ = _stand_in(x, residual, gate, x2, weight2, y2, rstd2)
             _rms_norm_fwd_kernel[(tiles, 2 if pair else 1)](
-                x, residual, gate, weight, y, s, rstd, rows, groups, x2, weight2, y2, rstd2, rows2, groups2,
-                weight.shape[-1], eps, HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None, HAS_PAIR=pair,
+                x, r_, g_, weight, y, s, rstd, rows, groups, x2_, w2_, y2_, rstd2_, rows2, groups2, weight.shape[-1],
+                eps, HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None, HAS_PAIR=pair,
                 ACC=_tl_dtype(acc), BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=warps)
         ctx.save_for_backward(s, weight, gate, rstd, x2, weight2, rstd2)
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
@@ -314,15 +322,18 @@ class _RMSNormFunction(torch.autograd.Function):
             dgate = torch.empty_like(gate)
         block_m, block_g, block_d, warps = _norm_blocks(max(groups, groups2), weight.shape[-1])
         programs = _programs(_cdiv(max(rows, rows2), block_m), s.device)
-        dw_partial = s.new_zeros((programs, weight.numel()), dtype=rstd.dtype)
+        new = torch.empty if rows or rows2 else torch.zeros  # every program writes its partial dW, rows or not
+        dw_partial = new((programs, weight.numel()), dtype=rstd.dtype, device=s.device)
         if pair:
             dx2 = torch.empty_like(x2)
-            dw_partial2 = s.new_zeros((programs, weight2.numel()), dtype=rstd.dtype)
+            dw_partial2 = new((programs, weight2.numel()), dtype=rstd.dtype, device=s.device)
         if rows or rows2:
             per_program = [_cdiv(_cdiv(n, programs), block_m) * block_m for n in (rows, rows2)]
+            stand_ins = _stand_in(s, gate, ds, dr, dgate, x2, weight2, rstd2, dy2, dx2, dw_partial2)
+            g_, ds_, dr_, dgate_, x2_, w2_, rstd2_, dy2_, dx2_, dw2_ = stand_ins
             _rms_norm_bwd_kernel[(programs, 2 if pair else 1)](
-                s, weight, gate, rstd, dy.contiguous(), ds, dx, dr, dgate, dw_partial, rows, per_program[0], groups,
-                x2, weight2, rstd2, dy2, dx2, dw_partial2, rows2, per_program[1], groups2, weight.shape[-1],
+                s, weight, g_, rstd, dy.contiguous(), ds_, dx, dr_, dgate_, dw_partial, rows, per_program[0], groups,
+                x2_, w2_, rstd2_, dy2_, dx2_, dw2_, rows2, per_program[1], groups2, weight.shape[-1],
                 HAS_RESIDUAL=has_residual, HAS_GATE=gate is not None, HAS_PAIR=pair, ACC=_tl_dtype(rstd.dtype),
                 BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=warps)
         dw = dw_partial.sum(dim=0).view(weight.shape).to(weight.dtype)
@@ -544,10 +555,11 @@ class _TokenShiftFunction(torch.autograd.Function):
         B, T, H, D = x.shape
         pair = x2 is not None
         y, y2 = torch.empty_like(x), torch.empty_like(x2) if pair else None
-        meta = _token_shift_meta(x, previous, pair)
+        meta = _token_shift_meta(D, previous is not None, pair, _acc_dtype(x))
         if x.numel():
             _token_shift_fwd_kernel[(_cdiv(B * T * H, meta["BLOCK_M"]), 2 if pair else 1)](
-                x, previous, a_logits, y, x2, previous2, a_logits2, y2, B * T * H, T, H, D, **meta)
+                x, *_stand_in(x, previous), a_logits, y, *_stand_in(x, x2, previous2, a_logits2, y2),
+                B * T * H, T, H, D, **meta)
         ctx.save_for_backward(x, previous, a_logits, x2, previous2, a_logits2)
         return (y, y2) if pair else y
 
@@ -559,10 +571,11 @@ class _TokenShiftFunction(torch.autograd.Function):
         dy, dy2 = _contiguous(dy, dy2)
         dx, da = torch.empty_like(x), torch.empty_like(a_logits)
         dx2, da2 = (torch.empty_like(x2), torch.empty_like(a_logits2)) if pair else (None, None)
-        meta = _token_shift_meta(x, previous, pair)
+        meta = _token_shift_meta(D, previous is not None, pair, _acc_dtype(x))
         if x.numel():
             _token_shift_bwd_kernel[(_cdiv(B * T * H, meta["BLOCK_M"]), 2 if pair else 1)](
-                x, previous, a_logits, dy, dx, da, x2, previous2, a_logits2, dy2, dx2, da2, B * T * H, T, H, D, **meta)
+                x, *_stand_in(x, previous), a_logits, dy, dx, da,
+                *_stand_in(x, x2, previous2, a_logits2, dy2, dx2, da2), B * T * H, T, H, D, **meta)
         d_previous = [_previous_grad(p, a, g, ctx.needs_input_grad[i])
                       for p, a, g, i in ((previous, a_logits, dy, 1), (previous2, a_logits2, dy2, 4))]
         return dx, d_previous[0], da, dx2, d_previous[1], da2
@@ -576,10 +589,12 @@ def _previous_grad(previous, a_logits, dy, needed: bool):
     return torch.sigmoid(a_logits[:, :1].to(acc))[..., None] * dy[:, :1].to(acc)
 
 
-def _token_shift_meta(x: torch.Tensor, previous, pair: bool) -> dict:
-    block_m, block_d, warps = _row_tile(x.shape[-1])
-    return dict(HAS_PREV=previous is not None, HAS_PAIR=pair, ACC=_tl_dtype(_acc_dtype(x)), BLOCK_M=block_m,
-                BLOCK_D=block_d, num_warps=warps)
+@functools.lru_cache(maxsize=None)
+def _token_shift_meta(head_dim: int, has_previous: bool, pair: bool, acc: torch.dtype) -> dict:
+    """The token-shift kernels' compile-time arguments (cached: the same few dicts every step)."""
+    block_m, block_d, warps = _row_tile(head_dim)
+    return dict(HAS_PREV=has_previous, HAS_PAIR=pair, ACC=_tl_dtype(acc), BLOCK_M=block_m, BLOCK_D=block_d,
+                num_warps=warps)
 
 
 def _check_token_shift(x, previous, a_logits, suffix: str = "") -> None:

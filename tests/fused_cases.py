@@ -105,8 +105,8 @@ def ref_rms_norm_pair(x, weight, x2, weight2, eps):
 
 def token_shift_pair_cases(device, dtype):
     """(k, previous_k, a_k, v, previous_v, a_v) for token_shift_pair."""
-    for (x, previous, a), (x2, previous2, a2) in zip(token_shift_cases(device, dtype), token_shift_cases(device, dtype)):
-        yield x, previous, a, x2, previous2, a2
+    for first, second in zip(token_shift_cases(device, dtype), token_shift_cases(device, dtype)):
+        yield *first, *second
 
 
 def ref_token_shift_pair(k, previous_k, a_k, v, previous_v, a_v):

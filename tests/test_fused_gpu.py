@@ -30,7 +30,7 @@ def report(name, errors):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rms_norm(dtype):
-    o, g = torch.randn(4, 512, 12, 64, device="cuda", dtype=dtype), torch.randn(4, 512, 12, 64, device="cuda", dtype=dtype)
+    o, g = (torch.randn(4, 512, 12, 64, device="cuda", dtype=dtype) for _ in range(2))
     o_norm_case = (o, torch.rand(12, 64, device="cuda", dtype=dtype) + 0.5, 1e-6, None, g)  # fox-pro's o_norm + gate
     for x, w, eps, residual, gate in [*rms_norm_cases("cuda", dtype), o_norm_case]:
         errors = compare(rms_norm_op, ref_rms_norm, (x, w, eps, residual, gate), TOL[dtype])
@@ -41,7 +41,8 @@ def test_rms_norm(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rms_norm_pair(dtype):
     cases = [*rms_norm_pair_cases("cuda", dtype)]
-    q, k = torch.randn(4, 512, 12, 64, device="cuda", dtype=dtype), torch.randn(4, 512, 4, 64, device="cuda", dtype=dtype)
+    q = torch.randn(4, 512, 12, 64, device="cuda", dtype=dtype)
+    k = torch.randn(4, 512, 4, 64, device="cuda", dtype=dtype)
     cases.append((q, torch.rand(12, 64, device="cuda", dtype=dtype) + 0.5, k,
                   torch.rand(4, 64, device="cuda", dtype=dtype) + 0.5, 1e-5))  # fox-pro-125m's heads, grouped k
     for tensors in cases:
