@@ -103,6 +103,17 @@ def gpu_busy_ms(step) -> float:
     return sum(event.self_device_time_total for event in prof.key_averages()) / 1e3
 
 
+def host_top(step, top: int) -> list[dict]:
+    """The ops with the most host time in one step (torch.profiler, CPU side; a custom autograd.Function's entry
+    includes its Triton launches): where a host-bound step's time goes. The profiler adds overhead of its own."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [dict(op=e.key[:60], calls=e.count, self_host_ms=round(e.self_cpu_time_total / 1e3, 2)) for e in events]
+
+
 def cuda_graph_step(train_step, optimizer):
     """Capture one whole training step (forward, backward, optimizer update) in a CUDA graph and return its replay:
     the same step without Python or launch overhead (PyTorch's whole-network capture recipe). train_step must not
@@ -126,7 +137,7 @@ def cuda_graph_step(train_step, optimizer):
 
 
 def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext, gpu_time=False,
-            graph=False) -> dict:
+            graph=False, host_ops=0) -> dict:
     """Build a model, train it for warmup + steps steps on random tokens; tokens/s and peak memory. With ``graph``
     the step is captured once in a CUDA graph and replayed."""
     row = dict(model=label, batch=batch, seq=seq)
@@ -179,6 +190,8 @@ def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext
             seconds = time.perf_counter() - start
             if cuda and gpu_time:
                 row["gpu_busy_ms"] = round(gpu_busy_ms(step), 2)
+            if cuda and host_ops:
+                row["host_top"] = host_top(step, host_ops)
         row["tokens_per_s"] = round(steps * batch * seq / seconds)
         row["step_ms"] = round(seconds / steps * 1e3, 2)
         if cuda:
@@ -261,6 +274,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--gpu-time", action="store_true", help="also profile one step: GPU busy time (kernels)")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="N",
+                        help="also list the N ops with the most host time in one step")
     parser.add_argument("--liger", action="store_true", help="add fox with Liger Kernel's ops (needs liger-kernel)")
     parser.add_argument("--ablation", action="store_true", help="add fox with one switch on at a time")
     parser.add_argument("--long", action="store_true", help="add fox at 1 x (batch x seq) tokens")
@@ -289,7 +304,8 @@ def main(argv=None):
             continue
         graph = context == "graph"
         results.append(run_row(label, build, batch, seq, args.steps, args.warmup, device,
-                               nullcontext if graph else context, args.gpu_time and not graph, graph))
+                               nullcontext if graph else context, args.gpu_time and not graph, graph,
+                               0 if graph else args.host_profile))
     meta["fp32_out_matmul"] = fused._FP32_OUT_MATMUL  # whether the chunked loss summed dW with addmm(out_dtype)
     print("\n| model | tokens/s | peak GiB | step ms | GPU busy ms | tokens/s at GPU busy |\n|---|---|---|---|---|---|")
     for r in results:

@@ -233,7 +233,9 @@ class HeadRMSNorm(nn.RMSNorm):
         if self.fused and fused_ops.triton_wanted(x):
             return fused_ops.rms_norm(x, self.head_weights(), self.eps, gate=gate)
         y = F.rms_norm(x, (self.head_dim,), eps=self.eps) * self.head_weights()
-        return y if gate is None else y * torch.sigmoid(gate)
+        if gate is not None:
+            y = y * torch.sigmoid(gate)
+        return y.to(x.dtype)  # float32 weights must not promote bf16 q/k/o (attention wants q, k, v in one dtype)
 
     def head_weights(self) -> torch.Tensor:
         """The weights as (H, D), one row per head."""

@@ -104,25 +104,45 @@ def test_cross_entropy_kernel_flags_out_of_range_targets_with_nan():
     assert torch.isnan(fused.linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 10, 3], device="cuda")))
 
 
+def train_once(variant, ids, labels, on, autocast):
+    """Loss and parameter gradients of one forward + backward of a seeded tiny model, fuse_* switches ``on``."""
+    model = tiny_model(seed=8, device="cuda", fuse_norm=on, fuse_swiglu=on, fuse_cross_entropy=on,
+                       **VARIANTS[variant]).train()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids, labels=labels)
+    assert (out.logits is None) == on
+    out.loss.backward()
+    return out.loss.item(), {n: p.grad.double() for n, p in model.named_parameters()}
+
+
+def grad_errors(grads, ref):
+    return {n: ((grads[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in ref.items()}
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_model_switches_on_and_off_agree(variant, autocast):
-    """Loss and every parameter gradient with all switches on (Triton kernels) vs off (PyTorch ops)."""
+    """Loss and every parameter gradient with all switches on (Triton kernels) vs off (PyTorch ops). In float32
+    they must agree to 1e-5 / 1e-4. Under bf16 autocast both models round differently (in different places), so
+    each is compared with the float32 plain model: per parameter, the fused model's gradient error must be within
+    twice the plain model's, plus 1e-2 (a gradient whose terms cancel has a large relative error in bf16 either way).
+    """
     ids = torch.randint(4, 260, (2, 100), device="cuda")
     labels = ids.clone()
     labels[0, :10] = -100
-    results = {}
-    for on in (True, False):
-        model = tiny_model(seed=8, device="cuda", fuse_norm=on, fuse_swiglu=on, fuse_cross_entropy=on,
-                           **VARIANTS[variant]).train()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = model(ids, labels=labels)
-        assert (out.logits is None) == on
-        out.loss.backward()
-        results[on] = out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
-    loss_err = abs(results[True][0].item() - results[False][0].item()) / abs(results[False][0].item())
-    grad_err = max((results[True][1][n] - g).norm().item() / g.norm().clamp_min(1e-12).item()
-                   for n, g in results[False][1].items())
-    report(f"model {variant} {'bf16 autocast' if autocast else 'fp32'}", {"loss": loss_err, "max grad": grad_err})
-    assert loss_err <= (1e-2 if autocast else 1e-5)
-    assert grad_err <= (5e-2 if autocast else 1e-4)
+    ref_loss, ref = train_once(variant, ids, labels, on=False, autocast=False)
+    loss, grads = train_once(variant, ids, labels, on=True, autocast=autocast)
+    fused_errors, loss_err = grad_errors(grads, ref), abs(loss - ref_loss) / abs(ref_loss)
+    if not autocast:
+        report(f"model {variant} fp32", {"loss": loss_err, "max grad": max(fused_errors.values())})
+        assert loss_err <= 1e-5 and max(fused_errors.values()) <= 1e-4
+        return
+    plain_loss, plain_grads = train_once(variant, ids, labels, on=False, autocast=True)
+    plain_errors = grad_errors(plain_grads, ref)
+    worst = max(fused_errors, key=lambda n: fused_errors[n] - 2 * plain_errors[n])
+    report(f"model {variant} bf16 autocast vs fp32", {
+        "loss fused": loss_err, "loss plain": abs(plain_loss - ref_loss) / abs(ref_loss),
+        "max grad fused": max(fused_errors.values()), "max grad plain": max(plain_errors.values()),
+        f"{worst} fused": fused_errors[worst], f"{worst} plain": plain_errors[worst]})
+    assert loss_err <= 1e-2
+    assert all(fused_errors[n] <= 2 * plain_errors[n] + 1e-2 for n in ref), worst
