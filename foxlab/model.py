@@ -281,6 +281,21 @@ class ForgettingAttention(nn.Module):
         self.shifts = nn.ModuleDict({name: TokenShift(C, Hkv, fused=config.fuse_norm) for name, on in
                                      (("k", config.use_k_shift), ("v", config.use_v_shift)) if on})
 
+    def shift_kv(self, x, kv, layer_cache, token_mask):
+        """(k, v) after KV-shift where it is on; both shifts in one fused launch when both are on."""
+        raw, previous = {}, {}
+        for name in self.shifts:
+            raw[name] = kv[name] if token_mask is None else kv[name] * token_mask[:, :, None, None]  # pads shift 0s
+            previous[name] = layer_cache.shift_state(name) if layer_cache is not None else None
+            if layer_cache is not None:
+                layer_cache.push_shift_inputs(name, raw[name])
+        if len(self.shifts) == 2 and self.shifts["k"].fused and fused_ops.triton_wanted(x):
+            k_shift, v_shift = self.shifts["k"], self.shifts["v"]
+            return fused_ops.token_shift_pair(raw["k"], previous["k"], k_shift.proj(x),
+                                              raw["v"], previous["v"], v_shift.proj(x))
+        shifted = {name: shift(x, raw[name], previous[name]) for name, shift in self.shifts.items()}
+        return shifted.get("k", kv["k"]), shifted.get("v", kv["v"])
+
     def forward(self, x, *, seq_start=None, token_mask=None, positions=None, cache=None, output_attentions=False):
         """x (B, T, C) -> (output (B, T, C), attention probabilities (B, H, T, Tk) or None, log f (B, T, H))."""
         B, T, _ = x.shape
@@ -317,21 +332,6 @@ class ForgettingAttention(nn.Module):
             o = o * torch.sigmoid(gate)
         return self.o_proj(o.reshape(B, T, -1)), probs, log_f
 
-
-    def shift_kv(self, x, kv, layer_cache, token_mask):
-        """(k, v) after KV-shift where it is on; both shifts in one fused launch when both are on."""
-        raw, previous = {}, {}
-        for name in self.shifts:
-            raw[name] = kv[name] if token_mask is None else kv[name] * token_mask[:, :, None, None]  # pads shift 0s
-            previous[name] = layer_cache.shift_state(name) if layer_cache is not None else None
-            if layer_cache is not None:
-                layer_cache.push_shift_inputs(name, raw[name])
-        if len(self.shifts) == 2 and self.shifts["k"].fused and fused_ops.triton_wanted(x):
-            k_shift, v_shift = self.shifts["k"], self.shifts["v"]
-            return fused_ops.token_shift_pair(raw["k"], previous["k"], k_shift.proj(x),
-                                              raw["v"], previous["v"], v_shift.proj(x))
-        shifted = {name: shift(x, raw[name], previous[name]) for name, shift in self.shifts.items()}
-        return shifted.get("k", kv["k"]), shifted.get("v", kv["v"])
 
     def attend(self, q, k, v, log_f, seq_start):
         """The attention kernel call, pruned when the config sets ``acp_log_tolerance`` (acp.py)."""
