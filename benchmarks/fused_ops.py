@@ -4,10 +4,13 @@ Liger Kernel (when installed), forward + backward, at the fox-125m training shap
     python benchmarks/fused_ops.py                  # 8 x 2048 tokens, hidden 768, vocab 50304 (bf16 autocast)
     python benchmarks/fused_ops.py --json ops.json  # keep every number
     python benchmarks/fused_ops.py --device cpu --tokens 256   # a smoke run of the script itself
+    python benchmarks/fused_ops.py --tokens 64 --timing host --no-compile   # host time per call (tiny tensors)
 
 Each row times one forward and backward (torch.autograd.grad against a fixed random cotangent) with
 triton.testing.do_bench (median ms launched from Python, host overhead included: "ms") and replayed from a CUDA
-graph (GPU time only: "gpu_ms"), and reports the peak memory the call allocates beyond its inputs.
+graph (GPU time only: "gpu_ms"), and reports the peak memory the call allocates beyond its inputs. ``--timing host``
+runs 200 calls back to back and divides by 200 ("host_us"): with tiny tensors the GPU keeps up, so this is the
+host's cost of one forward + backward (Python, autograd, launches) that a training step pays per call.
 torch.compile rows also report their compile time (default mode, one shape) as first_call_s.
 """
 
@@ -37,6 +40,19 @@ except ImportError:
     LIGER_VERSION = None
 
 EPS = 1e-6
+
+
+def host_us(fn, device, calls=200) -> float:
+    """Microseconds per call of fn run back to back (host-bound with tiny tensors)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def time_ms(fn, device, graph=False) -> float:
@@ -84,7 +100,10 @@ def measure(name, impl, fn, inputs, autocast, device, results, timings=("eager",
             torch.cuda.synchronize()
             row["peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
         for timing in timings:
-            row["gpu_ms" if timing == "graph" else "ms"] = round(time_ms(run, device, graph=timing == "graph"), 4)
+            if timing == "host":
+                row["host_us"] = round(host_us(run, device), 1)
+            else:
+                row["gpu_ms" if timing == "graph" else "ms"] = round(time_ms(run, device, graph=timing == "graph"), 4)
     except Exception as exc:  # a row that fails is recorded, the others still run
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     print(json.dumps(row), flush=True)
@@ -100,13 +119,15 @@ def op_cases(tokens, hidden, inter, heads, head_dim, vocab, device, chunks):
     for the residual stream and the weights."""
     bf16 = torch.bfloat16 if device.type == "cuda" else torch.float32
     w = (1 + 0.1 * torch.randn(hidden, device=device)).requires_grad_()
-    wd = (1 + 0.1 * torch.randn(head_dim, device=device)).requires_grad_()
+    wd = (1 + 0.1 * torch.randn(heads, head_dim, device=device)).requires_grad_()  # per-head weights
+    wk = (1 + 0.1 * torch.randn(heads, head_dim, device=device)).requires_grad_()
     x, h = leaf((tokens, hidden), device, torch.float32), leaf((tokens, hidden), device, bf16)
     g, u = leaf((tokens, inter), device, bf16), leaf((tokens, inter), device, bf16)
-    per_head = leaf((tokens, heads, head_dim), device, bf16)
+    per_head, k_head = leaf((tokens, heads, head_dim), device, bf16), leaf((tokens, heads, head_dim), device, bf16)
     gate = leaf((tokens, heads, head_dim), device, bf16)
     shift_x = leaf((8, tokens // 8, heads, head_dim), device, bf16)
     shift_a = leaf((8, tokens // 8, heads), device, bf16)
+    shift_v, shift_av = leaf(shift_x.shape, device, bf16), leaf(shift_a.shape, device, bf16)
     lm_w, final = leaf((vocab, hidden), device, torch.float32, 0.02), leaf((tokens, hidden), device, bf16)
     targets = torch.randint(0, vocab, (tokens,), device=device)
 
@@ -117,11 +138,11 @@ def op_cases(tokens, hidden, inter, heads, head_dim, vocab, device, chunks):
         s = x + h
         return F.rms_norm(s, (s.shape[-1],), w, EPS).to(bf16), s
 
-    def plain_head_norm(t, w):
-        return F.rms_norm(t.float(), (t.shape[-1],), w, EPS).to(t.dtype)
+    def plain_head_norm(t, w):  # the model's HeadRMSNorm
+        return F.rms_norm(t, (t.shape[-1],), eps=EPS) * w
 
     def plain_gate_norm(o, g, w):
-        return (F.rms_norm(o.float(), (o.shape[-1],), w, EPS) * torch.sigmoid(g.float())).to(o.dtype)
+        return plain_head_norm(o, w) * torch.sigmoid(g)
 
     def plain_shift(x, a):
         before = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
@@ -137,6 +158,7 @@ def op_cases(tokens, hidden, inter, heads, head_dim, vocab, device, chunks):
     norm, add_norm = "rmsnorm (T, 768) fp32 -> bf16", "add + rmsnorm (bf16 branch, fp32 stream)"
     glu = "swiglu (T, 2048) bf16"
     head_norm, gate_norm = "per-head rmsnorm (T, 12, 64) bf16", "output norm + gate (T, 12, 64) bf16"
+    qk_norm, kv_shift = "q and k per-head rmsnorms (2 x (T, 12, 64)) bf16", "k and v kv-shifts (2 x (8, T/8, 12, 64))"
     shift, ce = "kv-shift (8, T/8, 12, 64) bf16", f"lm head + cross-entropy (T, 768) x {vocab}"
     impls = {
         norm: {"eager": plain_norm, "ours": lambda x, w: fused.rms_norm(x, w, EPS, out_dtype=bf16)},
@@ -145,7 +167,14 @@ def op_cases(tokens, hidden, inter, heads, head_dim, vocab, device, chunks):
         glu: {"eager": lambda g, u: F.silu(g) * u, "ours": fused.swiglu},
         head_norm: {"eager": plain_head_norm, "ours": lambda t, w: fused.rms_norm(t, w, EPS)},
         gate_norm: {"eager": plain_gate_norm, "ours": lambda o, g, w: fused.rms_norm(o, w, EPS, gate=g)},
+        qk_norm: {"eager": lambda q, k, wq, wk: (plain_head_norm(q, wq), plain_head_norm(k, wk)),
+                  "ours, two calls": lambda q, k, wq, wk: (fused.rms_norm(q, wq, EPS), fused.rms_norm(k, wk, EPS)),
+                  "ours, one launch": lambda q, k, wq, wk: fused.rms_norm_pair(q, wq, k, wk, EPS)},
         shift: {"eager": plain_shift, "ours": lambda x, a: fused.token_shift(x, None, a)},
+        kv_shift: {"eager": lambda k, v, ak, av: (plain_shift(k, ak), plain_shift(v, av)),
+                   "ours, two calls": lambda k, v, ak, av: (fused.token_shift(k, None, ak),
+                                                            fused.token_shift(v, None, av)),
+                   "ours, one launch": lambda k, v, ak, av: fused.token_shift_pair(k, None, ak, v, None, av)},
         ce: {"eager": plain_ce, **{f"ours chunk {c}": ours_ce(c) for c in chunks}},
     }
     if LIGER_VERSION is not None:  # Liger's own dtype handling: norms return the input's dtype
@@ -153,10 +182,10 @@ def op_cases(tokens, hidden, inter, heads, head_dim, vocab, device, chunks):
         impls[norm]["liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS)
         impls[add_norm]["liger"] = lambda h, x, w: LigerFusedAddRMSNormFunction.apply(h.float(), x, w, EPS)
         impls[glu]["liger"] = LigerSiLUMulFunction.apply
-        impls[head_norm]["liger"] = lambda t, w: LigerRMSNormFunction.apply(t, w, EPS)
         impls[ce]["liger"] = lambda hid, weight, t: liger_ce(weight.to(hid.dtype), hid, t)
     inputs = {norm: (x, w), add_norm: (h, x, w), glu: (g, u), head_norm: (per_head, wd),
-              gate_norm: (per_head, gate, wd), shift: (shift_x, shift_a), ce: (final, lm_w, targets)}
+              gate_norm: (per_head, gate, wd), qk_norm: (per_head, k_head, wd, wk), shift: (shift_x, shift_a),
+              kv_shift: (shift_x, shift_v, shift_a, shift_av), ce: (final, lm_w, targets)}
     cases = [(name, impls[name], inputs[name]) for name in impls]
     return cases
 
@@ -167,8 +196,9 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--chunks", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    parser.add_argument("--timing", nargs="+", choices=("eager", "graph"), default=["eager", "graph"],
-                        help="eager: launched from Python (ms); graph: replayed from a CUDA graph, GPU time (gpu_ms)")
+    parser.add_argument("--timing", nargs="+", choices=("eager", "graph", "host"), default=["eager", "graph"],
+                        help="eager: launched from Python (ms); graph: replayed from a CUDA graph, GPU time (gpu_ms); "
+                             "host: calls back to back, us per call (host_us; use tiny --tokens)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

@@ -2,7 +2,10 @@
 LM head with its cross-entropy computed in chunks.
 
 Each element-wise op is one Triton kernel forward and one backward: a chain that PyTorch runs as several passes
-over memory (saving several intermediates for backward) reads its inputs once and saves only them.
+over memory (saving several intermediates for backward) reads its inputs once and saves only them. FoX Pro's
+q and k norms (`rms_norm_pair`) and its k and v shifts (`token_shift_pair`) each share one launch: in a training
+step every fused op also costs host time (a Python autograd.Function and a Triton launch), often more than its
+kernel takes on the GPU.
 The model uses them on CUDA when the config's ``fuse_norm`` / ``fuse_swiglu`` / ``fuse_cross_entropy`` switches
 are on (the default); on the CPU, or with a switch off, it runs the plain PyTorch ops. The chunked cross-entropy
 runs everywhere: its per-chunk softmax is a Triton kernel on CUDA and plain PyTorch elsewhere.
@@ -10,6 +13,7 @@ runs everywhere: its per-chunk softmax is a Triton kernel on CUDA and plain PyTo
 Math (x rows over the last dim, n = its size, all arithmetic in float32, or float64 for float64 inputs)::
 
     rms_norm          s = x (+ residual)           y = s / sqrt(mean(s^2) + eps) * w  (* sigmoid(gate))
+                      (per head: x (..., H, D), w (H, D), the mean over each head's D)
     swiglu            y = silu(g) * u = g * sigmoid(g) * u
     token_shift       a_t = sigmoid(logit_t)       y_t = a_t x_{t-1} + (1 - a_t) x_t,   x_{-1} = previous or 0
     linear_cross_entropy   loss = sum_i [lse(h_i W^T) - (h_i W^T)_{y_i}] / n   over rows with y_i != ignore_index
@@ -113,6 +117,12 @@ def _row_tile(n_cols: int) -> tuple[int, int, int]:
     return block_m, block_n, 8 if block_m * block_n >= 8192 else 4
 
 
+def _stand_in(dummy: torch.Tensor, *tensors):
+    """The tensors, with ``dummy`` for each None: a pointer the kernel never reads (its constexpr flag is off), so
+    that no None reaches a Triton function called from inside a kernel."""
+    return [dummy if t is None else t for t in tensors]
+
+
 def _check_float_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got "
@@ -141,114 +151,211 @@ def _sigmoid(x):
 
 
 @_jit
-def _rms_norm_fwd_kernel(X, R, G, W, Y, S, RSTD, n_rows, n_cols, eps,
-                         HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """BLOCK_M rows of X (n_rows, n_cols): S = X + R, Y = S * RSTD * W (* sigmoid(G)), RSTD (n_rows,)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    offs = rows[:, None] * n_cols + cols[None, :]
+def _rms_norm_fwd_rows(X, R, GATE, W, Y, S, RSTD, tile, n_rows, n_groups, group_size, eps,
+                       HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows tile*BLOCK_M.. of X (n_rows, n_groups, group_size), W (n_groups, group_size) (one group: shared):
+    S = X + R, Y = S * RSTD * W (* sigmoid(GATE)), RSTD (n_rows, n_groups) one per group."""
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    groups = tl.arange(0, BLOCK_G)
+    cols = tl.arange(0, BLOCK_D)
+    in_row = (groups[:, None] < n_groups) & (cols[None, :] < group_size)
+    w_offs = groups[:, None] * group_size + cols[None, :]
+    mask = (rows < n_rows)[:, None, None] & in_row[None, :, :]
+    offs = rows[:, None, None] * (n_groups * group_size) + w_offs[None, :, :]
     s = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
     if HAS_RESIDUAL:  # the sum is stored, then normalized as stored (what x + residual would give)
         s = (s + tl.load(R + offs, mask=mask, other=0.0).to(ACC)).to(S.dtype.element_ty)
         tl.store(S + offs, s, mask=mask)
         s = s.to(ACC)
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / n_cols + eps)
-    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(ACC)
-    y = s * rstd[:, None] * w[None, :]
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=2) / group_size + eps)
+    w = tl.load(W + w_offs, mask=in_row, other=0.0).to(ACC)
+    y = s * rstd[:, :, None] * w[None, :, :]
     if HAS_GATE:
-        y = y * _sigmoid(tl.load(G + offs, mask=mask, other=0.0).to(ACC))
+        y = y * _sigmoid(tl.load(GATE + offs, mask=mask, other=0.0).to(ACC))
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + rows, rstd, mask=rows < n_rows)
+    rstd_offs = rows[:, None] * n_groups + groups[None, :]
+    tl.store(RSTD + rstd_offs, rstd, mask=(rows < n_rows)[:, None] & (groups < n_groups)[None, :])
 
 
 @_jit
-def _rms_norm_bwd_kernel(S, W, G, RSTD, DY, DS, DX, DR, DG, DW_PARTIAL, n_rows, n_cols, rows_per_program,
-                         HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dX (= dR with a residual) and dG for rows of S (n_rows, n_cols), the module docstring's backward. One program
-    walks ``rows_per_program`` rows in tiles and writes its partial sum of dw to DW_PARTIAL (programs, n_cols)."""
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(ACC)
-    dw = tl.zeros([BLOCK_N], dtype=ACC)
-    row_begin = pid * rows_per_program
+def _rms_norm_fwd_kernel(X, R, GATE, W, Y, S, RSTD, n_rows, n_groups, X2, W2, Y2, RSTD2, n_rows2, n_groups2,
+                         group_size, eps, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PAIR: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_rms_norm_fwd_rows` for X; with HAS_PAIR, programs (*, 1) normalize a second tensor X2 instead (q and k)."""
+    tile = tl.program_id(0)
+    if HAS_PAIR:
+        if tl.program_id(1) == 1:
+            _rms_norm_fwd_rows(X2, X2, X2, W2, Y2, X2, RSTD2, tile, n_rows2, n_groups2, group_size, eps, False, False,
+                               ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+        else:
+            _rms_norm_fwd_rows(X, X, X, W, Y, X, RSTD, tile, n_rows, n_groups, group_size, eps, False, False,
+                               ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+    else:
+        _rms_norm_fwd_rows(X, R, GATE, W, Y, S, RSTD, tile, n_rows, n_groups, group_size, eps, HAS_RESIDUAL, HAS_GATE,
+                           ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+
+
+@_jit
+def _rms_norm_bwd_rows(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, program, n_rows, rows_per_program,
+                       n_groups, group_size, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dX (= dR with a residual) and dGATE for the rows of S (n_rows, n_groups, group_size) that ``program`` owns,
+    the module docstring's backward per group; its partial sum of dW goes to DW_PARTIAL[program] (n_groups x
+    group_size; zeros when it owns no rows)."""
+    groups = tl.arange(0, BLOCK_G)
+    cols = tl.arange(0, BLOCK_D)
+    in_row = (groups[:, None] < n_groups) & (cols[None, :] < group_size)
+    w_offs = groups[:, None] * group_size + cols[None, :]
+    w = tl.load(W + w_offs, mask=in_row, other=0.0).to(ACC)
+    dw = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
+    row_begin = program * rows_per_program
     row_end = tl.minimum(row_begin + rows_per_program, n_rows)
     for start in range(row_begin, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        mask = (rows[:, None] < row_end) & (cols[None, :] < n_cols)
-        offs = rows[:, None] * n_cols + cols[None, :]
-        rstd = tl.load(RSTD + rows, mask=rows < row_end, other=0.0)
-        s_hat = tl.load(S + offs, mask=mask, other=0.0).to(ACC) * rstd[:, None]
+        row_ok = rows < row_end
+        mask = row_ok[:, None, None] & in_row[None, :, :]
+        offs = rows[:, None, None] * (n_groups * group_size) + w_offs[None, :, :]
+        rstd_mask = row_ok[:, None] & (groups < n_groups)[None, :]
+        rstd = tl.load(RSTD + rows[:, None] * n_groups + groups[None, :], mask=rstd_mask, other=0.0)[:, :, None]
+        s_hat = tl.load(S + offs, mask=mask, other=0.0).to(ACC) * rstd
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
         if HAS_GATE:
-            sig = _sigmoid(tl.load(G + offs, mask=mask, other=0.0).to(ACC))
-            tl.store(DG + offs, (dy * s_hat * w[None, :] * sig * (1.0 - sig)).to(DG.dtype.element_ty), mask=mask)
+            sig = _sigmoid(tl.load(GATE + offs, mask=mask, other=0.0).to(ACC))
+            dgate = dy * s_hat * w[None, :, :] * sig * (1.0 - sig)
+            tl.store(DGATE + offs, dgate.to(DGATE.dtype.element_ty), mask=mask)
             dy = dy * sig
         dw += tl.sum(dy * s_hat, axis=0)
-        dn = dy * w[None, :]
-        ds = rstd[:, None] * (dn - s_hat * (tl.sum(dn * s_hat, axis=1) / n_cols)[:, None])
+        dn = dy * w[None, :, :]
+        ds = rstd * (dn - s_hat * (tl.sum(dn * s_hat, axis=2) / group_size)[:, :, None])
         if HAS_RESIDUAL:
             ds += tl.load(DS + offs, mask=mask, other=0.0).to(ACC)
             tl.store(DR + offs, ds.to(DR.dtype.element_ty), mask=mask)
         tl.store(DX + offs, ds.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=cols < n_cols)
+    tl.store(DW_PARTIAL + program * (n_groups * group_size) + w_offs, dw, mask=in_row)
+
+
+@_jit
+def _rms_norm_bwd_kernel(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, n_rows, rows_per_program, n_groups,
+                         S2, W2, RSTD2, DY2, DX2, DW_PARTIAL2, n_rows2, rows_per_program2, n_groups2, group_size,
+                         HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PAIR: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_rms_norm_bwd_rows` for S; with HAS_PAIR, programs (*, 1) take the second tensor S2."""
+    program = tl.program_id(0)
+    if HAS_PAIR:
+        if tl.program_id(1) == 1:
+            _rms_norm_bwd_rows(S2, W2, S2, RSTD2, DY2, S2, DX2, S2, S2, DW_PARTIAL2, program, n_rows2,
+                               rows_per_program2, n_groups2, group_size, False, False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+        else:
+            _rms_norm_bwd_rows(S, W, S, RSTD, DY, S, DX, S, S, DW_PARTIAL, program, n_rows, rows_per_program,
+                               n_groups, group_size, False, False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+    else:
+        _rms_norm_bwd_rows(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, program, n_rows, rows_per_program,
+                           n_groups, group_size, HAS_RESIDUAL, HAS_GATE, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+
+
+def _norm_rows(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
+    """(rows, groups) of x for weight (D,) (one group per row of D) or (G, D) (rows of G groups of D)."""
+    groups = weight.shape[0] if weight.dim() == 2 else 1
+    return x.numel() // (groups * weight.shape[-1]), groups
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_blocks(groups: int, group_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M rows, BLOCK_G >= groups, BLOCK_D >= group_size, num_warps) of one program of the norm kernels."""
+    block_g, block_d = _next_pow2(groups), _next_pow2(group_size)
+    block_m = max(1, _TILE_ELEMENTS // (block_g * block_d))
+    return block_m, block_g, block_d, 8 if block_m * block_g * block_d >= 8192 else 4
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, residual, gate, eps, out_dtype):
-        n_cols = x.shape[-1]
-        x2 = x.reshape(-1, n_cols).contiguous()
-        n_rows = x2.shape[0]
-        acc = _acc_dtype(x, weight)
-        y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
-        rstd = torch.empty(n_rows, dtype=acc, device=x.device)
-        r2 = residual.reshape(-1, n_cols).contiguous() if residual is not None else None
-        g2 = gate.reshape(-1, n_cols).contiguous() if gate is not None else None
-        s = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, residual.dtype),
-                        device=x.device) if residual is not None else x2
-        block_m, block_n, warps = _row_tile(n_cols)
-        if n_rows:
-            _rms_norm_fwd_kernel[(_cdiv(n_rows, block_m),)](
-                x2, r2, g2, weight, y, s, rstd, n_rows, n_cols, eps, HAS_RESIDUAL=residual is not None,
-                HAS_GATE=gate is not None, ACC=_tl_dtype(acc), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-        ctx.save_for_backward(s, weight, g2, rstd)
-        ctx.shapes = (x.shape, x.dtype, residual.dtype if residual is not None else None)
-        y = y.view(x.shape)
-        if residual is None:
-            return y
-        return y, s.view(x.shape)
+    """Outputs: y; (y, s) with a residual; (y, y2) with a second tensor x2 (normalized in the same launch)."""
 
     @staticmethod
-    def backward(ctx, dy, ds=None):
-        s, weight, g2, rstd = ctx.saved_tensors
-        shape, x_dtype, r_dtype = ctx.shapes
-        n_rows, n_cols = s.shape
-        has_residual = r_dtype is not None
-        dy = dy.reshape(-1, n_cols).contiguous()
+    def forward(ctx, x, weight, residual, gate, x2, weight2, eps, out_dtype):
+        x = x.contiguous()
+        rows, groups = _norm_rows(x, weight)
+        acc = _acc_dtype(x, weight, *((x2, weight2) if x2 is not None else ()))
+        y = torch.empty_like(x, dtype=out_dtype)
+        rstd = x.new_empty((rows, groups), dtype=acc)
+        s = x
+        if residual is not None:
+            residual = residual.contiguous()
+            s = torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype))
+        if gate is not None:
+            gate = gate.contiguous()
+        pair = x2 is not None
+        rows2, groups2, y2, rstd2 = 0, 1, None, None
+        if pair:
+            x2 = x2.contiguous()
+            rows2, groups2 = _norm_rows(x2, weight2)
+            y2 = torch.empty_like(x2, dtype=out_dtype)
+            rstd2 = x2.new_empty((rows2, groups2), dtype=acc)
+        block_m, block_g, block_d, warps = _norm_blocks(max(groups, groups2), weight.shape[-1])
+        tiles = _cdiv(max(rows, rows2), block_m)
+        if tiles:
+            r_, g_, x2_, w2_, y2_, rstd2_ = _stand_in(x, residual, gate, x2, weight2, y2, rstd2)
+            _rms_norm_fwd_kernel[(tiles, 2 if pair else 1)](
+                x, r_, g_, weight, y, s, rstd, rows, groups, x2_, w2_, y2_, rstd2_, rows2, groups2, weight.shape[-1],
+                eps, HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None, HAS_PAIR=pair,
+                ACC=_tl_dtype(acc), BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=warps)
+        ctx.save_for_backward(s, weight, gate, rstd, x2, weight2, rstd2)
+        ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
+        if residual is not None:
+            return y, s
+        return (y, y2) if pair else y
+
+    @staticmethod
+    def backward(ctx, dy, d_second=None):
+        s, weight, gate, rstd, x2, weight2, rstd2 = ctx.saved_tensors
+        x_dtype, r_dtype = ctx.dtypes
+        pair, has_residual = x2 is not None, r_dtype is not None
+        (rows, groups), (rows2, groups2) = rstd.shape, (rstd2.shape if pair else (0, 1))
+        ds = dy2 = dr = dgate = dx2 = dw_partial2 = None
+        if has_residual or pair:  # the second output's gradient; None when it did not reach the loss
+            d_second = (torch.zeros_like(x2 if pair else s) if d_second is None else d_second.contiguous())
+            ds, dy2 = (None, d_second) if pair else (d_second, None)
+        dx = torch.empty_like(s, dtype=x_dtype)
         if has_residual:
-            ds = torch.zeros_like(s) if ds is None else ds.reshape(-1, n_cols).contiguous()
-        dx = torch.empty((n_rows, n_cols), dtype=x_dtype, device=s.device)
-        dr = torch.empty((n_rows, n_cols), dtype=r_dtype, device=s.device) if has_residual else None
-        dg = torch.empty_like(g2) if g2 is not None else None
-        if n_rows:
-            block_m, block_n, warps = _row_tile(n_cols)
-            programs = _programs(_cdiv(n_rows, block_m), s.device)
-            rows_per_program = _cdiv(_cdiv(n_rows, programs), block_m) * block_m
-            programs = _cdiv(n_rows, rows_per_program)
-            dw_partial = torch.empty((programs, n_cols), dtype=rstd.dtype, device=s.device)  # a row per program
-            _rms_norm_bwd_kernel[(programs,)](
-                s, weight, g2, rstd, dy, ds, dx, dr, dg, dw_partial, n_rows, n_cols, rows_per_program,
-                HAS_RESIDUAL=has_residual, HAS_GATE=g2 is not None, ACC=_tl_dtype(rstd.dtype), BLOCK_M=block_m,
-                BLOCK_N=block_n, num_warps=warps)
-            dw = dw_partial.sum(dim=0)
-            dw = dw if dw.dtype == weight.dtype else dw.to(weight.dtype)
-        else:
-            dw = torch.zeros_like(weight)
-        return (dx.view(shape), dw, dr.view(shape) if dr is not None else None,
-                dg.view(shape) if dg is not None else None, None, None)
+            dr = torch.empty_like(s, dtype=r_dtype)
+        if gate is not None:
+            dgate = torch.empty_like(gate)
+        block_m, block_g, block_d, warps = _norm_blocks(max(groups, groups2), weight.shape[-1])
+        programs = _programs(_cdiv(max(rows, rows2), block_m), s.device)
+        new = torch.empty if rows or rows2 else torch.zeros  # every program writes its partial dW, rows or not
+        dw_partial = new((programs, weight.numel()), dtype=rstd.dtype, device=s.device)
+        if pair:
+            dx2 = torch.empty_like(x2)
+            dw_partial2 = new((programs, weight2.numel()), dtype=rstd.dtype, device=s.device)
+        if rows or rows2:
+            per_program = [_cdiv(_cdiv(n, programs), block_m) * block_m for n in (rows, rows2)]
+            stand_ins = _stand_in(s, gate, ds, dr, dgate, x2, weight2, rstd2, dy2, dx2, dw_partial2)
+            g_, ds_, dr_, dgate_, x2_, w2_, rstd2_, dy2_, dx2_, dw2_ = stand_ins
+            _rms_norm_bwd_kernel[(programs, 2 if pair else 1)](
+                s, weight, g_, rstd, dy.contiguous(), ds_, dx, dr_, dgate_, dw_partial, rows, per_program[0], groups,
+                x2_, w2_, rstd2_, dy2_, dx2_, dw2_, rows2, per_program[1], groups2, weight.shape[-1],
+                HAS_RESIDUAL=has_residual, HAS_GATE=gate is not None, HAS_PAIR=pair, ACC=_tl_dtype(rstd.dtype),
+                BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=warps)
+        dw = dw_partial.sum(dim=0).view(weight.shape).to(weight.dtype)
+        dw2 = dw_partial2.sum(dim=0).view(weight2.shape).to(weight2.dtype) if pair else None
+        return dx, dw, dr, dgate, dx2, dw2, None, None
+
+
+def _check_norm_input(x, weight, eps, x_name: str = "x", w_name: str = "weight") -> None:
+    """x a floating tensor; weight (D,) = x's last dim, or (G, D) = x's last two (per-head weights)."""
+    _check_float_tensor(x_name, x)
+    trailing = tuple(x.shape[-weight.dim():]) if isinstance(weight, torch.Tensor) and weight.dim() <= x.dim() else ()
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2) or tuple(weight.shape) != trailing:
+        raise ValueError(f"{w_name} must have shape ({x.shape[-1]},) ({x_name}'s last dim) or {tuple(x.shape[-2:])} "
+                         f"(its last two: one weight vector per head), got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if _next_pow2(weight.shape[0] if weight.dim() == 2 else 1) * _next_pow2(x.shape[-1]) > _MAX_ROW:
+        raise ValueError(f"rms_norm takes weights of at most {_MAX_ROW} elements (padded to powers of two), got "
+                         f"{tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"{w_name} is on {weight.device} but {x_name} is on {x.device}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None,
@@ -256,30 +363,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: tor
     """Fused RMSNorm over the last dim, one Triton kernel forward and one backward.
 
     Args:
-        x: (..., n). weight: (n,). eps: added to mean(s^2).
+        x: (..., D). weight: (D,), or (G, D) for x (..., G, D): each of the G vectors of D (a head's) normalized
+            with its own weights. eps: added to mean(s^2).
         residual: optional tensor of x's shape added first: s = x + residual.
         gate: optional tensor of x's shape: the output is multiplied by sigmoid(gate) (FoX Pro's output gate).
         out_dtype: dtype of y; by default autocast's dtype when autocast is on (what the next matmul would
             cast it to), else x's.
     Returns:
-        y = s / sqrt(mean(s^2) + eps) * weight (* sigmoid(gate)), and with ``residual`` also the sum s, in the
-        promoted dtype of x and residual (the residual stream).
+        y = s / sqrt(mean(s^2) + eps) * weight (* sigmoid(gate)), the mean over the last dim, and with
+        ``residual`` also the sum s, in the promoted dtype of x and residual (the residual stream).
     """
-    _check_float_tensor("x", x)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"weight must have shape ({x.shape[-1]},) (x's last dim), got "
-                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-    if x.shape[-1] > _MAX_ROW:
-        raise ValueError(f"rms_norm normalizes rows of at most {_MAX_ROW} elements, got {x.shape[-1]}")
-    if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    _check_norm_input(x, weight, eps)
     _same_shape("residual", residual, x)
     _same_shape("gate", gate, x)
-    if weight.device != x.device:
-        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     _check_triton(x, "rms_norm")
     out_dtype = out_dtype or _autocast_or(x, x.dtype)
-    return _RMSNormFunction.apply(x, weight.contiguous(), residual, gate, float(eps), out_dtype)
+    return _RMSNormFunction.apply(x, weight.contiguous(), residual, gate, None, None, float(eps), out_dtype)
+
+
+def rms_norm_pair(x: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor, eps: float, *,
+                  out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x, weight, eps), rms_norm(x2, weight2, eps))`` in one launch each way (FoX Pro's q and k norms:
+    x (B, T, H, D), x2 (B, T, Hkv, D)). Both weights are (D,), or (H, D) and (Hkv, D); out_dtype as rms_norm's."""
+    _check_norm_input(x, weight, eps)
+    _check_norm_input(x2, weight2, eps, "x2", "weight2")
+    if weight.dim() != weight2.dim() or weight.shape[-1] != weight2.shape[-1] or x2.device != x.device:
+        raise ValueError(f"weight {tuple(weight.shape)} and weight2 {tuple(weight2.shape)} must both be (D,) or both "
+                         f"(heads, D) with one D, and x, x2 on one device ({x.device}, {x2.device})")
+    _check_triton(x, "rms_norm_pair")
+    out_dtype = out_dtype or _autocast_or(x, x.dtype)
+    return _RMSNormFunction.apply(x, weight.contiguous(), None, None, x2, weight2.contiguous(), float(eps), out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,11 +466,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @_jit
-def _token_shift_fwd_kernel(X, P, A, Y, n_rows, T, H, D, HAS_PREV: tl.constexpr, ACC: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _token_shift_fwd_rows(X, P, A, Y, tile, n_rows, T, H, D, HAS_PREV: tl.constexpr, ACC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Y_t = a_t X_{t-1} + (1 - a_t) X_t, a = sigmoid(A). Rows are (b, t, h) of X (B, T, H, D) flattened, A (B, T, H);
     the row before in time is `row - H`."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols[None, :] < D)
@@ -373,10 +486,23 @@ def _token_shift_fwd_kernel(X, P, A, Y, n_rows, T, H, D, HAS_PREV: tl.constexpr,
 
 
 @_jit
-def _token_shift_bwd_kernel(X, P, A, DY, DX, DA, n_rows, T, H, D, HAS_PREV: tl.constexpr, ACC: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _token_shift_fwd_kernel(X, P, A, Y, X2, P2, A2, Y2, n_rows, T, H, D, HAS_PREV: tl.constexpr,
+                            HAS_PAIR: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_token_shift_fwd_rows` of X; with HAS_PAIR, programs (*, 1) shift a second tensor X2 (keys and values)."""
+    if HAS_PAIR:
+        if tl.program_id(1) == 1:
+            _token_shift_fwd_rows(X2, P2, A2, Y2, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC, BLOCK_M, BLOCK_D)
+        else:
+            _token_shift_fwd_rows(X, P, A, Y, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC, BLOCK_M, BLOCK_D)
+    else:
+        _token_shift_fwd_rows(X, P, A, Y, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC, BLOCK_M, BLOCK_D)
+
+
+@_jit
+def _token_shift_bwd_rows(X, P, A, DY, DX, DA, tile, n_rows, T, H, D, HAS_PREV: tl.constexpr, ACC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """DX_t = (1 - a_t) DY_t + a_{t+1} DY_{t+1} and DA_t = a_t (1 - a_t) sum_d DY_t (x_{t-1} - x_t), rows as forward."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols[None, :] < D)
@@ -399,40 +525,92 @@ def _token_shift_bwd_kernel(X, P, A, DY, DX, DA, n_rows, T, H, D, HAS_PREV: tl.c
     tl.store(DA + rows, da.to(DA.dtype.element_ty), mask=row_ok)
 
 
+@_jit
+def _token_shift_bwd_kernel(X, P, A, DY, DX, DA, X2, P2, A2, DY2, DX2, DA2, n_rows, T, H, D, HAS_PREV: tl.constexpr,
+                            HAS_PAIR: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_token_shift_bwd_rows` of X; with HAS_PAIR, programs (*, 1) take the second tensor X2."""
+    if HAS_PAIR:
+        if tl.program_id(1) == 1:
+            _token_shift_bwd_rows(X2, P2, A2, DY2, DX2, DA2, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC,
+                                  BLOCK_M, BLOCK_D)
+        else:
+            _token_shift_bwd_rows(X, P, A, DY, DX, DA, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC,
+                                  BLOCK_M, BLOCK_D)
+    else:
+        _token_shift_bwd_rows(X, P, A, DY, DX, DA, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC, BLOCK_M, BLOCK_D)
+
+
+def _contiguous(*tensors):
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
 class _TokenShiftFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, previous, a_logits):
-        B, T, H, D = x.shape
-        x, a_logits = x.contiguous(), a_logits.contiguous()
-        previous = previous.to(x.dtype).contiguous() if previous is not None else None
-        y = torch.empty_like(x)
-        meta = _token_shift_meta(x)
-        if x.numel():
-            _token_shift_fwd_kernel[(_cdiv(B * T * H, meta["BLOCK_M"]),)](
-                x, previous, a_logits, y, B * T * H, T, H, D, HAS_PREV=previous is not None, **meta)
-        ctx.save_for_backward(x, previous, a_logits)
-        return y
+    """Inputs (x, previous, a_logits) and optionally a second such triple (x2, ...) of x's shape, shifted in the same
+    launch; previous is None for both or given for both. Outputs y, or (y, y2)."""
 
     @staticmethod
-    def backward(ctx, dy):
-        x, previous, a_logits = ctx.saved_tensors
+    def forward(ctx, x, previous, a_logits, x2, previous2, a_logits2):
+        x, a_logits, x2, a_logits2 = _contiguous(x, a_logits, x2, a_logits2)
+        previous, previous2 = (p.to(x.dtype).contiguous() if p is not None else None for p in (previous, previous2))
         B, T, H, D = x.shape
-        dy = dy.contiguous()
+        pair = x2 is not None
+        y, y2 = torch.empty_like(x), torch.empty_like(x2) if pair else None
+        meta = _token_shift_meta(D, previous is not None, pair, _acc_dtype(x))
+        if x.numel():
+            _token_shift_fwd_kernel[(_cdiv(B * T * H, meta["BLOCK_M"]), 2 if pair else 1)](
+                x, *_stand_in(x, previous), a_logits, y, *_stand_in(x, x2, previous2, a_logits2, y2),
+                B * T * H, T, H, D, **meta)
+        ctx.save_for_backward(x, previous, a_logits, x2, previous2, a_logits2)
+        return (y, y2) if pair else y
+
+    @staticmethod
+    def backward(ctx, dy, dy2=None):
+        x, previous, a_logits, x2, previous2, a_logits2 = ctx.saved_tensors
+        B, T, H, D = x.shape
+        pair = x2 is not None
+        dy, dy2 = _contiguous(dy, dy2)
         dx, da = torch.empty_like(x), torch.empty_like(a_logits)
-        meta = _token_shift_meta(x)
+        dx2, da2 = (torch.empty_like(x2), torch.empty_like(a_logits2)) if pair else (None, None)
+        meta = _token_shift_meta(D, previous is not None, pair, _acc_dtype(x))
         if x.numel():
-            _token_shift_bwd_kernel[(_cdiv(B * T * H, meta["BLOCK_M"]),)](
-                x, previous, a_logits, dy, dx, da, B * T * H, T, H, D, HAS_PREV=previous is not None, **meta)
-        d_previous = None
-        if previous is not None and ctx.needs_input_grad[1]:  # only token 0 reads previous
-            acc = _acc_dtype(x)
-            d_previous = torch.sigmoid(a_logits[:, :1].to(acc))[..., None] * dy[:, :1].to(acc)
-        return dx, d_previous, da
+            _token_shift_bwd_kernel[(_cdiv(B * T * H, meta["BLOCK_M"]), 2 if pair else 1)](
+                x, *_stand_in(x, previous), a_logits, dy, dx, da,
+                *_stand_in(x, x2, previous2, a_logits2, dy2, dx2, da2), B * T * H, T, H, D, **meta)
+        d_previous = [_previous_grad(p, a, g, ctx.needs_input_grad[i])
+                      for p, a, g, i in ((previous, a_logits, dy, 1), (previous2, a_logits2, dy2, 4))]
+        return dx, d_previous[0], da, dx2, d_previous[1], da2
 
 
-def _token_shift_meta(x: torch.Tensor) -> dict:
-    block_m, block_d, warps = _row_tile(x.shape[-1])
-    return dict(ACC=_tl_dtype(_acc_dtype(x)), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
+def _previous_grad(previous, a_logits, dy, needed: bool):
+    """The gradient of ``previous``: only token 0 reads it, weighted by a_0."""
+    if previous is None or not needed:
+        return None
+    acc = _acc_dtype(dy)
+    return torch.sigmoid(a_logits[:, :1].to(acc))[..., None] * dy[:, :1].to(acc)
+
+
+@functools.lru_cache(maxsize=None)
+def _token_shift_meta(head_dim: int, has_previous: bool, pair: bool, acc: torch.dtype) -> dict:
+    """The token-shift kernels' compile-time arguments (cached: the same few dicts every step)."""
+    block_m, block_d, warps = _row_tile(head_dim)
+    return dict(HAS_PREV=has_previous, HAS_PAIR=pair, ACC=_tl_dtype(acc), BLOCK_M=block_m, BLOCK_D=block_d,
+                num_warps=warps)
+
+
+def _check_token_shift(x, previous, a_logits, suffix: str = "") -> None:
+    _check_float_tensor("x" + suffix, x)
+    if x.dim() != 4:
+        raise ValueError(f"x{suffix} must have shape (batch, seq_len, heads, head_dim), got {tuple(x.shape)}")
+    for name, t, shape in (("a_logits", a_logits, x.shape[:3]), ("previous", previous, (x.shape[0], 1, *x.shape[2:]))):
+        if t is None and name == "previous":
+            continue
+        _check_float_tensor(name + suffix, t)
+        if t.shape != shape:
+            raise ValueError(f"{name}{suffix} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name}{suffix} is on {t.device} but x{suffix} is on {x.device}")
+    if x.shape[-1] > _MAX_ROW:
+        raise ValueError(f"token_shift takes head dims up to {_MAX_ROW}, got {x.shape[-1]}")
 
 
 def token_shift(x: torch.Tensor, previous: torch.Tensor | None, a_logits: torch.Tensor) -> torch.Tensor:
@@ -444,21 +622,24 @@ def token_shift(x: torch.Tensor, previous: torch.Tensor | None, a_logits: torch.
     Returns:
         (B, T, H, D) in x's dtype.
     """
-    _check_float_tensor("x", x)
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape (batch, seq_len, heads, head_dim), got {tuple(x.shape)}")
-    for name, t, shape in (("a_logits", a_logits, x.shape[:3]), ("previous", previous, (x.shape[0], 1, *x.shape[2:]))):
-        if t is None and name == "previous":
-            continue
-        _check_float_tensor(name, t)
-        if t.shape != shape:
-            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if x.shape[-1] > _MAX_ROW:
-        raise ValueError(f"token_shift takes head dims up to {_MAX_ROW}, got {x.shape[-1]}")
+    _check_token_shift(x, previous, a_logits)
     _check_triton(x, "token_shift")
-    return _TokenShiftFunction.apply(x, previous, a_logits)
+    return _TokenShiftFunction.apply(x, previous, a_logits, None, None, None)
+
+
+def token_shift_pair(k: torch.Tensor, previous_k: torch.Tensor | None, a_k: torch.Tensor, v: torch.Tensor,
+                     previous_v: torch.Tensor | None, a_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token_shift(k, previous_k, a_k), token_shift(v, previous_v, a_v))`` in one launch each way; k and v of one
+    shape (B, T, H, D). A missing ``previous`` next to a given one counts as zeros."""
+    _check_token_shift(k, previous_k, a_k, "_k")
+    _check_token_shift(v, previous_v, a_v, "_v")
+    if v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(f"v must have the shape and dtype of k {tuple(k.shape)} {k.dtype}, got {tuple(v.shape)} "
+                         f"{v.dtype}")
+    _check_triton(k, "token_shift_pair")
+    if (previous_k is None) != (previous_v is None):
+        previous_k, previous_v = (p if p is not None else torch.zeros_like(k[:, :1]) for p in (previous_k, previous_v))
+    return _TokenShiftFunction.apply(k, previous_k, a_k, v, previous_v, a_v)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -230,24 +230,41 @@ class TokenShift(nn.Module):
 
 class HeadRMSNorm(nn.RMSNorm):
     """RMSNorm over each head's D features of x (B, T, H, D), each head with its own weights (H * D of them);
-    ``gate`` (B, T, H, D): the output times sigmoid(gate), as fused.RMSNorm takes it."""
+    ``gate`` (B, T, H, D): the output times sigmoid(gate), as fused.RMSNorm takes it. ``fused``: one Triton kernel
+    on CUDA (fused.rms_norm with (H, D) weights) instead of the PyTorch ops."""
 
-    def __init__(self, num_heads: int, head_dim: int, eps: float):
+    def __init__(self, num_heads: int, head_dim: int, eps: float, fused: bool = False):
         super().__init__(num_heads * head_dim, eps=eps)
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_heads, self.head_dim, self.fused = num_heads, head_dim, fused
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        y = F.rms_norm(x, (self.head_dim,), eps=self.eps) * self.weight.view(self.num_heads, self.head_dim)
-        return y if gate is None else y * torch.sigmoid(gate)
+        if self.fused and fused_ops.triton_wanted(x):
+            return fused_ops.rms_norm(x, self.head_weights(), self.eps, gate=gate)
+        y = F.rms_norm(x, (self.head_dim,), eps=self.eps) * self.head_weights()
+        if gate is not None:
+            y = y * torch.sigmoid(gate)
+        return y.to(x.dtype)  # float32 weights must not promote bf16 q/k/o (attention wants q, k, v in one dtype)
+
+    def head_weights(self) -> torch.Tensor:
+        """The weights as (H, D), one row per head."""
+        return self.weight.view(self.num_heads, self.head_dim)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, eps={self.eps}"
 
 
 def head_norm(num_heads: int, head_dim: int, eps: float, shared: bool, fused: bool = False) -> nn.RMSNorm:
-    """Per-head RMSNorm of (B, T, heads, D) with D weights shared by all heads (fused.RMSNorm, a Triton kernel
-    when ``fused`` on CUDA), or H * D (HeadRMSNorm, plain PyTorch)."""
-    return fused_ops.RMSNorm(head_dim, eps=eps, fused=fused) if shared else HeadRMSNorm(num_heads, head_dim, eps)
+    """Per-head RMSNorm of (B, T, heads, D) with D weights shared by all heads (fused.RMSNorm) or H * D
+    (HeadRMSNorm); either is a Triton kernel when ``fused`` on CUDA."""
+    return fused_ops.RMSNorm(head_dim, eps=eps, fused=fused) if shared else HeadRMSNorm(num_heads, head_dim, eps, fused)
+
+
+def norm_qk(q_norm: nn.RMSNorm, k_norm: nn.RMSNorm, q: torch.Tensor, k: torch.Tensor):
+    """(q_norm(q), k_norm(k)); fused, both in one Triton launch (a launch costs host time in every step)."""
+    if not (q_norm.fused and fused_ops.triton_wanted(q)):
+        return q_norm(q), k_norm(k)
+    weights = [norm.head_weights() if isinstance(norm, HeadRMSNorm) else norm.weight for norm in (q_norm, k_norm)]
+    return fused_ops.rms_norm_pair(q, weights[0], k, weights[1], q_norm.eps)
 
 
 class ForgettingAttention(nn.Module):
@@ -272,6 +289,21 @@ class ForgettingAttention(nn.Module):
         self.shifts = nn.ModuleDict({name: TokenShift(C, Hkv, fused=config.fuse_norm) for name, on in
                                      (("k", config.use_k_shift), ("v", config.use_v_shift)) if on})
 
+    def shift_kv(self, x, kv, layer_cache, token_mask):
+        """(k, v) after KV-shift where it is on; both shifts in one fused launch when both are on."""
+        raw, previous = {}, {}
+        for name in self.shifts:
+            raw[name] = kv[name] if token_mask is None else kv[name] * token_mask[:, :, None, None]  # pads shift 0s
+            previous[name] = layer_cache.shift_state(name) if layer_cache is not None else None
+            if layer_cache is not None:
+                layer_cache.push_shift_inputs(name, raw[name])
+        if len(self.shifts) == 2 and self.shifts["k"].fused and fused_ops.triton_wanted(x):
+            k_shift, v_shift = self.shifts["k"], self.shifts["v"]
+            return fused_ops.token_shift_pair(raw["k"], previous["k"], k_shift.proj(x),
+                                              raw["v"], previous["v"], v_shift.proj(x))
+        shifted = {name: shift(x, raw[name], previous[name]) for name, shift in self.shifts.items()}
+        return shifted.get("k", kv["k"]), shifted.get("v", kv["v"])
+
     def forward(self, x, *, seq_start=None, token_mask=None, positions=None, cache=None, output_attentions=False):
         """x (B, T, C) -> (output (B, T, C), attention probabilities (B, H, T, Tk) or None, log f (B, T, H))."""
         B, T, _ = x.shape
@@ -279,15 +311,9 @@ class ForgettingAttention(nn.Module):
         kv = {"k": self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim),
               "v": self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)}
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
-        for name, shift in self.shifts.items():
-            raw = kv[name] if token_mask is None else kv[name] * token_mask[:, :, None, None]  # pads shift in zeros
-            previous = layer_cache.shift_state(name) if layer_cache is not None else None
-            kv[name] = shift(x, raw, previous)
-            if layer_cache is not None:
-                layer_cache.push_shift_inputs(name, raw)
-        k, v = kv["k"], kv["v"]
+        k, v = self.shift_kv(x, kv, layer_cache, token_mask)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = norm_qk(self.q_norm, self.k_norm, q, k)
         if self.config.use_rope:
             q, k = apply_rope(q, positions, self.config.rope_theta), apply_rope(k, positions, self.config.rope_theta)
 

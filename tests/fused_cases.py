@@ -68,17 +68,49 @@ def compare(op, reference, tensors, tol, **kwargs):
     return errors
 
 
+def random_weight(shape, device, dtype):
+    return (1 + 0.5 * torch.randn(shape, device=device)).to(dtype)
+
+
 def rms_norm_cases(device, dtype, residual_dtype=None):
-    """(x, weight, eps, residual, gate) for rms_norm: odd row counts and widths, plain / residual / gate / both."""
+    """(x, weight, eps, residual, gate) for rms_norm: odd row counts and widths, plain / residual / gate / both;
+    per-head weights (heads, D) too (odd head counts, with and without the gate)."""
     residual_dtype = residual_dtype or dtype
     for shape in [(3, 37), (2, 5, 100), (2, 7, 3, 48)]:
-        n = shape[-1]
         x = torch.randn(shape, device=device, dtype=dtype)
-        w = (1 + 0.5 * torch.randn(n, device=device)).to(dtype)
+        w = random_weight(shape[-1], device, dtype)
         for residual, gate in [(False, False), (True, False), (False, True), (True, True)]:
             r = torch.randn(shape, device=device, dtype=residual_dtype) if residual else None
             g = torch.randn(shape, device=device, dtype=dtype) * 2 if gate else None
             yield x, w, 1e-6, r, g
+    for shape in [(2, 7, 3, 48), (5, 1, 20), (3, 9, 5, 16)]:
+        x = torch.randn(shape, device=device, dtype=dtype)
+        for gate in (False, True):
+            g = torch.randn(shape, device=device, dtype=dtype) * 2 if gate else None
+            yield x, random_weight(shape[-2:], device, dtype), 1e-5, None, g
+
+
+def rms_norm_pair_cases(device, dtype):
+    """(x, weight, x2, weight2, eps) for rms_norm_pair: q and k of FoX Pro, per-head and shared weights, odd sizes,
+    x2 with fewer heads (grouped-query) or more rows than x."""
+    for B, T, H, Hkv, D, per_head in [(2, 7, 3, 1, 20, True), (1, 13, 4, 2, 48, False), (3, 5, 2, 5, 16, True)]:
+        shapes = [(H, D), (Hkv, D)] if per_head else [(D,), (D,)]
+        yield (torch.randn(B, T, H, D, device=device, dtype=dtype), random_weight(shapes[0], device, dtype),
+               torch.randn(B, T, Hkv, D, device=device, dtype=dtype), random_weight(shapes[1], device, dtype), 1e-5)
+
+
+def ref_rms_norm_pair(x, weight, x2, weight2, eps):
+    return ref_rms_norm(x, weight, eps), ref_rms_norm(x2, weight2, eps)
+
+
+def token_shift_pair_cases(device, dtype):
+    """(k, previous_k, a_k, v, previous_v, a_v) for token_shift_pair."""
+    for first, second in zip(token_shift_cases(device, dtype), token_shift_cases(device, dtype)):
+        yield *first, *second
+
+
+def ref_token_shift_pair(k, previous_k, a_k, v, previous_v, a_v):
+    return ref_token_shift(k, previous_k, a_k), ref_token_shift(v, previous_v, a_v)
 
 
 def rms_norm_op(x, w, eps, residual=None, gate=None):

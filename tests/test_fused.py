@@ -123,6 +123,16 @@ def test_plain_norm_module_folds_residual_and_gate():
     torch.testing.assert_close(norm(x, gate=g), ref_rms_norm(x, norm.weight, 1e-6, gate=g))
 
 
+def test_plain_head_norm_keeps_the_input_dtype():
+    """Unfused per-head norms of bf16 q/k (autocast's matmul outputs) stay bf16 next to bf16 v: float32 weights."""
+    from foxlab.model import HeadRMSNorm
+    norm = HeadRMSNorm(3, 8, eps=1e-5)
+    x, gate = torch.randn(2, 5, 3, 8, dtype=torch.bfloat16), torch.randn(2, 5, 3, 8, dtype=torch.bfloat16)
+    assert norm(x).dtype == norm(x, gate=gate).dtype == torch.bfloat16
+    expected = ref_rms_norm(x.double(), norm.weight.view(3, 8).double(), 1e-5, gate=gate.double())
+    torch.testing.assert_close(norm(x, gate=gate).double(), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_bad_inputs_name_the_argument():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="weight must have shape"):
@@ -131,6 +141,13 @@ def test_bad_inputs_name_the_argument():
         fused.rms_norm(x, torch.ones(8), 1e-6, residual=torch.randn(2, 9))
     with pytest.raises(ValueError, match="x must be a floating-point tensor"):
         fused.rms_norm(torch.ones(2, 8, dtype=torch.long), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fused.rms_norm(torch.randn(2, 3, 8), torch.ones(2, 8), 1e-6)  # per-head weights: (3, 8) for 3 heads
+    with pytest.raises(ValueError, match="must both be"):
+        fused.rms_norm_pair(torch.randn(2, 3, 8), torch.ones(8), torch.randn(2, 3, 8), torch.ones(3, 8), 1e-6)
+    with pytest.raises(ValueError, match="v must have the shape and dtype of k"):
+        fused.token_shift_pair(torch.randn(1, 3, 2, 4), None, torch.randn(1, 3, 2), torch.randn(1, 3, 2, 5), None,
+                               torch.randn(1, 3, 2))
     with pytest.raises(ValueError, match="up must have the shape of gate"):
         fused.swiglu(x, torch.randn(2, 9))
     with pytest.raises(ValueError, match="a_logits must have shape"):

@@ -9,8 +9,9 @@ import torch
 
 from conftest import VARIANTS, tiny_model
 from fused_cases import (
-    compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_swiglu, ref_token_shift,
-    rms_norm_cases, rms_norm_op, token_shift_cases,
+    compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_rms_norm_pair, ref_swiglu,
+    ref_token_shift, ref_token_shift_pair, rms_norm_cases, rms_norm_op, rms_norm_pair_cases, token_shift_cases,
+    token_shift_pair_cases,
 )
 
 from foxlab import fused
@@ -29,9 +30,24 @@ def report(name, errors):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rms_norm(dtype):
-    for x, w, eps, residual, gate in rms_norm_cases("cuda", dtype):
+    o, g = (torch.randn(4, 512, 12, 64, device="cuda", dtype=dtype) for _ in range(2))
+    o_norm_case = (o, torch.rand(12, 64, device="cuda", dtype=dtype) + 0.5, 1e-6, None, g)  # fox-pro's o_norm + gate
+    for x, w, eps, residual, gate in [*rms_norm_cases("cuda", dtype), o_norm_case]:
         errors = compare(rms_norm_op, ref_rms_norm, (x, w, eps, residual, gate), TOL[dtype])
-        report(f"rms_norm {tuple(x.shape)} residual {residual is not None} gate {gate is not None}", errors)
+        report(f"rms_norm {tuple(x.shape)} weight {tuple(w.shape)} residual {residual is not None} "
+               f"gate {gate is not None}", errors)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_pair(dtype):
+    cases = [*rms_norm_pair_cases("cuda", dtype)]
+    q = torch.randn(4, 512, 12, 64, device="cuda", dtype=dtype)
+    k = torch.randn(4, 512, 4, 64, device="cuda", dtype=dtype)
+    cases.append((q, torch.rand(12, 64, device="cuda", dtype=dtype) + 0.5, k,
+                  torch.rand(4, 64, device="cuda", dtype=dtype) + 0.5, 1e-5))  # fox-pro-125m's heads, grouped k
+    for tensors in cases:
+        report(f"rms_norm_pair {tuple(tensors[0].shape)} {tuple(tensors[2].shape)} weights {tuple(tensors[1].shape)}",
+               compare(fused.rms_norm_pair, ref_rms_norm_pair, tensors, TOL[dtype]))
 
 
 def test_rms_norm_block_case_bf16_branch_fp32_stream():
@@ -60,6 +76,17 @@ def test_token_shift(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_shift_pair(dtype):
+    cases = [*token_shift_pair_cases("cuda", dtype)]
+    big = [torch.randn(2, 300, 12, 64, device="cuda", dtype=dtype), None,
+           torch.randn(2, 300, 12, device="cuda", dtype=dtype)]
+    cases.append((*big, *(t.clone() if t is not None else None for t in big)))
+    for tensors in cases:
+        report(f"token_shift_pair {tuple(tensors[0].shape)}",
+               compare(fused.token_shift_pair, ref_token_shift_pair, tensors, TOL[dtype]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_linear_cross_entropy(dtype):
     cases = [*cross_entropy_cases("cuda", dtype)]
     big_targets = torch.randint(0, 50304, (3000,), device="cuda")
@@ -77,25 +104,45 @@ def test_cross_entropy_kernel_flags_out_of_range_targets_with_nan():
     assert torch.isnan(fused.linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 10, 3], device="cuda")))
 
 
+def train_once(variant, ids, labels, on, autocast):
+    """Loss and parameter gradients of one forward + backward of a seeded tiny model, fuse_* switches ``on``."""
+    model = tiny_model(seed=8, device="cuda", fuse_norm=on, fuse_swiglu=on, fuse_cross_entropy=on,
+                       **VARIANTS[variant]).train()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids, labels=labels)
+    assert (out.logits is None) == on
+    out.loss.backward()
+    return out.loss.item(), {n: p.grad.double() for n, p in model.named_parameters()}
+
+
+def grad_errors(grads, ref):
+    return {n: ((grads[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in ref.items()}
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_model_switches_on_and_off_agree(variant, autocast):
-    """Loss and every parameter gradient with all switches on (Triton kernels) vs off (PyTorch ops)."""
+    """Loss and every parameter gradient with all switches on (Triton kernels) vs off (PyTorch ops). In float32
+    they must agree to 1e-5 / 1e-4. Under bf16 autocast both models round differently (in different places), so
+    each is compared with the float32 plain model: per parameter, the fused model's gradient error must be within
+    twice the plain model's, plus 1e-2 (a gradient whose terms cancel has a large relative error in bf16 either way).
+    """
     ids = torch.randint(4, 260, (2, 100), device="cuda")
     labels = ids.clone()
     labels[0, :10] = -100
-    results = {}
-    for on in (True, False):
-        model = tiny_model(seed=8, device="cuda", fuse_norm=on, fuse_swiglu=on, fuse_cross_entropy=on,
-                           **VARIANTS[variant]).train()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = model(ids, labels=labels)
-        assert (out.logits is None) == on
-        out.loss.backward()
-        results[on] = out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
-    loss_err = abs(results[True][0].item() - results[False][0].item()) / abs(results[False][0].item())
-    grad_err = max((results[True][1][n] - g).norm().item() / g.norm().clamp_min(1e-12).item()
-                   for n, g in results[False][1].items())
-    report(f"model {variant} {'bf16 autocast' if autocast else 'fp32'}", {"loss": loss_err, "max grad": grad_err})
-    assert loss_err <= (1e-2 if autocast else 1e-5)
-    assert grad_err <= (5e-2 if autocast else 1e-4)
+    ref_loss, ref = train_once(variant, ids, labels, on=False, autocast=False)
+    loss, grads = train_once(variant, ids, labels, on=True, autocast=autocast)
+    fused_errors, loss_err = grad_errors(grads, ref), abs(loss - ref_loss) / abs(ref_loss)
+    if not autocast:
+        report(f"model {variant} fp32", {"loss": loss_err, "max grad": max(fused_errors.values())})
+        assert loss_err <= 1e-5 and max(fused_errors.values()) <= 1e-4
+        return
+    plain_loss, plain_grads = train_once(variant, ids, labels, on=False, autocast=True)
+    plain_errors = grad_errors(plain_grads, ref)
+    worst = max(fused_errors, key=lambda n: fused_errors[n] - 2 * plain_errors[n])
+    report(f"model {variant} bf16 autocast vs fp32", {
+        "loss fused": loss_err, "loss plain": abs(plain_loss - ref_loss) / abs(ref_loss),
+        "max grad fused": max(fused_errors.values()), "max grad plain": max(plain_errors.values()),
+        f"{worst} fused": fused_errors[worst], f"{worst} plain": plain_errors[worst]})
+    assert loss_err <= 1e-2
+    assert all(fused_errors[n] <= 2 * plain_errors[n] + 1e-2 for n in ref), worst

@@ -18,8 +18,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from conftest import VARIANTS, tiny_model  # noqa: E402
 from fused_cases import (  # noqa: E402
-    compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_swiglu, ref_token_shift,
-    rms_norm_cases, rms_norm_op, token_shift_cases,
+    compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_rms_norm_pair, ref_swiglu,
+    ref_token_shift, ref_token_shift_pair, rms_norm_cases, rms_norm_op, rms_norm_pair_cases, token_shift_cases,
+    token_shift_pair_cases,
 )
 
 from foxlab import fused  # noqa: E402
@@ -37,6 +38,12 @@ def triton_on_cpu(monkeypatch):
 def test_rms_norm(dtype):
     for tensors in rms_norm_cases("cpu", dtype):
         compare(rms_norm_op, ref_rms_norm, tensors, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rms_norm_pair(dtype):
+    for tensors in rms_norm_pair_cases("cpu", dtype):
+        compare(fused.rms_norm_pair, ref_rms_norm_pair, tensors, TOL[dtype])
 
 
 def test_rms_norm_residual_in_float32_branch_in_float64():
@@ -61,6 +68,12 @@ def test_token_shift(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_token_shift_pair(dtype):
+    for tensors in token_shift_pair_cases("cpu", dtype):
+        compare(fused.token_shift_pair, ref_token_shift_pair, tensors, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_linear_cross_entropy_kernel(dtype, triton_on_cpu):
     for hidden, weight, targets, chunk in cross_entropy_cases("cpu", dtype):
         compare(fused.linear_cross_entropy, ref_linear_cross_entropy, (hidden, weight, targets), TOL[dtype],
@@ -73,15 +86,22 @@ def test_cross_entropy_kernel_flags_out_of_range_targets_with_nan(triton_on_cpu)
     assert torch.isnan(loss)
 
 
-def test_model_with_fused_kernels_matches_plain_model(triton_on_cpu, one_thread):
-    """FoX Pro (every fused op has a use in it): loss and every parameter gradient, switches on (Triton kernels)
-    vs off (PyTorch ops), float32. tests/test_fused_gpu.py runs all variants on a GPU."""
+@pytest.mark.parametrize("shared", [False, True], ids=["per-head-norms", "shared-norms"])
+def test_model_with_fused_kernels_matches_plain_model(shared, triton_on_cpu, one_thread):
+    """FoX Pro (every fused op has a use in it), its q/k/o norms with per-head or shared weights: loss and every
+    parameter gradient, switches on (Triton kernels) vs off (PyTorch ops), float32. tests/test_fused_gpu.py runs all
+    variants on a GPU."""
     ids = torch.randint(4, 260, (2, 13))
     labels = ids.clone()
     labels[0, :3] = -100
     results = {}
     for on in (True, False):
-        model = tiny_model(seed=3, fuse_norm=on, fuse_swiglu=on, fuse_cross_entropy=on, **VARIANTS["fox-pro"]).train()
+        model = tiny_model(seed=3, fuse_norm=on, fuse_swiglu=on, fuse_cross_entropy=on, **VARIANTS["fox-pro"],
+                           qk_norm_share_param_across_head=shared, output_norm_share_param_across_head=shared).train()
+        with torch.no_grad():  # norm weights away from their initial ones, so a wrong head's weight shows
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(1.0, 0.5)
         out = model(ids, labels=labels)
         assert (out.logits is None) == on
         out.loss.backward()
