@@ -863,6 +863,9 @@ _DECODE_MAX_ROWS = 64
 # Chunked prefill (Tq < Tk) takes the split kernel too while the blocked forward would run fewer programs than
 # this many per multiprocessor.
 _PREFILL_SPLIT_WAVES = 2
+# ... and while its (query, head) rows per kv head stay this few: beyond, the split kernel's row tiles lose to the
+# blocked kernel (H200 chunked-prefill table, BENCHMARKS.md: Tq x GROUP of 512 and 1024 rows ran 1.2-2.2x slower).
+_PREFILL_SPLIT_MAX_ROWS = 256
 # The split kernel runs at least this many programs per multiprocessor and at most _SPLIT_MAX_KEYS keys per
 # program, with at most _MAX_SPLITS slices of the keys (H200 sweep, benchmarks/NOTES.md); the last program of a
 # tile merges them _COMBINE_ELEMENTS (splits x rows x head dim) at a time.
@@ -954,12 +957,14 @@ def _multiprocessors(device: torch.device) -> int:
 
 def _split_wanted(q, k) -> bool:
     """The split-key forward for decoding (Tq x GROUP <= _DECODE_MAX_ROWS rows) and for chunked prefill (Tq < Tk)
-    whose one-head-per-program grid would fill less than _PREFILL_SPLIT_WAVES waves of the GPU."""
+    of at most _PREFILL_SPLIT_MAX_ROWS rows per kv head whose one-head-per-program grid would fill less than
+    _PREFILL_SPLIT_WAVES waves of the GPU."""
     B, Tq, H, _ = q.shape
     Tk, group = k.shape[1], H // k.shape[2]
     if Tq * group <= _DECODE_MAX_ROWS:
         return True
-    return Tq < Tk and triton.cdiv(Tq, 64) * B * H < _PREFILL_SPLIT_WAVES * _multiprocessors(q.device)
+    return (Tq < Tk and Tq * group <= _PREFILL_SPLIT_MAX_ROWS
+            and triton.cdiv(Tq, 64) * B * H < _PREFILL_SPLIT_WAVES * _multiprocessors(q.device))
 
 
 def _split_forward(q, k, v, c, c_scale, key_lo, threshold2, scale):
