@@ -62,8 +62,12 @@ except ImportError:  # no Triton on this platform: the torch backends still work
 # then split into [start, band) (some scores dropped: masked), [band, mid) (none) and the diagonal, with
 # every key block before `start` dropped for all rows and never loaded; a key block's query rows,
 # symmetrically, end at `stop`. These bounds come from one small kernel per tile shape that binary-searches
-# the prefix sums for every block at once (`_query_block_bounds_kernel`, `_key_block_bounds_kernel`), so an
-# attention program starts with one load instead of a chain of dependent ones. Decoding's split kernel
+# the prefix sums for every block at once (`_query_block_bounds_kernel`, `_key_block_bounds_kernel`). An
+# attention program runs its diagonal tile first, whose range needs no bounds, while its two ints load; the
+# band gets a loop of its own in the pruning variants only, entered only when the band is not empty (one
+# loop with a branch per tile stalls its software pipeline: +10-18% on the H200). The "auto" threshold's pass over the q and k
+# norms skips every head whose whole decay c_0 - c_{T-1} stays within the threshold at U = 0: no score of it
+# can be pruned whatever its norms (log f = 0 costs that pass nothing). Decoding's split kernel
 # starts each split at its first key block that some row keeps.
 # ==================================================================================================
 
@@ -191,35 +195,24 @@ def _key_block_query_range(n0, offset, q_end, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @_jit
-def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, stride_kt, stride_vt, Tk, qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
                start, end, offs_n, offs_d,
                CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GATE_PER_ROW: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [start, end). Only causal (diagonal) blocks can run past Tk.
 
-    With GATE_PER_ROW the rows belong to different query heads (packed decoding): row r reads its keys'
-    c from C + c_rows[r]; otherwise C already points at the one head's row. delta: the pruning threshold
-    (per row, read only with PRUNE).
+    delta: the pruning threshold per row (read only with PRUNE).
     """
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
-        if GATE_PER_ROW:
-            c_k = tl.load(C + c_rows[:, None] + keys[None, :], mask=keys[None, :] < Tk, other=0.0)
-        else:
-            c_k = _load_vec(C + keys, keys, Tk, 0.0, CAUSAL)[None, :]
-        decay = c_q[:, None] - c_k
+        c_k = _load_vec(C + keys, keys, Tk, 0.0, CAUSAL)
+        decay = c_q[:, None] - c_k[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + decay
         s = _mask_scores(s, decay, delta[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO,
                          PRUNE)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(V + keys[:, None] * stride_vt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -233,7 +226,8 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE,
                 DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head). Writes O and the base-2 log-sum-exp.
 
-    Key blocks: [start, band) pruned in part (PRUNE only), [band, mid) plain, [mid, end) the diagonal.
+    Key blocks: the diagonal [mid, end) first (its range needs no load, so its tiles stream in while the
+    pruning bounds arrive), then [start, band) pruned in part (PRUNE only) and [band, mid) plain.
     """
     # Latest query blocks first: they have the most keys, and the short ones fill the tail of the grid.
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -252,22 +246,22 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE,
     q = _load_tile(Q + rows[:, None] * stride_qt + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
     q_pos, c_q, key_lo, start, mid, end = _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob,
                                                             stride_lot, MASK_LO, BLOCK_M, BLOCK_N)
-
     delta, start, band = _query_block_pruning(BOUNDS, DELTA, bh, m0 // BLOCK_M, tl.num_programs(0), start, PRUNE,
                                               BLOCK_M)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = _initial_max(BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, None, stride_kt, stride_vt,
-                               Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
-                               BLOCK_N, False, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, None, stride_kt, stride_vt,
-                               Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D,
-                               BLOCK_N, False, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, None, stride_kt, stride_vt,
-                               Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
-                               BLOCK_N, False, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
+                               qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               DOT_PRECISION)
+    if PRUNE and start < band:  # a loop of its own, entered only when needed (section header)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
+                                   qk_scale, start, band, offs_n, offs_d, False, MASK_LO, True, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
+                               qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               DOT_PRECISION)
 
     # A row with no visible key has l = 0: it returns 0, and a finite lse keeps its backward at 0 too.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -454,17 +448,38 @@ def _gate_cumsum_kernel(LOG_F, C2, stride_fb, stride_ft, stride_fh, H, T, BLOCK_
 
 
 @_jit
-def _max_norm_kernel(X, OUT, stride_b, stride_t, stride_h, Hx, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_T: tl.constexpr):
-    """OUT[chunk, b * Hx + h] = max over the BLOCK_T rows t of the chunk of |X[b, t, h, :]|^2, in float32."""
+def _threshold2_from_bound(bound, log_keys, log_eps):
+    """The "auto" threshold in base 2 for a score bound U: log2(e) (-(2 U + log Tk) + log eps) (acp.threshold)."""
+    return (log_eps - 2.0 * bound - log_keys) * 1.4426950408889634
+
+
+@_jit
+def _max_norm_kernel(X, C, OUT, stride_b, stride_t, stride_h, stride_cb, stride_ct, stride_ch, Hx, T, Tk,
+                     c_scale, log_keys, log_eps, HEADS_PER_X: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """OUT[chunk, b * Hx + h] = max over the BLOCK_T rows t of the chunk of |X[b, t, h, :]|^2, in float32, or 0 when
+    none of the HEADS_PER_X query heads that read X's head h can prune: every visible score's decay is at least
+    (c[b, Tk-1] - c[b, 0]) c_scale (c (B, Tk, H) falls along keys), and a threshold is at most its value at U = 0.
+    A skipped head then gets the U = 0 threshold, which prunes nothing there either."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    rows = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    X += (bh // Hx) * stride_b + (bh % Hx) * stride_h
-    x = _load_tile(X + rows[:, None] * stride_t + offs_d[None, :], rows, T, offs_d, HEAD_DIM, BLOCK_D, True)
-    x = x.to(tl.float32)
-    tl.store(OUT + chunk * tl.num_programs(1) + bh, tl.max(tl.sum(x * x, 1), 0))
+    b = bh // Hx
+    floor = _threshold2_from_bound(0.0, log_keys, log_eps)
+    prunable = 0
+    for g in range(HEADS_PER_X):
+        h = (bh % Hx) * HEADS_PER_X + g
+        c_first = tl.load(C + b * stride_cb + h * stride_ch)
+        c_last = tl.load(C + b * stride_cb + (Tk - 1) * stride_ct + h * stride_ch)
+        prunable += ((c_last - c_first) * c_scale < floor).to(tl.int32)
+    sq_max = 0.0
+    if prunable > 0:
+        rows = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, BLOCK_D)
+        X += b * stride_b + (bh % Hx) * stride_h
+        x = _load_tile(X + rows[:, None] * stride_t + offs_d[None, :], rows, T, offs_d, HEAD_DIM, BLOCK_D, True)
+        x = x.to(tl.float32)
+        sq_max = tl.max(tl.sum(x * x, 1), 0)
+    tl.store(OUT + chunk * tl.num_programs(1) + bh, sq_max)
 
 
 @_jit
@@ -485,7 +500,7 @@ def _auto_threshold_kernel(Q_SQ, K_SQ, THRESHOLD2, H, GROUP, q_chunks, k_chunks,
         k_sq = tl.maximum(k_sq, tl.load(K_SQ + (c0 + offs) * (tl.num_programs(0) // GROUP) + bhk,
                                         mask=c0 + offs < k_chunks, other=0.0))
     bound = scale * tl.sqrt(tl.max(q_sq, 0)) * tl.sqrt(tl.max(k_sq, 0))
-    tl.store(THRESHOLD2 + bh, (log_eps - 2.0 * bound - log_keys) * 1.4426950408889634)
+    tl.store(THRESHOLD2 + bh, _threshold2_from_bound(bound, log_keys, log_eps))
 
 
 @_jit
@@ -717,10 +732,11 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BO
                                      C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
                                      stride_lot, offset, Tq, qk_scale, mid, band, offs_m, offs_d,
                                      False, MASK_LO, False, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
-        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
-                                     C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
-                                     stride_lot, offset, Tq, qk_scale, band, stop, offs_m, offs_d,
-                                     False, MASK_LO, PRUNE, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        if PRUNE and band < stop:
+            dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+                                         C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
+                                         stride_lot, offset, Tq, qk_scale, band, stop, offs_m, offs_d,
+                                         False, MASK_LO, True, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         tl.store(DC_COL + bh * Tk + keys, dc, mask=keys < Tk)
 
     kv_mask = (keys[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
@@ -764,7 +780,7 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ, DC
                    DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head). dQ = s dS K; row sums of dS go to DC_ROW.
 
-    Key blocks as in the forward: [start, band) pruned in part, [band, mid) plain, [mid, end) the diagonal.
+    Key blocks as in the forward: the diagonal [mid, end), then [start, band) pruned in part, [band, mid) plain.
     """
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -793,14 +809,15 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ, DC
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dc = tl.zeros([BLOCK_M], dtype=tl.float32)
     dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
-                           Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
-                           BLOCK_N, DOT_PRECISION)
+                           Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D, BLOCK_N,
+                           DOT_PRECISION)
+    if PRUNE and start < band:
+        dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt,
+                               stride_vt, Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO, True, HEAD_DIM,
+                               BLOCK_D, BLOCK_N, DOT_PRECISION)
     dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
-                           Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D,
-                           BLOCK_N, DOT_PRECISION)
-    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
-                           Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
-                           BLOCK_N, DOT_PRECISION)
+                           Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D, BLOCK_N,
+                           DOT_PRECISION)
 
     dq_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
@@ -1015,22 +1032,28 @@ def _split_counters(n: int, device: torch.device) -> torch.Tensor:
     return counters
 
 
-def _auto_threshold2(q, k, scale: float, log_eps: float) -> torch.Tensor:
+def _auto_threshold2(q, k, c, c_scale: float, scale: float, log_eps: float) -> torch.Tensor:
     """The "auto" pruning threshold (acp.threshold) in base 2, (B, H) float32, in three small kernels: chunk maxima
-    of |q|^2 and |k|^2, then the bound (decoding runs it every step, so it must cost a few microseconds)."""
+    of |q|^2 and |k|^2, then the bound (decoding runs it every step, so it must cost a few microseconds).
+
+    c: the gate's prefix sums (B, Tk, H) float32, any strides, c_scale times them in base 2 (as the attention
+    kernel reads them). Heads whose decay never reaches the threshold at U = 0 skip their norms (`_max_norm_kernel`).
+    """
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     block_d, block_t = max(16, triton.next_power_of_2(D)), 64
+    log_keys, log_eps = math.log(Tk), float(log_eps)
     maxima = []
     for x, T, heads in ((q, Tq, H), (k, Tk, Hkv)):
         chunks = triton.cdiv(T, block_t)
         out = torch.empty(chunks, B * heads, dtype=torch.float32, device=q.device)
-        _max_norm_kernel[(chunks, B * heads)](x, out, *_strides(x), heads, T, HEAD_DIM=D, BLOCK_D=block_d,
+        _max_norm_kernel[(chunks, B * heads)](x, c, out, *_strides(x), *c.stride(), heads, T, Tk, c_scale, log_keys,
+                                              log_eps, HEADS_PER_X=H // heads, HEAD_DIM=D, BLOCK_D=block_d,
                                               BLOCK_T=block_t)
         maxima.append(out)
     threshold2 = torch.empty(B, H, dtype=torch.float32, device=q.device)
     _auto_threshold_kernel[(B * H,)](*maxima, threshold2, H, H // Hkv, maxima[0].shape[0], maxima[1].shape[0],
-                                     scale, math.log(Tk), float(log_eps), BLOCK_C=64)
+                                     scale, log_keys, log_eps, BLOCK_C=64)
     return threshold2
 
 
@@ -1112,16 +1135,20 @@ def _base2_prefix_sums(gate, is_cumsum):
 
 class _TritonForgettingAttention(torch.autograd.Function):
     """O = forgetting attention of (q, k, v, gate), the gate float32 (B, Tk, H): the log gates log f, or with
-    ``is_cumsum`` their prefix sums c; gradients for all four."""
+    ``is_cumsum`` their prefix sums c; gradients for all four. Pruning: a base-2 threshold (B, H), or with
+    ``auto_log_eps`` the "auto" one, computed here once c is known."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gate, is_cumsum, scale, key_lo, query_hi, threshold2):
+    def forward(ctx, q, k, v, gate, is_cumsum, scale, key_lo, query_hi, threshold2, auto_log_eps):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        if is_cumsum and _split_wanted(q, k):  # reads c in place: no scan, no copy
-            c2 = None
+        split = is_cumsum and _split_wanted(q, k)  # reads c in place: no scan, no copy
+        c2 = None if split else _base2_prefix_sums(gate, is_cumsum)
+        if auto_log_eps is not None:
+            c, c_scale = (gate, LOG2E) if split else (c2.transpose(1, 2), 1.0)
+            threshold2 = _auto_threshold2(q, k, c, c_scale, scale, auto_log_eps)
+        if split:
             o, lse = _split_forward(q, k, v, gate, LOG2E, key_lo, threshold2, scale)
         else:
-            c2 = _base2_prefix_sums(gate, is_cumsum)
             o, lse = _triton_forward(q, k, v, c2, key_lo, threshold2, scale)
         ctx.save_for_backward(q, k, v, gate if c2 is None else c2, o, lse, key_lo, query_hi, threshold2)
         ctx.scale, ctx.is_cumsum, ctx.saved_c2 = scale, is_cumsum, c2 is not None
@@ -1134,7 +1161,7 @@ class _TritonForgettingAttention(torch.autograd.Function):
             c2 = _base2_prefix_sums(c2, True)
         dq, dk, dv, dgate = _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, ctx.scale,
                                              ctx.is_cumsum)
-        return dq, dk, dv, dgate, None, None, None, None, None
+        return dq, dk, dv, dgate, None, None, None, None, None, None
 
 
 def _visibility_bounds(q, k, seq_start, cu_seqlens):
@@ -1171,10 +1198,11 @@ def forgetting_attention_triton(q, k, v, gate, is_cumsum, scale, seq_start, cu_s
     if reason is not None:
         raise ValueError(f"backend='triton': {reason}")
     key_lo, query_hi = _visibility_bounds(q, k, seq_start, cu_seqlens)
+    threshold2, auto_log_eps = None, None
     if isinstance(adaptive_threshold, str) and adaptive_threshold == "auto":
         acp.check_log_eps(log_eps)
-        threshold2 = _auto_threshold2(q, k, scale, log_eps)
-    else:
-        threshold = acp.threshold(q, k, adaptive_threshold, log_eps=log_eps, sm_scale=scale)
-        threshold2 = None if threshold is None else threshold * LOG2E
-    return _TritonForgettingAttention.apply(q, k, v, gate.float(), is_cumsum, scale, key_lo, query_hi, threshold2)
+        auto_log_eps = log_eps
+    elif adaptive_threshold is not None:
+        threshold2 = acp.threshold(q, k, adaptive_threshold, log_eps=log_eps, sm_scale=scale) * LOG2E
+    return _TritonForgettingAttention.apply(q, k, v, gate.float(), is_cumsum, scale, key_lo, query_hi, threshold2,
+                                            auto_log_eps)

@@ -97,9 +97,8 @@ def test_pruned_from_prefix_sums(backend, shape):
     d_out = torch.randn(q.shape, generator=g)
     device = backend[1]
     leaves = [t.to(device).clone().requires_grad_() for t in (q, k, v, log_f.cumsum(1))]
-    kw = {name: t.to(device) for name, t in kw.items()}
     out = forgetting_attention(*leaves[:3], log_fgate_cumsum=leaves[3], backend=backend[0],
-                               adaptive_threshold=threshold.to(device), **kw)
+                               adaptive_threshold=threshold.to(device), **{n: t.to(device) for n, t in kw.items()})
     grads = torch.autograd.grad(out, leaves, d_out.to(device))
     ours = [t.cpu() for t in (out, *grads[:3], grads[3].flip(1).cumsum(1).flip(1))]
     ref, _, kept, visible = dense(q, k, v, log_f, d_out, threshold, **kw)
@@ -236,14 +235,32 @@ def test_model_prunes_within_the_bound_and_reports_statistics(one_thread):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0][0] == "triton"])
-def test_fused_auto_threshold_matches_the_formula(backend):
-    """The Triton path computes "auto" in its own small kernels (decoding runs them every step)."""
+@pytest.mark.parametrize("c_layout", ["blocked", "strided"])
+def test_fused_auto_threshold_matches_the_formula(backend, c_layout):
+    """The Triton path computes "auto" in its own small kernels (decoding runs them every step). Heads whose decay
+    cannot reach the threshold even at U = 0 skip their norms and get that U = 0 threshold instead (it prunes
+    nothing there, as the exact one does); the others get the formula. GQA: a kv head is read if any of its group
+    can prune."""
     from foxlab import kernels
     device = backend[1]
-    q, k, _, _ = inputs(3, 70, 150, 6, 2, 40, seed=3)
-    q, k = q.to(device), k.to(device)
-    fused = kernels._auto_threshold2(q, k, 0.3, -4.0) / kernels.LOG2E
-    torch.testing.assert_close(fused.cpu(), acp.threshold(q, k, "auto", log_eps=-4.0, sm_scale=0.3).cpu())
+    q, k, _, g = inputs(3, 70, 150, 6, 2, 40, seed=3)
+    log_f = F.logsigmoid(torch.randn(3, 150, 6, generator=g) + 2.0)
+    log_f[:, :, [0, 1, 2, 4]] = 0.0  # kv head 0: no query head can prune; kv head 1: heads 3 and 5 can
+    log_f[1, :, 3] = -1e-4  # a little decay, still not enough to prune anything
+    c = log_f.cumsum(1)
+    if c_layout == "blocked":  # as the blocked kernels hold it: base 2, (B, H, Tk) contiguous
+        c, c_scale = (c * kernels.LOG2E).transpose(1, 2).contiguous().transpose(1, 2), 1.0
+    else:  # as a decoding cache passes it: natural log, any strides
+        c, c_scale = c.transpose(1, 2).contiguous().transpose(1, 2), kernels.LOG2E
+    q, k, c = q.to(device), k.to(device), c.to(device)
+    fused = (kernels._auto_threshold2(q, k, c, c_scale, 0.3, -4.0) / kernels.LOG2E).cpu()
+    exact = acp.threshold(q, k, "auto", log_eps=-4.0, sm_scale=0.3).cpu()
+    at_zero = torch.full_like(exact, -4.0 - math.log(150))
+    prunable = torch.zeros(3, 6, dtype=torch.bool)
+    prunable[:, [3, 5]] = True
+    prunable[1, 3] = False
+    torch.testing.assert_close(fused, torch.where(prunable, exact, at_zero))
+    assert (exact < at_zero - 1).all()  # the norms matter wherever they are read
 
 
 def brute_force_bounds(c2, delta, Tq, key_lo, query_hi, block_m, block_n):
