@@ -778,6 +778,7 @@ def _chunked_loss(hidden, weight, targets, scale, ignore_index, chunk_size, comp
             if compute_grad:  # logits now hold their gradient
                 torch.mm(logits, w, out=dh[start:start + chunk_size])
                 dw = _add_weight_grad(dw, logits, h)
+            del logits  # freed before the next chunk's are allocated: one chunk of logits alive at a time, not two
     loss = torch.cat(losses).sum() * scale if losses else (torch.zeros((), device=hidden.device) * scale)
     return loss, dh, dw
 
