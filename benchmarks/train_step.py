@@ -13,8 +13,9 @@ runs --warmup steps (Triton compiles its kernels there), then times --steps step
 tokens/s = steps x batch x seq / seconds; peak = torch.cuda.max_memory_allocated over the whole row (weights,
 optimizer state, activations), in GiB. --gpu-time adds the kernel time of one step (torch.profiler): far below the
 step time, the step waits on the host (Python, kernel launches), and --cuda-graph shows the step without that.
-fla is not in this script (it was not installed on the device); BENCHMARKS.md quotes its earlier measurement,
-which the closing summary checks issue 12's targets against (wall clock and GPU busy time, fused rows).
+fla's ForgettingTransformer (flash-linear-attention, an optional benchmark-only import, never one of foxlab's) runs
+at fox-125m's size with its fused ops on, when it is installed; otherwise its rows are skipped with the reason, and
+the closing summary checks issue 12's targets against fla's earlier measurement (FLA_TOKENS_PER_S) instead.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM
 
 SWITCHES = ("fuse_norm", "fuse_swiglu", "fuse_cross_entropy")
 FLA_TOKENS_PER_S = 243.6e3  # fla's ForgettingTransformer, fused ops on, same setting (H200, measured earlier)
+FLA_LABEL = "fla ForgettingTransformer, fox-{size} size, its fused ops"
 
 
 def version(name: str) -> str | None:
@@ -60,6 +62,31 @@ def llama_model(size: str):
         num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, initializer_range=cfg.initializer_range,
         max_position_embeddings=32768, tie_word_embeddings=False, attn_implementation="sdpa")
     return transformers.LlamaForCausalLM(llama)
+
+
+def fla_importable() -> str | None:
+    """None when fla's ForgettingTransformer imports here, else why not (its rows are then skipped)."""
+    try:
+        importlib.import_module("fla.models.forgetting_transformer")
+    except Exception as exc:  # ImportError, or an fla that breaks on this torch / triton / transformers
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return None
+
+
+def fla_model(size: str, pro: bool = False):
+    """fla's ForgettingTransformerForCausalLM shaped like foxlab's fox preset of that size (``pro``: its qk_norm and
+    output gate on, the FoX Pro parts fla has), with its fused ops on: fused RMSNorm, SwiGLU and the fused linear
+    cross-entropy (no full logits, as foxlab's fuse_cross_entropy)."""
+    from fla.models.forgetting_transformer import ForgettingTransformerConfig as FlaConfig
+    from fla.models.forgetting_transformer import ForgettingTransformerForCausalLM as FlaForCausalLM
+    cfg = ForgettingTransformerConfig.from_preset(f"fox-{size}")
+    fla = FlaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+        hidden_act="swish", norm_eps=cfg.norm_eps, initializer_range=cfg.initializer_range,
+        tie_word_embeddings=False, qk_norm=pro, use_output_gate=pro, fuse_norm=True, fuse_swiglu=True,
+        fuse_cross_entropy=False, fuse_linear_cross_entropy=True)
+    return FlaForCausalLM(fla)
 
 
 @contextmanager
@@ -224,6 +251,14 @@ def rows(args):
              for kind, preset, extra in kinds for switches, state in ((off, "plain"), (on, "fused"))]
     if size != "tiny":
         table.append((f"transformers Llama (SDPA), transformer-{size} size", lambda: llama_model(size), nullcontext))
+    if size != "tiny" and not args.no_fla:
+        reason = fla_importable()
+        if reason:
+            print(f"note: fla's rows are skipped: {reason}")
+        else:
+            table += [(FLA_LABEL.format(size=size), lambda: fla_model(size), nullcontext),
+                      (FLA_LABEL.format(size=size) + ", qk_norm and output gate", lambda: fla_model(size, pro=True),
+                       nullcontext)]
     if args.liger:
         table.append((f"foxlab fox-{size}, Liger Kernel ops", build(fox, **on), liger_ops))
     if args.ablation:
@@ -256,10 +291,15 @@ def print_targets(results, size: str) -> None:
 
     fox, pro = f"foxlab fox-{size}, fused", f"foxlab fox-pro-{size}, fused"
     llama = f"transformers Llama (SDPA), transformer-{size} size"
+    measured = speed(FLA_LABEL.format(size=size), "wall")
     modes = (("wall clock", "wall", ""), ("GPU busy", "busy", ""), ("CUDA graph", "wall", ", CUDA graph"))
     for name, key, suffix in modes:
         f, p, lm = speed(fox + suffix, key), speed(pro + suffix, key), speed(llama, "wall")
-        parts = [f"fox / fla (>= 1.15) {f / FLA_TOKENS_PER_S:.2f}" if f and size == "125m" else None,
+        # fla against fla in the same mode where it ran (its GPU busy time; wall clock for the graph rows)
+        fla, fla_name = speed(FLA_LABEL.format(size=size), key), f"fla {'busy' if key == 'busy' else 'wall'}, this run"
+        if not measured and size == "125m":
+            fla, fla_name = FLA_TOKENS_PER_S, f"fla recorded earlier ({FLA_TOKENS_PER_S / 1e3:.1f}k)"
+        parts = [f"fox / {fla_name} (>= 1.15) {f / fla:.2f}" if f and fla else None,
                  f"fox-pro / fox (>= 0.8) {p / f:.2f}" if f and p else None,
                  f"fox / Llama wall (>= 1.0) {f / lm:.2f}" if f and lm else None]
         if any(parts):
@@ -278,6 +318,7 @@ def main(argv=None):
                         help="also list the N ops with the most host time in one step")
     parser.add_argument("--liger", action="store_true", help="add fox with Liger Kernel's ops (needs liger-kernel)")
     parser.add_argument("--ablation", action="store_true", help="add fox with one switch on at a time")
+    parser.add_argument("--no-fla", action="store_true", help="leave out fla's rows even when fla is installed")
     parser.add_argument("--long", action="store_true", help="add fox at 1 x (batch x seq) tokens")
     parser.add_argument("--acp-log-tolerance", type=float, default=None,
                         help="add fox at 1 x (batch x seq) tokens with adaptive computation pruning at this tolerance")
@@ -292,7 +333,8 @@ def main(argv=None):
     torch.manual_seed(0)
     meta = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name() if device.type == "cuda"
                 else "cpu", torch=torch.__version__, triton=version("triton"), transformers=transformers.__version__,
-                liger_kernel=version("liger-kernel"))
+                liger_kernel=version("liger-kernel"), fla=version("flash-linear-attention"),
+                fla_core=version("fla-core"))
     print(json.dumps(meta), flush=True)
     started, results = time.perf_counter(), []
     wanted = [w.strip() for w in args.rows.split("|") if w.strip()]

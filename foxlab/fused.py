@@ -179,30 +179,33 @@ def _rms_norm_fwd_rows(X, R, GATE, W, Y, S, RSTD, tile, n_rows, n_groups, group_
 
 
 @_jit
-def _rms_norm_fwd_kernel(X, R, GATE, W, Y, S, RSTD, n_rows, n_groups, X2, W2, Y2, RSTD2, n_rows2, n_groups2,
-                         group_size, eps, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PAIR: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """`_rms_norm_fwd_rows` for X; with HAS_PAIR, programs (*, 1) normalize a second tensor X2 instead (q and k)."""
-    tile = tl.program_id(0)
-    if HAS_PAIR:
-        if tl.program_id(1) == 1:
-            _rms_norm_fwd_rows(X2, X2, X2, W2, Y2, X2, RSTD2, tile, n_rows2, n_groups2, group_size, eps, False, False,
-                               ACC, BLOCK_M, BLOCK_G, BLOCK_D)
-        else:
-            _rms_norm_fwd_rows(X, X, X, W, Y, X, RSTD, tile, n_rows, n_groups, group_size, eps, False, False,
-                               ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+def _rms_norm_fwd_kernel(X, R, GATE, W, Y, S, RSTD, n_rows, n_groups, group_size, eps, HAS_RESIDUAL: tl.constexpr,
+                         HAS_GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """`_rms_norm_fwd_rows` over X, one tile of rows per program."""
+    _rms_norm_fwd_rows(X, R, GATE, W, Y, S, RSTD, tl.program_id(0), n_rows, n_groups, group_size, eps, HAS_RESIDUAL,
+                       HAS_GATE, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+
+
+@_jit
+def _rms_norm_pair_fwd_kernel(X, W, Y, RSTD, n_rows, n_groups, X2, W2, Y2, RSTD2, n_rows2, n_groups2, group_size, eps,
+                              ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Two plain norms in one launch (q and k): programs (*, 0) normalize X, programs (*, 1) X2."""
+    if tl.program_id(1) == 1:
+        _rms_norm_fwd_rows(X2, X2, X2, W2, Y2, X2, RSTD2, tl.program_id(0), n_rows2, n_groups2, group_size, eps, False,
+                           False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
     else:
-        _rms_norm_fwd_rows(X, R, GATE, W, Y, S, RSTD, tile, n_rows, n_groups, group_size, eps, HAS_RESIDUAL, HAS_GATE,
+        _rms_norm_fwd_rows(X, X, X, W, Y, X, RSTD, tl.program_id(0), n_rows, n_groups, group_size, eps, False, False,
                            ACC, BLOCK_M, BLOCK_G, BLOCK_D)
 
 
 @_jit
 def _rms_norm_bwd_rows(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, program, n_rows, rows_per_program,
-                       n_groups, group_size, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+                       n_groups, group_size, dw_stride, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """dX (= dR with a residual) and dGATE for the rows of S (n_rows, n_groups, group_size) that ``program`` owns,
-    the module docstring's backward per group; its partial sum of dW goes to DW_PARTIAL[program] (n_groups x
-    group_size; zeros when it owns no rows)."""
+    the module docstring's backward per group; its partial sum of dW goes to row ``program`` of DW_PARTIAL (rows
+    ``dw_stride`` apart, n_groups x group_size of them used; zeros when it owns no rows)."""
     groups = tl.arange(0, BLOCK_G)
     cols = tl.arange(0, BLOCK_D)
     in_row = (groups[:, None] < n_groups) & (cols[None, :] < group_size)
@@ -232,26 +235,34 @@ def _rms_norm_bwd_rows(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, prog
             ds += tl.load(DS + offs, mask=mask, other=0.0).to(ACC)
             tl.store(DR + offs, ds.to(DR.dtype.element_ty), mask=mask)
         tl.store(DX + offs, ds.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + program * (n_groups * group_size) + w_offs, dw, mask=in_row)
+    tl.store(DW_PARTIAL + program * dw_stride + w_offs, dw, mask=in_row)
 
 
 @_jit
 def _rms_norm_bwd_kernel(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, n_rows, rows_per_program, n_groups,
-                         S2, W2, RSTD2, DY2, DX2, DW_PARTIAL2, n_rows2, rows_per_program2, n_groups2, group_size,
-                         HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PAIR: tl.constexpr, ACC: tl.constexpr,
+                         group_size, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """`_rms_norm_bwd_rows` for S; with HAS_PAIR, programs (*, 1) take the second tensor S2."""
-    program = tl.program_id(0)
-    if HAS_PAIR:
-        if tl.program_id(1) == 1:
-            _rms_norm_bwd_rows(S2, W2, S2, RSTD2, DY2, S2, DX2, S2, S2, DW_PARTIAL2, program, n_rows2,
-                               rows_per_program2, n_groups2, group_size, False, False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
-        else:
-            _rms_norm_bwd_rows(S, W, S, RSTD, DY, S, DX, S, S, DW_PARTIAL, program, n_rows, rows_per_program,
-                               n_groups, group_size, False, False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+    """`_rms_norm_bwd_rows` over S, one stretch of rows per program."""
+    _rms_norm_bwd_rows(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, tl.program_id(0), n_rows, rows_per_program,
+                       n_groups, group_size, n_groups * group_size, HAS_RESIDUAL, HAS_GATE, ACC, BLOCK_M, BLOCK_G,
+                       BLOCK_D)
+
+
+@_jit
+def _rms_norm_pair_bwd_kernel(S, W, RSTD, DY, DX, n_rows, rows_per_program, n_groups, S2, W2, RSTD2, DY2, DX2,
+                              n_rows2, rows_per_program2, n_groups2, DW_PARTIAL, group_size, ACC: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Backward of `_rms_norm_pair_fwd_kernel`. Row p of DW_PARTIAL holds program p's partial dW of X's weights and,
+    after them, of X2's: one sum over the rows gives both weights' gradients."""
+    n_w = n_groups * group_size
+    dw_stride = n_w + n_groups2 * group_size
+    if tl.program_id(1) == 1:
+        _rms_norm_bwd_rows(S2, W2, S2, RSTD2, DY2, S2, DX2, S2, S2, DW_PARTIAL + n_w, tl.program_id(0), n_rows2,
+                           rows_per_program2, n_groups2, group_size, dw_stride, False, False, ACC, BLOCK_M, BLOCK_G,
+                           BLOCK_D)
     else:
-        _rms_norm_bwd_rows(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, program, n_rows, rows_per_program,
-                           n_groups, group_size, HAS_RESIDUAL, HAS_GATE, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+        _rms_norm_bwd_rows(S, W, S, RSTD, DY, S, DX, S, S, DW_PARTIAL, tl.program_id(0), n_rows, rows_per_program,
+                           n_groups, group_size, dw_stride, False, False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
 
 
 def _norm_rows(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
@@ -261,21 +272,40 @@ def _norm_rows(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _norm_blocks(groups: int, group_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M rows, BLOCK_G >= groups, BLOCK_D >= group_size, num_warps) of one program of the norm kernels."""
+def _norm_meta(groups: int, group_size: int, acc: torch.dtype) -> dict:
+    """The norm kernels' compile-time arguments for rows of ``groups`` groups of ``group_size`` (cached: the same few
+    dicts every step): BLOCK_M rows, BLOCK_G >= groups, BLOCK_D >= group_size per program."""
     block_g, block_d = _next_pow2(groups), _next_pow2(group_size)
     block_m = max(1, _TILE_ELEMENTS // (block_g * block_d))
-    return block_m, block_g, block_d, 8 if block_m * block_g * block_d >= 8192 else 4
+    return dict(ACC=_tl_dtype(acc), BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_D=block_d,
+                num_warps=8 if block_m * block_g * block_d >= 8192 else 4)
+
+
+def _rows_per_program(rows: int, programs: int, block_m: int) -> int:
+    """Rows each program of a norm backward takes: a multiple of BLOCK_M, all ``rows`` covered."""
+    return _cdiv(_cdiv(rows, programs), block_m) * block_m
+
+
+def _weight_grads(dw_partial: torch.Tensor, *weights: torch.Tensor) -> list[torch.Tensor]:
+    """Each weight's gradient from the partial sums (programs, sum of the weights' sizes): one reduction for all."""
+    dw = dw_partial.sum(dim=0)
+    grads, start = [], 0
+    for w in weights:
+        grads.append(dw[start:start + w.numel()].view(w.shape).to(w.dtype))
+        start += w.numel()
+    return grads
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """Outputs: y; (y, s) with a residual; (y, y2) with a second tensor x2 (normalized in the same launch)."""
+    """One norm, optionally with the residual add before it and the gate after it. Outputs y, or (y, s) with a
+    residual."""
 
     @staticmethod
-    def forward(ctx, x, weight, residual, gate, x2, weight2, eps, out_dtype):
+    def forward(ctx, x, weight, residual, gate, eps, out_dtype):
         x = x.contiguous()
         rows, groups = _norm_rows(x, weight)
-        acc = _acc_dtype(x, weight, *((x2, weight2) if x2 is not None else ()))
+        acc = _acc_dtype(x, weight)
+        meta = _norm_meta(groups, weight.shape[-1], acc)
         y = torch.empty_like(x, dtype=out_dtype)
         rstd = x.new_empty((rows, groups), dtype=acc)
         s = x
@@ -284,61 +314,77 @@ class _RMSNormFunction(torch.autograd.Function):
             s = torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype))
         if gate is not None:
             gate = gate.contiguous()
-        pair = x2 is not None
-        rows2, groups2, y2, rstd2 = 0, 1, None, None
-        if pair:
-            x2 = x2.contiguous()
-            rows2, groups2 = _norm_rows(x2, weight2)
-            y2 = torch.empty_like(x2, dtype=out_dtype)
-            rstd2 = x2.new_empty((rows2, groups2), dtype=acc)
-        block_m, block_g, block_d, warps = _norm_blocks(max(groups, groups2), weight.shape[-1])
-        tiles = _cdiv(max(rows, rows2), block_m)
-        if tiles:
-            r_, g_, x2_, w2_, y2_, rstd2_ = _stand_in(x, residual, gate, x2, weight2, y2, rstd2)
-            _rms_norm_fwd_kernel[(tiles, 2 if pair else 1)](
-                x, r_, g_, weight, y, s, rstd, rows, groups, x2_, w2_, y2_, rstd2_, rows2, groups2, weight.shape[-1],
-                eps, HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None, HAS_PAIR=pair,
-                ACC=_tl_dtype(acc), BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=warps)
-        ctx.save_for_backward(s, weight, gate, rstd, x2, weight2, rstd2)
+        if rows:
+            _rms_norm_fwd_kernel[(_cdiv(rows, meta["BLOCK_M"]),)](
+                x, x if residual is None else residual, x if gate is None else gate, weight, y, s, rstd, rows, groups,
+                weight.shape[-1], eps, HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None, **meta)
+        ctx.save_for_backward(s, weight, gate, rstd)
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
-        if residual is not None:
-            return y, s
-        return (y, y2) if pair else y
+        return (y, s) if residual is not None else y
 
     @staticmethod
-    def backward(ctx, dy, d_second=None):
-        s, weight, gate, rstd, x2, weight2, rstd2 = ctx.saved_tensors
+    def backward(ctx, dy, ds=None):
+        s, weight, gate, rstd = ctx.saved_tensors
         x_dtype, r_dtype = ctx.dtypes
-        pair, has_residual = x2 is not None, r_dtype is not None
-        (rows, groups), (rows2, groups2) = rstd.shape, (rstd2.shape if pair else (0, 1))
-        ds = dy2 = dr = dgate = dx2 = dw_partial2 = None
-        if has_residual or pair:  # the second output's gradient; None when it did not reach the loss
-            d_second = (torch.zeros_like(x2 if pair else s) if d_second is None else d_second.contiguous())
-            ds, dy2 = (None, d_second) if pair else (d_second, None)
+        has_residual = r_dtype is not None
+        rows, groups = rstd.shape
+        meta = _norm_meta(groups, weight.shape[-1], rstd.dtype)
+        programs = _programs(_cdiv(rows, meta["BLOCK_M"]), s.device)
         dx = torch.empty_like(s, dtype=x_dtype)
-        if has_residual:
-            dr = torch.empty_like(s, dtype=r_dtype)
-        if gate is not None:
-            dgate = torch.empty_like(gate)
-        block_m, block_g, block_d, warps = _norm_blocks(max(groups, groups2), weight.shape[-1])
-        programs = _programs(_cdiv(max(rows, rows2), block_m), s.device)
-        new = torch.empty if rows or rows2 else torch.zeros  # every program writes its partial dW, rows or not
-        dw_partial = new((programs, weight.numel()), dtype=rstd.dtype, device=s.device)
-        if pair:
-            dx2 = torch.empty_like(x2)
-            dw_partial2 = new((programs, weight2.numel()), dtype=rstd.dtype, device=s.device)
+        dr = torch.empty_like(s, dtype=r_dtype) if has_residual else dx
+        if has_residual:  # the gradient reaching the sum s itself; None when s did not reach the loss
+            ds = torch.zeros_like(s) if ds is None else ds.contiguous()
+        dgate = torch.empty_like(gate) if gate is not None else None
+        # every program writes its partial dW, rows or not
+        dw_partial = (torch.empty if rows else torch.zeros)((programs, weight.numel()), dtype=rstd.dtype,
+                                                            device=s.device)
+        if rows:
+            _rms_norm_bwd_kernel[(programs,)](
+                s, weight, s if gate is None else gate, rstd, dy.contiguous(), s if ds is None else ds, dx, dr,
+                s if dgate is None else dgate, dw_partial, rows, _rows_per_program(rows, programs, meta["BLOCK_M"]),
+                groups, weight.shape[-1],
+                HAS_RESIDUAL=has_residual, HAS_GATE=gate is not None, **meta)
+        return dx, _weight_grads(dw_partial, weight)[0], dr if has_residual else None, dgate, None, None
+
+
+class _RMSNormPairFunction(torch.autograd.Function):
+    """Two plain norms (x with weight, x2 with weight2; one group size) in one launch each way. Outputs (y, y2)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, x2, weight2, eps, out_dtype):
+        x, x2 = x.contiguous(), x2.contiguous()
+        (rows, groups), (rows2, groups2) = _norm_rows(x, weight), _norm_rows(x2, weight2)
+        acc = _acc_dtype(x, weight, x2, weight2)
+        meta = _norm_meta(max(groups, groups2), weight.shape[-1], acc)
+        y, y2 = torch.empty_like(x, dtype=out_dtype), torch.empty_like(x2, dtype=out_dtype)
+        rstd, rstd2 = x.new_empty((rows, groups), dtype=acc), x2.new_empty((rows2, groups2), dtype=acc)
+        tiles = _cdiv(max(rows, rows2), meta["BLOCK_M"])
+        if tiles:
+            _rms_norm_pair_fwd_kernel[(tiles, 2)](x, weight, y, rstd, rows, groups, x2, weight2, y2, rstd2, rows2,
+                                                   groups2, weight.shape[-1], eps, **meta)
+        ctx.save_for_backward(x, weight, rstd, x2, weight2, rstd2)
+        return y, y2
+
+    @staticmethod
+    def backward(ctx, dy, dy2):
+        x, weight, rstd, x2, weight2, rstd2 = ctx.saved_tensors
+        (rows, groups), (rows2, groups2) = rstd.shape, rstd2.shape
+        meta = _norm_meta(max(groups, groups2), weight.shape[-1], rstd.dtype)
+        block_m = meta["BLOCK_M"]
+        programs = _programs(_cdiv(max(rows, rows2), block_m), x.device)
+        # a gradient that did not reach the loss comes as None: zeros (its rows still run, for their partial dW)
+        dy = torch.zeros_like(x) if dy is None else dy.contiguous()
+        dy2 = torch.zeros_like(x2) if dy2 is None else dy2.contiguous()
+        dx, dx2 = torch.empty_like(x), torch.empty_like(x2)
+        dw_partial = (torch.empty if rows or rows2 else torch.zeros)((programs, weight.numel() + weight2.numel()),
+                                                                     dtype=rstd.dtype, device=x.device)
         if rows or rows2:
-            per_program = [_cdiv(_cdiv(n, programs), block_m) * block_m for n in (rows, rows2)]
-            stand_ins = _stand_in(s, gate, ds, dr, dgate, x2, weight2, rstd2, dy2, dx2, dw_partial2)
-            g_, ds_, dr_, dgate_, x2_, w2_, rstd2_, dy2_, dx2_, dw2_ = stand_ins
-            _rms_norm_bwd_kernel[(programs, 2 if pair else 1)](
-                s, weight, g_, rstd, dy.contiguous(), ds_, dx, dr_, dgate_, dw_partial, rows, per_program[0], groups,
-                x2_, w2_, rstd2_, dy2_, dx2_, dw2_, rows2, per_program[1], groups2, weight.shape[-1],
-                HAS_RESIDUAL=has_residual, HAS_GATE=gate is not None, HAS_PAIR=pair, ACC=_tl_dtype(rstd.dtype),
-                BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=warps)
-        dw = dw_partial.sum(dim=0).view(weight.shape).to(weight.dtype)
-        dw2 = dw_partial2.sum(dim=0).view(weight2.shape).to(weight2.dtype) if pair else None
-        return dx, dw, dr, dgate, dx2, dw2, None, None
+            _rms_norm_pair_bwd_kernel[(programs, 2)](
+                x, weight, rstd, dy, dx, rows, _rows_per_program(rows, programs, block_m), groups, x2, weight2, rstd2,
+                dy2, dx2, rows2, _rows_per_program(rows2, programs, block_m), groups2, dw_partial, weight.shape[-1],
+                **meta)
+        dw, dw2 = _weight_grads(dw_partial, weight, weight2)
+        return dx, dw, dx2, dw2, None, None
 
 
 def _check_norm_input(x, weight, eps, x_name: str = "x", w_name: str = "weight") -> None:
@@ -378,7 +424,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: tor
     _same_shape("gate", gate, x)
     _check_triton(x, "rms_norm")
     out_dtype = out_dtype or _autocast_or(x, x.dtype)
-    return _RMSNormFunction.apply(x, weight.contiguous(), residual, gate, None, None, float(eps), out_dtype)
+    return _RMSNormFunction.apply(x, weight.contiguous(), residual, gate, float(eps), out_dtype)
 
 
 def rms_norm_pair(x: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor, eps: float, *,
@@ -392,7 +438,7 @@ def rms_norm_pair(x: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor, weigh
                          f"(heads, D) with one D, and x, x2 on one device ({x.device}, {x2.device})")
     _check_triton(x, "rms_norm_pair")
     out_dtype = out_dtype or _autocast_or(x, x.dtype)
-    return _RMSNormFunction.apply(x, weight.contiguous(), None, None, x2, weight2.contiguous(), float(eps), out_dtype)
+    return _RMSNormPairFunction.apply(x, weight.contiguous(), x2, weight2.contiguous(), float(eps), out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -732,6 +778,7 @@ def _chunked_loss(hidden, weight, targets, scale, ignore_index, chunk_size, comp
             if compute_grad:  # logits now hold their gradient
                 torch.mm(logits, w, out=dh[start:start + chunk_size])
                 dw = _add_weight_grad(dw, logits, h)
+            del logits  # freed before the next chunk's are allocated: one chunk of logits alive at a time, not two
     loss = torch.cat(losses).sum() * scale if losses else (torch.zeros((), device=hidden.device) * scale)
     return loss, dh, dw
 

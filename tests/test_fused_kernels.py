@@ -46,6 +46,19 @@ def test_rms_norm_pair(dtype):
         compare(fused.rms_norm_pair, ref_rms_norm_pair, tensors, TOL[dtype])
 
 
+def test_rms_norm_pair_with_one_output_unused():
+    """Only q's norm reaches the loss: k's gradients are zeros, q's those of rms_norm alone (float64, exact)."""
+    x, x2 = torch.randn(2, 5, 3, 16, dtype=torch.float64), torch.randn(2, 5, 1, 16, dtype=torch.float64)
+    w, w2 = (torch.randn(shape, dtype=torch.float64).requires_grad_() for shape in [(3, 16), (1, 16)])
+    x.requires_grad_(), x2.requires_grad_()
+    y, _ = fused.rms_norm_pair(x, w, x2, w2, 1e-5)
+    cotangent = torch.randn_like(y)
+    torch.autograd.backward(y, cotangent)
+    expected = torch.autograd.grad(ref_rms_norm(x, w, 1e-5), (x, w), cotangent)
+    torch.testing.assert_close((x.grad, w.grad), expected, rtol=0, atol=1e-12)
+    assert not x2.grad.any() and not w2.grad.any()
+
+
 def test_rms_norm_residual_in_float32_branch_in_float64():
     """The block's case: a float32 residual stream plus a branch of another dtype; the sum keeps the wider one."""
     x, r = torch.randn(5, 40, dtype=torch.float64), torch.randn(5, 40)
