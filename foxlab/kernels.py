@@ -891,12 +891,14 @@ _DECODE_MAX_ROWS = 64
 # this many per multiprocessor.
 _PREFILL_SPLIT_WAVES = 2
 # ... and while its (query, head) rows per kv head stay this few: beyond, the split kernel's row tiles lose to the
-# blocked kernel (H200 chunked-prefill table, BENCHMARKS.md: Tq x GROUP of 512 and 1024 rows ran 1.2-2.2x slower).
-_PREFILL_SPLIT_MAX_ROWS = 256
-# The split kernel runs at least this many programs per multiprocessor and at most _SPLIT_MAX_KEYS keys per
-# program, with at most _MAX_SPLITS slices of the keys (H200 sweep, benchmarks/NOTES.md); the last program of a
-# tile merges them _COMBINE_ELEMENTS (splits x rows x head dim) at a time.
-_SPLIT_PROGRAMS_PER_SM = 1
+# blocked kernel (H200 chunked-prefill table, BENCHMARKS.md: 512 rows of one head won, 0.7-0.75x the blocked
+# kernel's time; 1024 and 2048 rows of 4-head groups lost, 1.8-2.1x).
+_PREFILL_SPLIT_MAX_ROWS = 512
+# The split kernel fills _SPLIT_PROGRAMS_PER_SM program slots per multiprocessor (half as many with 64-row tiles)
+# without spilling into a partial wave, and reads at most _SPLIT_MAX_KEYS keys per program, with at most
+# _MAX_SPLITS slices of the keys (H200 sweeps, benchmarks/NOTES.md); the splits are merged _COMBINE_ELEMENTS
+# (splits x rows x head dim) at a time.
+_SPLIT_PROGRAMS_PER_SM = 2
 _SPLIT_MAX_KEYS = 2048
 _MAX_SPLITS = 32
 _COMBINE_ELEMENTS = 4096
@@ -1013,7 +1015,7 @@ def _split_forward(q, k, v, c, c_scale, key_lo, threshold2, scale):
     def launch(cfg):
         block_m = min(max(cfg.block_m, triton.next_power_of_2(n_rows)), _DECODE_MAX_ROWS)
         row_tiles = triton.cdiv(n_rows, block_m)
-        splits, keys_per_split = _decode_splits(B * Hkv * row_tiles, Tk, cfg.block_n, q.device)
+        splits, keys_per_split = _decode_splits(B * Hkv * row_tiles, Tk, cfg.block_n, block_m, q.device)
         block_s = triton.next_power_of_2(splits)
         combine_rows = max(1, min(block_m, _COMBINE_ELEMENTS // (block_s * meta["BLOCK_D"])))
         last_merges = triton.cdiv(min(block_m, n_rows), combine_rows) <= _LAST_MERGES_MAX_STEPS
@@ -1087,13 +1089,14 @@ def _pruning_bounds(side: str, c2, visibility, threshold2, Tq: int, cfg: _Kernel
     return bounds
 
 
-def _decode_splits(programs: int, Tk: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """Split the keys so that at least _SPLIT_PROGRAMS_PER_SM programs run per multiprocessor and none reads more
-    than _SPLIT_MAX_KEYS keys (long caches stream faster from more programs), at most _MAX_SPLITS slices; return
-    (splits, keys per split)."""
+def _decode_splits(programs: int, Tk: int, block_n: int, block_m: int, device: torch.device) -> tuple[int, int]:
+    """Split the keys of each of ``programs`` row tiles into as many slices as fill the GPU's program slots without
+    a partial wave after them (_SPLIT_PROGRAMS_PER_SM per multiprocessor, half for 64-row tiles: 144 programs on
+    132 SMs ran slower than 128), and at least so many that none reads more than _SPLIT_MAX_KEYS keys (long caches
+    stream faster from more programs); at most _MAX_SPLITS. Return (splits, keys per split)."""
     blocks = triton.cdiv(Tk, block_n)
-    wanted = max(triton.cdiv(_SPLIT_PROGRAMS_PER_SM * _multiprocessors(device), programs),
-                 triton.cdiv(Tk, _SPLIT_MAX_KEYS))
+    per_sm = _SPLIT_PROGRAMS_PER_SM if block_m < _DECODE_MAX_ROWS else max(1, _SPLIT_PROGRAMS_PER_SM // 2)
+    wanted = max(per_sm * _multiprocessors(device) // programs, triton.cdiv(Tk, _SPLIT_MAX_KEYS))
     per_split = triton.cdiv(blocks, max(1, min(blocks, wanted, _MAX_SPLITS))) * block_n
     return triton.cdiv(Tk, per_split), per_split
 
