@@ -300,9 +300,12 @@ DECODE_SHAPES = [(1, 4096, 16, 16, 128), (8, 8192, 32, 8, 128), (1, 32768, 16, 1
 # Chunked prefill: Tq new tokens against a cache of Tk, per (B, H, Hkv, D).
 PREFILL_HEADS = [(1, 16, 16, 128), (2, 32, 8, 64)]
 PREFILL_TQ, PREFILL_TK = (16, 64, 256, 512), (8192, 32768)
-# --decode-sweep: split-kernel candidates (programs per SM, BLOCK_N, num_warps, num_stages).
-DECODE_CANDIDATES = [(p, *cfg) for p in (1, 2, 4) for cfg in ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3),
-                                                             (32, 4, 3))]
+# --decode-sweep: split-kernel candidates (programs per SM, BLOCK_N, num_warps, num_stages) at the decode shapes;
+# at the prefill shapes, programs per SM x who merges the splits (the last program of a tile: in at most 1 step or
+# in any number; _LAST_MERGES_MAX_STEPS).
+DECODE_CANDIDATES = [(1, 64, 4, 3), (2, 64, 4, 3), (4, 64, 4, 3), (1, 128, 4, 3), (2, 128, 4, 3), (2, 64, 4, 4)]
+SWEEP_PREFILL_SHAPES = [(1, 16, 8192, 16, 16, 128), (1, 64, 32768, 16, 16, 128), (2, 16, 8192, 32, 8, 64),
+                        (2, 64, 8192, 32, 8, 64)]
 
 
 def cache_inputs(B, Tq, Tk, H, Hkv, D):
@@ -355,45 +358,55 @@ def run_decode():
 
 def run_prefill():
     """Chunked prefill: Tq new queries against Tk cached keys (the last Tq of them theirs), foxlab from the cache's c
-    (its choice of kernel, and the blocked forward forced), SDPA with a lower-right causal mask."""
-    print("| (B, Tq, Tk, H, Hkv, D) | foxlab us | x SDPA time | foxlab blocked fwd us | SDPA (no gate) us |")
-    print("|---" * 5 + "|")
+    (its choice of kernel; the split-key and the blocked forward each forced), SDPA with a lower-right causal mask."""
+    print("| (B, Tq, Tk, H, Hkv, D) | foxlab us | x SDPA time | split fwd us | blocked fwd us | SDPA (no gate) us |")
+    print("|---" * 6 + "|")
+    wanted = kernels._split_wanted
     for B, H, Hkv, D in PREFILL_HEADS:
         for Tk in PREFILL_TK:
             for Tq in PREFILL_TQ:
                 q, k, v, c, _ = cache_inputs(B, Tq, Tk, H, Hkv, D)
                 fox = foxlab_cache_ms(q, k, v, c)
-                waves, rows = kernels._PREFILL_SPLIT_WAVES, kernels._DECODE_MAX_ROWS
-                kernels._PREFILL_SPLIT_WAVES, kernels._DECODE_MAX_ROWS = 0, 0
-                blocked = foxlab_cache_ms(q, k, v, c)
-                kernels._PREFILL_SPLIT_WAVES, kernels._DECODE_MAX_ROWS = waves, rows
+                forced = {"split" if wanted(q, k) else "blocked": fox}
+                for kernel, choice in (("split", True), ("blocked", False)):
+                    if kernel not in forced:
+                        kernels._split_wanted = lambda q, k: choice
+                        forced[kernel] = foxlab_cache_ms(q, k, v, c)
+                kernels._split_wanted = wanted
                 sdpa = sdpa_cache_ms(q, k, v)
-                print(f"| {(B, Tq, Tk, H, Hkv, D)} | {fox * 1e3:.1f} | {fox / sdpa:.2f} | {blocked * 1e3:.1f} | "
-                      f"{sdpa * 1e3:.1f} |", flush=True)
+                print(f"| {(B, Tq, Tk, H, Hkv, D)} | {fox * 1e3:.1f} | {fox / sdpa:.2f} | {forced['split'] * 1e3:.1f} "
+                      f"| {forced['blocked'] * 1e3:.1f} | {sdpa * 1e3:.1f} |", flush=True)
                 del q, k, v, c
 
 
 def sweep_decode():
-    """Time the split kernel's candidate configurations at each decode shape (and two prefill ones); print them
-    fastest first."""
-    shapes = [(B, 1, Tk, H, Hkv, D) for B, Tk, H, Hkv, D in DECODE_SHAPES] + [(1, 64, 32768, 16, 16, 128),
-                                                                            (2, 16, 8192, 32, 8, 64)]
-    default = kernels._SPLIT_PROGRAMS_PER_SM
-    for shape in shapes:
+    """Time the split kernel's candidate settings (DECODE_CANDIDATES) at each decode and sweep prefill shape; print
+    them fastest first."""
+    defaults = kernels._SPLIT_PROGRAMS_PER_SM, kernels._LAST_MERGES_MAX_STEPS
+    wanted = kernels._split_wanted
+    kernels._split_wanted = lambda q, k: True
+    decode_shapes = [(B, 1, Tk, H, Hkv, D) for B, Tk, H, Hkv, D in DECODE_SHAPES]
+    for shape in decode_shapes + SWEEP_PREFILL_SHAPES:
         q, k, v, c, _ = cache_inputs(*shape)
         times = {}
-        for per_sm, *cfg in DECODE_CANDIDATES:
-            kernels._SPLIT_PROGRAMS_PER_SM = per_sm
-            kernels._CONFIG_OVERRIDES["decode"] = kernels._KernelConfig(16, *cfg)
+        if shape in decode_shapes:
+            settings = [(per_sm, defaults[1], cfg) for per_sm, *cfg in DECODE_CANDIDATES]
+        else:
+            settings = [(per_sm, steps, None) for per_sm in (1, 2) for steps in (1, 1000)]
+        for per_sm, steps, cfg in settings:
+            kernels._SPLIT_PROGRAMS_PER_SM, kernels._LAST_MERGES_MAX_STEPS = per_sm, steps
+            if cfg is not None:
+                kernels._CONFIG_OVERRIDES["decode"] = kernels._KernelConfig(16, *cfg)
             try:
-                times[(per_sm, *cfg)] = foxlab_cache_ms(q, k, v, c)
+                times[(per_sm, steps, *(cfg or ()))] = foxlab_cache_ms(q, k, v, c)
             except Exception as e:
-                print(f"  {shape} {(per_sm, *cfg)}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                print(f"  {shape} {(per_sm, steps, cfg)}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            kernels._CONFIG_OVERRIDES.pop("decode", None)
         ranked = sorted(times.items(), key=lambda kv: kv[1])
-        print(f"decode sweep {shape} (per SM, BLOCK_N, warps, stages): "
+        print(f"decode sweep {shape} (per SM, last-merge steps[, BLOCK_N, warps, stages]): "
               + ", ".join(f"{c}: {t * 1e3:.1f}" for c, t in ranked), flush=True)
-    kernels._SPLIT_PROGRAMS_PER_SM = default
-    kernels._CONFIG_OVERRIDES.pop("decode", None)
+    kernels._SPLIT_PROGRAMS_PER_SM, kernels._LAST_MERGES_MAX_STEPS = defaults
+    kernels._split_wanted = wanted
 
 
 def print_table(rows):

@@ -276,13 +276,17 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE,
 def _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, stride_kt, stride_vt, stride_ct, Tk,
                  qk_scale, c_scale, start, end, offs_n, offs_d,
                  CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_HEAD: tl.constexpr):
     """Online softmax of packed rows (each its own head's prefix sums, C + c_rows[r] + key * stride_ct, scaled to
-    base 2 by c_scale after the difference) over key blocks [start, end). Only CAUSAL blocks can run past Tk."""
+    base 2 by c_scale after the difference) over key blocks [start, end). Only CAUSAL blocks can run past Tk.
+    ONE_HEAD (GROUP 1: every row of the tile is the same head): c_rows is one offset, and each key's c is loaded
+    once and broadcast to the rows instead of once per row."""
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
-        if CAUSAL:
+        if ONE_HEAD:
+            c_k = _load_vec(C + c_rows + keys * stride_ct, keys, Tk, 0.0, CAUSAL)[None, :]
+        elif CAUSAL:
             c_k = tl.load(C + c_rows[:, None] + keys[None, :] * stride_ct, mask=keys[None, :] < Tk, other=0.0)
         else:
             c_k = tl.load(C + c_rows[:, None] + keys[None, :] * stride_ct)
@@ -349,7 +353,8 @@ def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE, O_PART, LSE_PART, COUNT
                       H, Tq, Tk, qk_scale, c_scale, keys_per_split,
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, COMBINE_ROWS: tl.constexpr):
+                      DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, COMBINE_ROWS: tl.constexpr,
+                      LAST_MERGES: tl.constexpr):
     """Split-key forward (flash-decoding) for decoding and chunked prefill: the Tq query rows of the GROUP heads that
     share one kv head are packed (row r: query r // GROUP, head r % GROUP of the group), BLOCK_M rows per tile, and
     each program takes one tile against one slice of keys_per_split keys. Grid (splits, row tiles, B * Hkv).
@@ -357,9 +362,10 @@ def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE, O_PART, LSE_PART, COUNT
     Packing reads K and V once per group instead of once per head; splitting the keys fills the GPU when the rows
     are few. C holds the prefix sums at any strides, natural (c_scale = log2 e) or base 2 (c_scale = 1), so a
     decoding cache's c is read in place. With one split a program writes O and the lse; otherwise it writes a
-    normalized partial O_s and its lse_s, and the last program of its tile to finish (an atomic counter, which it
-    resets to 0 for the next call) merges the splits. With PRUNE a split starts at its first key block that some row
-    keeps (an all-pruned split reads nothing and contributes weight 0).
+    normalized partial O_s and its lse_s, and with LAST_MERGES the last program of its tile to finish (an atomic
+    counter, which it resets to 0 for the next call) merges the splits; without, `_combine_kernel` does, after this
+    kernel (tiles of many rows: one program would merge them serially). With PRUNE a split starts at its first key
+    block that some row keeps (an all-pruned split reads nothing and contributes weight 0).
     """
     split = tl.program_id(0)
     row_tile = tl.program_id(1)
@@ -384,6 +390,10 @@ def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE, O_PART, LSE_PART, COUNT
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :], mask=q_mask,
                 other=0.0)
     c_rows = b * stride_cb + h * stride_ch
+    if GROUP == 1:  # one head per tile: its keys' c are loaded once, not once per row
+        c_keys = b * stride_cb + hk * stride_ch
+    else:
+        c_keys = c_rows
     q_pos = offset + t
     c_q = tl.load(C + c_rows + q_pos * stride_ct)
     t_first = r_start // GROUP
@@ -407,12 +417,12 @@ def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE, O_PART, LSE_PART, COUNT
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = _initial_max(BLOCK_M)
-    acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, stride_kt, stride_vt,
+    acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_keys, stride_kt, stride_vt,
                                  stride_ct, Tk, qk_scale, c_scale, start, mid, offs_n, offs_d, False, MASK_LO, PRUNE,
-                                 HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, stride_kt, stride_vt,
+                                 HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, GROUP == 1)
+    acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_keys, stride_kt, stride_vt,
                                  stride_ct, Tk, qk_scale, c_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE,
-                                 HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                                 HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, GROUP == 1)
 
     # A row with no visible key has l = 0: it returns 0 (weight 0 among splits), and a finite lse.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -424,13 +434,30 @@ def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE, O_PART, LSE_PART, COUNT
         part = (split * n_bhk + bhk) * n_rows + rows  # O_PART: (splits, B * Hkv, GROUP * Tq, D)
         tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=q_mask)
         tl.store(LSE_PART + part, lse, mask=valid)
-        tl.debug_barrier()  # every thread's partial is written before the counter says so (release, gpu scope)
-        counter = COUNTER + bhk * tl.num_programs(1) + row_tile
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            tl.store(counter, 0)
-            _combine_splits(O_PART, LSE_PART, O, LSE, b, hk, bhk, r_start, tl.minimum(r_start + BLOCK_M, n_rows),
-                            n_bhk, n_rows, num_splits, offs_d, stride_ob, stride_ot, stride_oh, H, Tq, GROUP,
-                            HEAD_DIM, BLOCK_D, BLOCK_S, COMBINE_ROWS)
+        if LAST_MERGES:
+            tl.debug_barrier()  # every thread's partial is written before the counter says so (release, gpu scope)
+            counter = COUNTER + bhk * tl.num_programs(1) + row_tile
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                tl.store(counter, 0)
+                r_end = tl.minimum(r_start + BLOCK_M, n_rows)
+                _combine_splits(O_PART, LSE_PART, O, LSE, b, hk, bhk, r_start, r_end, n_bhk, n_rows, num_splits,
+                                offs_d, stride_ob, stride_ot, stride_oh, H, Tq, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S,
+                                COMBINE_ROWS)
+
+
+@_jit
+def _combine_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_ot, stride_oh, H, Tq, num_splits,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                    COMBINE_ROWS: tl.constexpr):
+    """The split kernel's merge (`_combine_splits`) as its own launch, for tiles too tall for one program to merge
+    quickly: COMBINE_ROWS packed rows of one kv head per program. Grid (cdiv(GROUP * Tq, COMBINE_ROWS), B * Hkv)."""
+    bhk = tl.program_id(1).to(tl.int64)
+    n_rows = GROUP * Tq
+    r_start = tl.program_id(0) * COMBINE_ROWS
+    _combine_splits(O_PART, LSE_PART, O, LSE, bhk // (H // GROUP), bhk % (H // GROUP), bhk, r_start,
+                    tl.minimum(r_start + COMBINE_ROWS, n_rows), tl.num_programs(1), n_rows, num_splits,
+                    tl.arange(0, BLOCK_D), stride_ob, stride_ot, stride_oh, H, Tq, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S,
+                    COMBINE_ROWS)
 
 
 @_jit
@@ -881,15 +908,21 @@ _DECODE_MAX_ROWS = 64
 # this many per multiprocessor.
 _PREFILL_SPLIT_WAVES = 2
 # ... and while its (query, head) rows per kv head stay this few: beyond, the split kernel's row tiles lose to the
-# blocked kernel (H200 chunked-prefill table, BENCHMARKS.md: Tq x GROUP of 512 and 1024 rows ran 1.2-2.2x slower).
-_PREFILL_SPLIT_MAX_ROWS = 256
-# The split kernel runs at least this many programs per multiprocessor and at most _SPLIT_MAX_KEYS keys per
-# program, with at most _MAX_SPLITS slices of the keys (H200 sweep, benchmarks/NOTES.md); the last program of a
-# tile merges them _COMBINE_ELEMENTS (splits x rows x head dim) at a time.
-_SPLIT_PROGRAMS_PER_SM = 1
+# blocked kernel (H200 chunked-prefill table, BENCHMARKS.md: 512 rows of one head won, 0.7-0.75x the blocked
+# kernel's time; 1024 and 2048 rows of 4-head groups lost, 1.8-2.1x).
+_PREFILL_SPLIT_MAX_ROWS = 512
+# The split kernel fills _SPLIT_PROGRAMS_PER_SM program slots per multiprocessor (half as many with 64-row tiles)
+# without spilling into a partial wave, and reads at most _SPLIT_MAX_KEYS keys per program, with at most
+# _MAX_SPLITS slices of the keys (H200 sweeps, benchmarks/NOTES.md); the splits are merged _COMBINE_ELEMENTS
+# (splits x rows x head dim) at a time.
+_SPLIT_PROGRAMS_PER_SM = 2
 _SPLIT_MAX_KEYS = 2048
 _MAX_SPLITS = 32
 _COMBINE_ELEMENTS = 4096
+# The last program of a row tile merges its splits only while that takes at most this many of those steps (decoding's
+# few rows); taller tiles are merged by `_combine_kernel` across the GPU (one program merging 64 rows x 9 splits
+# serially, one L2 round trip per 2 rows, was most of chunked prefill's time: benchmarks/NOTES.md).
+_LAST_MERGES_MAX_STEPS = 1
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 # Positions per step of the gate's prefix sums (one program per batch row and head).
 _GATE_BLOCK = 1024
@@ -999,20 +1032,25 @@ def _split_forward(q, k, v, c, c_scale, key_lo, threshold2, scale):
     def launch(cfg):
         block_m = min(max(cfg.block_m, triton.next_power_of_2(n_rows)), _DECODE_MAX_ROWS)
         row_tiles = triton.cdiv(n_rows, block_m)
-        splits, keys_per_split = _decode_splits(B * Hkv * row_tiles, Tk, cfg.block_n, q.device)
+        splits, keys_per_split = _decode_splits(B * Hkv * row_tiles, Tk, cfg.block_n, block_m, q.device)
+        block_s = triton.next_power_of_2(splits)
+        combine_rows = max(1, min(block_m, _COMBINE_ELEMENTS // (block_s * meta["BLOCK_D"])))
+        last_merges = triton.cdiv(min(block_m, n_rows), combine_rows) <= _LAST_MERGES_MAX_STEPS
+        o_part, lse_part, counters = o, lse, lse  # placeholders where the kernel does not read them
         if splits > 1:
             o_part = torch.empty(splits, B * Hkv, n_rows, D, dtype=torch.float32, device=q.device)
             lse_part = torch.empty(splits, B * Hkv, n_rows, dtype=torch.float32, device=q.device)
-            counters = _split_counters(B * Hkv * row_tiles, q.device)
-        else:  # never read: each program writes O itself
-            o_part, lse_part, counters = o, lse, lse
-        block_s = triton.next_power_of_2(splits)
-        combine_rows = max(1, min(block_m, _COMBINE_ELEMENTS // (block_s * meta["BLOCK_D"])))
+            counters = _split_counters(B * Hkv * row_tiles, q.device) if last_merges else lse
         _fwd_split_kernel[(splits, row_tiles, B * Hkv)](
             q, k, v, c, _or(key_lo, c), _or(threshold2, c), o, lse, o_part, lse_part, counters,
             *_strides(q), *_strides(k), *_strides(v), *c.stride(), *o.stride()[:3], *_strides(key_lo, 2),
             H, Tq, Tk, scale * LOG2E, c_scale, keys_per_split, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-            BLOCK_S=block_s, COMBINE_ROWS=combine_rows, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+            BLOCK_S=block_s, COMBINE_ROWS=combine_rows, LAST_MERGES=last_merges, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **meta)
+        if splits > 1 and not last_merges:
+            _combine_kernel[(triton.cdiv(n_rows, combine_rows), B * Hkv)](
+                o_part, lse_part, o, lse, *o.stride()[:3], H, Tq, splits, GROUP=meta["GROUP"], HEAD_DIM=D,
+                BLOCK_D=meta["BLOCK_D"], BLOCK_S=block_s, COMBINE_ROWS=combine_rows)
 
     _launch("decode", q, meta["BLOCK_D"], launch)
     return o, lse
@@ -1074,13 +1112,14 @@ def _pruning_bounds(side: str, c2, visibility, threshold2, Tq: int, cfg: _Kernel
     return bounds
 
 
-def _decode_splits(programs: int, Tk: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """Split the keys so that at least _SPLIT_PROGRAMS_PER_SM programs run per multiprocessor and none reads more
-    than _SPLIT_MAX_KEYS keys (long caches stream faster from more programs), at most _MAX_SPLITS slices; return
-    (splits, keys per split)."""
+def _decode_splits(programs: int, Tk: int, block_n: int, block_m: int, device: torch.device) -> tuple[int, int]:
+    """Split the keys of each of ``programs`` row tiles into as many slices as fill the GPU's program slots without
+    a partial wave after them (_SPLIT_PROGRAMS_PER_SM per multiprocessor, half for 64-row tiles: 144 programs on
+    132 SMs ran slower than 128), and at least so many that none reads more than _SPLIT_MAX_KEYS keys (long caches
+    stream faster from more programs); at most _MAX_SPLITS. Return (splits, keys per split)."""
     blocks = triton.cdiv(Tk, block_n)
-    wanted = max(triton.cdiv(_SPLIT_PROGRAMS_PER_SM * _multiprocessors(device), programs),
-                 triton.cdiv(Tk, _SPLIT_MAX_KEYS))
+    per_sm = _SPLIT_PROGRAMS_PER_SM if block_m < _DECODE_MAX_ROWS else max(1, _SPLIT_PROGRAMS_PER_SM // 2)
+    wanted = max(per_sm * _multiprocessors(device) // programs, triton.cdiv(Tk, _SPLIT_MAX_KEYS))
     per_split = triton.cdiv(blocks, max(1, min(blocks, wanted, _MAX_SPLITS))) * block_n
     return triton.cdiv(Tk, per_split), per_split
 

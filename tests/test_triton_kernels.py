@@ -189,6 +189,26 @@ def test_split_kernel_for_any_rows(monkeypatch, Tq, Tk, Hkv):
         assert max(rel_err(a, b) for a, b in zip(ours, ref)) <= 1e-4
 
 
+@pytest.mark.parametrize("merge_steps,merge_elements", [(0, 128), (100, 128)],
+                         ids=["combine_kernel", "last_program_in_steps"])
+def test_split_kernel_merges(monkeypatch, merge_steps, merge_elements):
+    """The splits' merge either way: `_combine_kernel` after the split kernel, or the last program of a tile in
+    several steps (128 elements: 2 rows x 4 splits x head dim 16 per step); a group of one head and of two, a
+    padded row tile, left padding (a row that sees no key). Forward only: the merge has no backward of its own."""
+    monkeypatch.setattr(kernels, "_split_wanted", lambda q, k: True)
+    monkeypatch.setattr(kernels, "_SPLIT_PROGRAMS_PER_SM", 4)
+    monkeypatch.setattr(kernels, "_LAST_MERGES_MAX_STEPS", merge_steps)
+    monkeypatch.setattr(kernels, "_COMBINE_ELEMENTS", merge_elements)
+    for Tq, H, Hkv in ((9, 4, 2), (21, 2, 2)):
+        q, k, v, log_f = make_inputs(2, Tq, 70, H, Hkv, 16)
+        c = log_f.cumsum(1).transpose(1, 2).contiguous().transpose(1, 2)
+        seq_start = torch.tensor([0, 65])
+        out = forgetting_attention(q, k, v, log_fgate_cumsum=c, backend="triton", seq_start=seq_start)
+        ref = forgetting_attention_reference(q.double(), k.double(), v.double(), log_f.double(), seq_start=seq_start)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) <= 1e-4
+
+
 def test_dispatch():
     q, k, v, log_f = make_inputs(1, 5, 5, 2, 2, 16)
     # "auto" on CPU tensors stays on the torch path, float64 included; "triton" refuses float64.
