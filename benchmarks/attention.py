@@ -361,7 +361,7 @@ def run_prefill():
     (its choice of kernel; the split-key and the blocked forward each forced), SDPA with a lower-right causal mask."""
     print("| (B, Tq, Tk, H, Hkv, D) | foxlab us | x SDPA time | split fwd us | blocked fwd us | SDPA (no gate) us |")
     print("|---" * 6 + "|")
-    wanted = kernels._split_wanted
+    wanted = kernels.split._split_wanted
     for B, H, Hkv, D in PREFILL_HEADS:
         for Tk in PREFILL_TK:
             for Tq in PREFILL_TQ:
@@ -370,9 +370,9 @@ def run_prefill():
                 forced = {"split" if wanted(q, k) else "blocked": fox}
                 for kernel, choice in (("split", True), ("blocked", False)):
                     if kernel not in forced:
-                        kernels._split_wanted = lambda q, k: choice
+                        kernels.split._split_wanted = lambda q, k: choice
                         forced[kernel] = foxlab_cache_ms(q, k, v, c)
-                kernels._split_wanted = wanted
+                kernels.split._split_wanted = wanted
                 sdpa = sdpa_cache_ms(q, k, v)
                 print(f"| {(B, Tq, Tk, H, Hkv, D)} | {fox * 1e3:.1f} | {fox / sdpa:.2f} | {forced['split'] * 1e3:.1f} "
                       f"| {forced['blocked'] * 1e3:.1f} | {sdpa * 1e3:.1f} |", flush=True)
@@ -382,9 +382,9 @@ def run_prefill():
 def sweep_decode():
     """Time the split kernel's candidate settings (DECODE_CANDIDATES) at each decode and sweep prefill shape; print
     them fastest first."""
-    defaults = kernels._SPLIT_PROGRAMS_PER_SM, kernels._LAST_MERGES_MAX_STEPS
-    wanted = kernels._split_wanted
-    kernels._split_wanted = lambda q, k: True
+    defaults = kernels.split._SPLIT_PROGRAMS_PER_SM, kernels.split._LAST_MERGES_MAX_STEPS
+    wanted = kernels.split._split_wanted
+    kernels.split._split_wanted = lambda q, k: True
     decode_shapes = [(B, 1, Tk, H, Hkv, D) for B, Tk, H, Hkv, D in DECODE_SHAPES]
     for shape in decode_shapes + SWEEP_PREFILL_SHAPES:
         q, k, v, c, _ = cache_inputs(*shape)
@@ -394,19 +394,19 @@ def sweep_decode():
         else:
             settings = [(per_sm, steps, None) for per_sm in (1, 2) for steps in (1, 1000)]
         for per_sm, steps, cfg in settings:
-            kernels._SPLIT_PROGRAMS_PER_SM, kernels._LAST_MERGES_MAX_STEPS = per_sm, steps
+            kernels.split._SPLIT_PROGRAMS_PER_SM, kernels.split._LAST_MERGES_MAX_STEPS = per_sm, steps
             if cfg is not None:
-                kernels._CONFIG_OVERRIDES["decode"] = kernels._KernelConfig(16, *cfg)
+                kernels.common._CONFIG_OVERRIDES["decode"] = kernels.common._KernelConfig(16, *cfg)
             try:
                 times[(per_sm, steps, *(cfg or ()))] = foxlab_cache_ms(q, k, v, c)
             except Exception as e:
                 print(f"  {shape} {(per_sm, steps, cfg)}: {type(e).__name__}: {str(e)[:100]}", flush=True)
-            kernels._CONFIG_OVERRIDES.pop("decode", None)
+            kernels.common._CONFIG_OVERRIDES.pop("decode", None)
         ranked = sorted(times.items(), key=lambda kv: kv[1])
         print(f"decode sweep {shape} (per SM, last-merge steps[, BLOCK_N, warps, stages]): "
               + ", ".join(f"{c}: {t * 1e3:.1f}" for c, t in ranked), flush=True)
-    kernels._SPLIT_PROGRAMS_PER_SM, kernels._LAST_MERGES_MAX_STEPS = defaults
-    kernels._split_wanted = wanted
+    kernels.split._SPLIT_PROGRAMS_PER_SM, kernels.split._LAST_MERGES_MAX_STEPS = defaults
+    kernels.split._split_wanted = wanted
 
 
 def print_table(rows):
@@ -445,15 +445,15 @@ def tune():
         q, k, v, log_f = make_inputs(B, T, H, D)
         scale = D ** -0.5
         c2 = (log_f.cumsum(1) * kernels.LOG2E).transpose(1, 2).contiguous()
-        o, lse = kernels._triton_forward(q, k, v, c2, None, None, scale)
+        o, lse = kernels.blocked._triton_forward(q, k, v, c2, None, None, scale)
         d_out = torch.randn_like(o)
-        calls = {"fwd": lambda: kernels._triton_forward(q, k, v, c2, None, None, scale),
-                 "dkdv": lambda: kernels._triton_backward(d_out, q, k, v, c2, o, lse, None, None, None, scale),
-                 "dq": lambda: kernels._triton_backward(d_out, q, k, v, c2, o, lse, None, None, None, scale)}
+        calls = {"fwd": lambda: kernels.blocked._triton_forward(q, k, v, c2, None, None, scale),
+                 "dkdv": lambda: kernels.blocked._triton_backward(d_out, q, k, v, c2, o, lse, None, None, None, scale),
+                 "dq": lambda: kernels.blocked._triton_backward(d_out, q, k, v, c2, o, lse, None, None, None, scale)}
         for kind in ("fwd", "dkdv", "dq"):  # the whole backward is timed; dq with the best dkdv pinned
             times = {}
             for cand in TUNE_CANDIDATES[(kind, D)]:
-                kernels._CONFIG_OVERRIDES[kind] = kernels._KernelConfig(*cand)
+                kernels.common._CONFIG_OVERRIDES[kind] = kernels.common._KernelConfig(*cand)
                 try:
                     times[cand] = bench(calls[kind])
                 except Exception as e:
@@ -461,8 +461,8 @@ def tune():
             ranked = sorted(times.items(), key=lambda kv: kv[1])
             print(f"D={D} {kind} {(B, T, H, D)}: " + ", ".join(f"{c}: {t:.3f}" for c, t in ranked), flush=True)
             best[(kind, D)] = ranked[0][0]
-            kernels._CONFIG_OVERRIDES[kind] = kernels._KernelConfig(*ranked[0][0])
-        kernels._CONFIG_OVERRIDES.clear()
+            kernels.common._CONFIG_OVERRIDES[kind] = kernels.common._KernelConfig(*ranked[0][0])
+        kernels.common._CONFIG_OVERRIDES.clear()
     return best
 
 
@@ -501,10 +501,10 @@ def main():
         if best:  # the tuned tiles of this head dim
             for (kind, D), cand in best.items():
                 if D == shape[3]:
-                    kernels._CONFIG_OVERRIDES[kind] = kernels._KernelConfig(*cand)
+                    kernels.common._CONFIG_OVERRIDES[kind] = kernels.common._KernelConfig(*cand)
         print(f"{shape}:", flush=True)
         rows += run_shape(shape, with_flex=not (args.quick or args.no_flex), with_reference=args.quick)
-        kernels._CONFIG_OVERRIDES.clear()
+        kernels.common._CONFIG_OVERRIDES.clear()
     print_table(rows)
     run_decode()
     run_prefill()

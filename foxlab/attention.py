@@ -24,7 +24,7 @@ Two optional masks, both of which only remove keys:
 
 Backends: ``reference`` materializes the (Tq, Tk) scores (exact, readable, returns probabilities too);
 ``torch`` processes query chunks under activation checkpointing, so memory is O(T * chunk) in forward
-and backward; ``triton`` runs the fused kernels of kernels.py; ``auto`` picks Triton on CUDA, else ``torch``.
+and backward; ``triton`` runs the fused kernels of kernels/; ``auto`` picks Triton on CUDA, else ``torch``.
 Adaptive computation pruning (``adaptive_threshold``, acp.py) works on the torch and Triton paths.
 """
 

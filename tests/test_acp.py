@@ -253,7 +253,7 @@ def test_fused_auto_threshold_matches_the_formula(backend, c_layout):
     else:  # as a decoding cache passes it: natural log, any strides
         c, c_scale = c.transpose(1, 2).contiguous().transpose(1, 2), kernels.LOG2E
     q, k, c = q.to(device), k.to(device), c.to(device)
-    fused = (kernels._auto_threshold2(q, k, c, c_scale, 0.3, -4.0) / kernels.LOG2E).cpu()
+    fused = (kernels.pruning._auto_threshold2(q, k, c, c_scale, 0.3, -4.0) / kernels.LOG2E).cpu()
     exact = acp.threshold(q, k, "auto", log_eps=-4.0, sm_scale=0.3).cpu()
     at_zero = torch.full_like(exact, -4.0 - math.log(150))
     prunable = torch.zeros(3, 6, dtype=torch.bool)
@@ -314,12 +314,12 @@ def test_pruning_bounds_equal_a_brute_force_search(backend, Tq, Tk, tile, seq_st
     starts = torch.tensor(seq_start or [0] * B, dtype=torch.int32)
     key_lo = starts[:, None].expand(B, Tq).contiguous()
     query_hi = torch.full((B, Tk), Tk, dtype=torch.int32)
-    cfg = kernels._KernelConfig(block_m, block_n, 4, 1)
+    cfg = kernels.common._KernelConfig(block_m, block_n, 4, 1)
     vis = (lambda t: t.to(device)) if seq_start else (lambda t: None)
     args = (c2.to(device), vis(key_lo), threshold2.to(device), Tq, cfg)
-    query_bounds = kernels._pruning_bounds("query", *args).cpu().view(B, H, -1, 2)
+    query_bounds = kernels.pruning._pruning_bounds("query", *args).cpu().view(B, H, -1, 2)
     args = (c2.to(device), vis(query_hi), threshold2.to(device), Tq, cfg)
-    key_bounds = kernels._pruning_bounds("key", *args).cpu().view(B, H, -1, 2)
+    key_bounds = kernels.pruning._pruning_bounds("key", *args).cpu().view(B, H, -1, 2)
     for b in range(B):
         for h in range(H):
             want_q, want_k = brute_force_bounds(c2[b, h], threshold2[b, h], Tq, key_lo[b], query_hi[b], block_m,

@@ -138,10 +138,10 @@ def test_float16_gate_gradient_before_the_first_query():
 @pytest.mark.parametrize("tiles", [(16, 16), (16, 32), (32, 16)])
 def test_other_tile_shapes(monkeypatch, tiles):
     """The loop bounds for other (BLOCK_M, BLOCK_N) pairs, with an offset and left padding."""
-    config = kernels._KernelConfig(*tiles, 1, 1)
+    config = kernels.common._KernelConfig(*tiles, 1, 1)
     for kind in ("fwd", "dkdv", "dq"):
-        monkeypatch.setitem(kernels._CONFIG_OVERRIDES, kind, config)
-    monkeypatch.setattr(kernels, "_GATE_BLOCK", 16)  # the gate's prefix sums carry across blocks too
+        monkeypatch.setitem(kernels.common._CONFIG_OVERRIDES, kind, config)
+    monkeypatch.setattr(kernels.blocked, "_GATE_BLOCK", 16)  # the gate's prefix sums carry across blocks too
     check(Tq=37, Tk=50, H=2, Hkv=1, seq_start=torch.tensor([0, 13]))
     check(B=1, Tq=45, cu_seqlens=torch.tensor([0, 16, 29, 45]))
 
@@ -180,10 +180,10 @@ def test_prefix_sum_input_equals_the_reference(Tq, Tk, H, Hkv, kw):
 def test_split_kernel_for_any_rows(monkeypatch, Tq, Tk, Hkv):
     """The split-key forward on every shape (forced): several row tiles, splits that no row reaches causally,
     a split count above one and one."""
-    monkeypatch.setattr(kernels, "_DECODE_MAX_ROWS", 32)
-    monkeypatch.setattr(kernels, "_split_wanted", lambda q, k: True)
+    monkeypatch.setattr(kernels.split, "_DECODE_MAX_ROWS", 32)
+    monkeypatch.setattr(kernels.split, "_split_wanted", lambda q, k: True)
     for splits in (4, 1):
-        monkeypatch.setattr(kernels, "_SPLIT_PROGRAMS_PER_SM", splits)
+        monkeypatch.setattr(kernels.split, "_SPLIT_PROGRAMS_PER_SM", splits)
         check(Tq=Tq, Tk=Tk, H=4, Hkv=Hkv, D=16, seq_start=torch.tensor([0, 9]))
         ours, ref = run_cumsum_form(*make_inputs(2, Tq, Tk, 4, Hkv, 16))
         assert max(rel_err(a, b) for a, b in zip(ours, ref)) <= 1e-4
@@ -195,10 +195,10 @@ def test_split_kernel_merges(monkeypatch, merge_steps, merge_elements):
     """The splits' merge either way: `_combine_kernel` after the split kernel, or the last program of a tile in
     several steps (128 elements: 2 rows x 4 splits x head dim 16 per step); a group of one head and of two, a
     padded row tile, left padding (a row that sees no key). Forward only: the merge has no backward of its own."""
-    monkeypatch.setattr(kernels, "_split_wanted", lambda q, k: True)
-    monkeypatch.setattr(kernels, "_SPLIT_PROGRAMS_PER_SM", 4)
-    monkeypatch.setattr(kernels, "_LAST_MERGES_MAX_STEPS", merge_steps)
-    monkeypatch.setattr(kernels, "_COMBINE_ELEMENTS", merge_elements)
+    monkeypatch.setattr(kernels.split, "_split_wanted", lambda q, k: True)
+    monkeypatch.setattr(kernels.split, "_SPLIT_PROGRAMS_PER_SM", 4)
+    monkeypatch.setattr(kernels.split, "_LAST_MERGES_MAX_STEPS", merge_steps)
+    monkeypatch.setattr(kernels.split, "_COMBINE_ELEMENTS", merge_elements)
     for Tq, H, Hkv in ((9, 4, 2), (21, 2, 2)):
         q, k, v, log_f = make_inputs(2, Tq, 70, H, Hkv, 16)
         c = log_f.cumsum(1).transpose(1, 2).contiguous().transpose(1, 2)

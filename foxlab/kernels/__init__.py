@@ -1,0 +1,147 @@
+"""The Triton kernels of forgetting attention (forward, backward, decoding, pruning) and their launch.
+
+attention.py holds the math, the exact reference and the entry point ``forgetting_attention``, which calls
+``forgetting_attention_triton`` here for CUDA tensors (or on the CPU under TRITON_INTERPRET=1). The comment
+below says what each kernel computes and where it lives; docs/fox.md derives it.
+
+    common.py    tile loads, masks, block ranges, launch configuration
+    blocked.py   training and prefill: forward, backward, the gate's prefix sums and gradient
+    split.py     decoding and short chunked prefill: the split-key forward and its merge
+    pruning.py   adaptive computation pruning: the "auto" threshold and the block bounds
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import acp
+from . import blocked, pruning, split
+from .common import LOG2E, triton
+
+# ==================================================================================================
+# Triton kernels (FlashAttention-2 structure), reached through `_TritonForgettingAttention` (below). The split
+# kernel lives in split.py, the pruning threshold and bounds kernels in pruning.py, the others in blocked.py.
+#
+# Per batch row b and query head h (kv head h // GROUP), with q (Tq, D), k, v (Tk, D), log f (Tk,):
+#   forward    c = cumsum(log f)                          `_gate_cumsum_kernel`, float32 (skipped when the
+#                                                         caller passes c itself, as a decoding cache does)
+#              O = softmax(s q k^T + D) v, lse per row     `_fwd_kernel`; decoding (Tq x GROUP <= 64 rows) and
+#                                                         short chunked prefill: `_fwd_split_kernel`
+#   backward   delta_i = sum_d O_id dO_id                  `_bwd_delta_kernel`
+#              P = softmax(...), dS = P * (dO v^T - delta)
+#              dK = s dS^T q, dV = P^T dO (summed over the GROUP heads), colsum(dS)   `_bwd_dkdv_kernel`
+#              dQ = s dS k, rowsum(dS)                                               `_bwd_dq_kernel`
+#              dc_t = rowsum(dS)_{query at t} - colsum(dS)_t,  dlog f_t = sum_{u >= t} dc_u
+#                                                         `_gate_grad_kernel`
+# rowsum(dS) is zero in exact arithmetic (a softmax ignores a constant added to its row), but delta comes from
+# the stored O, rounded to 16 bits: the kernels' row sums are dO_i . (O_i - rounded O_i). Keeping them cancels
+# the same error inside the column sums, which would otherwise bias dlog f at every key before the first query.
+# P is never stored: both backward kernels recompute it from q, k, c and the forward's lse.
+#
+# Everything below works in base 2: the wrapper stores c2 = log2(e) * c once, and the kernels scale
+# q k^T by qk_scale = log2(e) * sm_scale, so a logit in base 2 is
+#     s2_ij = qk_scale * q_i . k_j + (c2_{p_i} - c2_j)      and   P_ij = exp2(s2_ij - lse2_i).
+# The c difference is taken before it meets q.k: c grows to -1e4 and beyond on long sequences, and
+# subtracting two nearby float32 values is exact where adding a large one to q.k would round it. The split
+# kernel also reads natural c as the caller gave it (any strides) and scales the difference, log2(e) (c_i - c_j).
+#
+# Visibility of key j from query row i (key position p_i = Tk - Tq + i):
+#     key_lo_i <= j <= p_i
+# key_lo (B, Tq) is seq_start[b] (left padding) or the start of the row's packed sequence (varlen);
+# query_hi (B, Tk) is its mirror for the backward pass: one past the last key position whose row can
+# still see key j. Both are int32, often stride-0 views, and only read when MASK_LO is set.
+#
+# Loop bounds come from two helpers, `_query_block_key_range` and `_key_block_query_range`: each splits
+# a block's range into blocks that need the causal mask (the diagonal) and blocks that do not.
+#
+# Adaptive computation pruning (acp.py; docs/fox.md, "Adaptive computation pruning"), flag PRUNE: a score
+# whose decay c2_{p_i} - c2_j is below the base-2 threshold THRESHOLD[b, h] is dropped. A query block's keys
+# then split into [start, band) (some scores dropped: masked), [band, mid) (none) and the diagonal, with
+# every key block before `start` dropped for all rows and never loaded; a key block's query rows,
+# symmetrically, end at `stop`. These bounds come from one small kernel per tile shape that binary-searches
+# the prefix sums for every block at once (`_query_block_bounds_kernel`, `_key_block_bounds_kernel`). An
+# attention program runs its diagonal tile first, whose range needs no bounds, while its two ints load; the
+# band gets a loop of its own in the pruning variants only, entered only when the band is not empty (one loop
+# with a branch per tile stalls its software pipeline: +10-18% on the H200). The "auto" threshold's pass over
+# the q and k norms skips every head whose whole decay c_0 - c_{T-1} stays within the threshold at U = 0: no
+# score of it can be pruned whatever its norms (log f = 0 costs that pass nothing). Decoding's split kernel
+# starts each split at its first key block that some row keeps.
+# ==================================================================================================
+
+
+class _TritonForgettingAttention(torch.autograd.Function):
+    """O = forgetting attention of (q, k, v, gate), the gate float32 (B, Tk, H): the log gates log f, or with
+    ``is_cumsum`` their prefix sums c; gradients for all four. Pruning: a base-2 threshold (B, H), or with
+    ``auto_log_eps`` the "auto" one, computed here once c is known."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate, is_cumsum, scale, key_lo, query_hi, threshold2, auto_log_eps):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        split_keys = split._split_wanted(q, k)
+        # The split kernel reads c in place (no scan, no copy); the blocked kernels want c2 = log2(e) c, (B, H, Tk).
+        c2 = None if split_keys and is_cumsum else blocked._base2_prefix_sums(gate, is_cumsum)
+        c, c_scale = (gate, LOG2E) if c2 is None else (c2.transpose(1, 2), 1.0)
+        if auto_log_eps is not None:
+            threshold2 = pruning._auto_threshold2(q, k, c, c_scale, scale, auto_log_eps)
+        if split_keys:
+            o, lse = split._split_forward(q, k, v, c, c_scale, key_lo, threshold2, scale)
+        else:
+            o, lse = blocked._triton_forward(q, k, v, c2, key_lo, threshold2, scale)
+        ctx.save_for_backward(q, k, v, gate if c2 is None else c2, o, lse, key_lo, query_hi, threshold2)
+        ctx.scale, ctx.is_cumsum, ctx.saved_c2 = scale, is_cumsum, c2 is not None
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, c2, o, lse, key_lo, query_hi, threshold2 = ctx.saved_tensors
+        if not ctx.saved_c2:  # the forward read c in place; the backward kernels want c2
+            c2 = blocked._base2_prefix_sums(c2, True)
+        dq, dk, dv, dgate = blocked._triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, ctx.scale,
+                                             ctx.is_cumsum)
+        return dq, dk, dv, dgate, None, None, None, None, None, None
+
+
+def _visibility_bounds(q, k, seq_start, cu_seqlens):
+    """key_lo (B, Tq) and query_hi (B, Tk) int32 as the kernels read them (see the section header)."""
+    B, Tq = q.shape[:2]
+    Tk = k.shape[1]
+    if seq_start is not None:
+        key_lo = seq_start.to(torch.int32).clamp(0, Tk)[:, None].expand(B, Tq)
+        return key_lo, torch.full((1, 1), Tk, dtype=torch.int32, device=q.device).expand(B, Tk)
+    if cu_seqlens is not None:
+        offsets = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        lengths = offsets.diff()
+        starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=Tk)
+        ends = torch.repeat_interleave(offsets[1:], lengths, output_size=Tk)
+        return starts[None], ends[None]
+    return None, None
+
+
+def triton_unavailable_reason(q: torch.Tensor) -> str | None:
+    if triton is None:
+        return "Triton is not installed"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernels take float16, bfloat16 or float32, not {q.dtype}"
+    if q.shape[-1] > 256:
+        return f"the Triton kernels take head dims up to 256, not {q.shape[-1]}"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them on the CPU)"
+    return None
+
+
+def forgetting_attention_triton(q, k, v, gate, is_cumsum, scale, seq_start, cu_seqlens, adaptive_threshold, log_eps):
+    """forgetting_attention on the Triton kernels; ``gate``: log f (B, Tk, H), or with ``is_cumsum`` its prefix sums."""
+    reason = triton_unavailable_reason(q)
+    if reason is not None:
+        raise ValueError(f"backend='triton': {reason}")
+    key_lo, query_hi = _visibility_bounds(q, k, seq_start, cu_seqlens)
+    threshold2, auto_log_eps = None, None
+    if isinstance(adaptive_threshold, str) and adaptive_threshold == "auto":
+        acp.check_log_eps(log_eps)
+        auto_log_eps = log_eps
+    elif adaptive_threshold is not None:
+        threshold2 = acp.threshold(q, k, adaptive_threshold, log_eps=log_eps, sm_scale=scale) * LOG2E
+    return _TritonForgettingAttention.apply(q, k, v, gate.float(), is_cumsum, scale, key_lo, query_hi, threshold2,
+                                            auto_log_eps)

@@ -1,0 +1,401 @@
+"""The blocked kernels of training and prefill (FlashAttention-2 structure): the gate's prefix sums, the forward
+(one program per query block), the backward (dK/dV per key block, dQ per query block) and the gate's gradient."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import LOG2E, _common_meta, _initial_max, _jit, _key_block_query_range, _launch, _load_tile, _load_vec, \
+    _mask_scores, _online_softmax_step, _or, _query_block_rows, _strides, tl, triton
+from .pruning import _pruning_bounds, _query_block_pruning
+
+# Positions per step of the gate's prefix sums (one program per batch row and head).
+_GATE_BLOCK = 1024
+
+
+@_jit
+def _gate_cumsum_kernel(LOG_F, C2, stride_fb, stride_ft, stride_fh, H, T, BLOCK_T: tl.constexpr):
+    """c2[b, h, :] = log2(e) * cumsum(log f[b, :, h]) in float32, one program per (batch, head)."""
+    bh = tl.program_id(0).to(tl.int64)
+    LOG_F += (bh // H) * stride_fb + (bh % H) * stride_fh
+    offs = tl.arange(0, BLOCK_T)
+    carry = 0.0
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + offs
+        log_f = tl.load(LOG_F + t * stride_ft, mask=t < T, other=0.0)
+        tl.store(C2 + bh * T + t, (tl.cumsum(log_f, 0) + carry) * 1.4426950408889634, mask=t < T)
+        carry += tl.sum(log_f, 0)
+
+
+@_jit
+def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
+               start, end, offs_n, offs_d,
+               CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [start, end). Only causal (diagonal) blocks can run past Tk.
+
+    delta: the pruning threshold per row (read only with PRUNE).
+    """
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + offs_n
+        k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        c_k = _load_vec(C + keys, keys, Tk, 0.0, CAUSAL)
+        decay = c_q[:, None] - c_k[None, :]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + decay
+        s = _mask_scores(s, decay, delta[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO,
+                         PRUNE)
+        v = _load_tile(V + keys[:, None] * stride_vt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@_jit
+def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lob, stride_lot,
+                H, Tq, Tk, qk_scale,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head). Writes O and the base-2 log-sum-exp.
+
+    Key blocks: the diagonal [mid, end) first (its range needs no load, so its tiles stream in while the
+    pruning bounds arrive), then [start, band) pruned in part (PRUNE only) and [band, mid) plain.
+    """
+    # Latest query blocks first: they have the most keys, and the short ones fill the tail of the grid.
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offset = Tk - Tq
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + (h // GROUP) * stride_kh
+    V += b * stride_vb + (h // GROUP) * stride_vh
+    C += bh * Tk
+
+    q = _load_tile(Q + rows[:, None] * stride_qt + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    q_pos, c_q, key_lo, start, mid, end = _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob,
+                                                            stride_lot, MASK_LO, BLOCK_M, BLOCK_N)
+    delta, start, band = _query_block_pruning(BOUNDS, DELTA, bh, m0 // BLOCK_M, tl.num_programs(0), start, PRUNE,
+                                              BLOCK_M)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = _initial_max(BLOCK_M)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
+                               qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               DOT_PRECISION)
+    if PRUNE and start < band:  # a loop of its own, entered only when needed (section header)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
+                                   qk_scale, start, band, offs_n, offs_d, False, MASK_LO, True, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
+                               qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               DOT_PRECISION)
+
+    # A row with no visible key has l = 0: it returns 0, and a finite lse keeps its backward at 0 too.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    o_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    O += b * stride_ob + h * stride_oh
+    tl.store(O + rows[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + bh * Tq + rows, m_i + tl.log2(l_safe), mask=rows < Tq)
+
+
+@_jit
+def _gate_grad_kernel(DC_COL, DC_ROW, DLOG_F, stride_gb, stride_gt, stride_gh, H, Tq, Tk, BLOCK_T: tl.constexpr):
+    """dlog f_t = sum_{u >= t} dc_u, dc_u = (row sum of dS of the query at u) - (column sum of dS at key u).
+
+    One program per (batch, head) walks the keys from the end, each block in reverse order, so that a
+    forward cumsum gives the suffix sums.
+    """
+    bh = tl.program_id(0).to(tl.int64)
+    DLOG_F += (bh // H) * stride_gb + (bh % H) * stride_gh
+    offset = Tk - Tq
+    offs = tl.arange(0, BLOCK_T)
+    carry = 0.0
+    for t0 in range(0, Tk, BLOCK_T):
+        t = Tk - 1 - (t0 + offs)
+        dc = tl.load(DC_ROW + bh * Tq + t - offset, mask=t >= offset, other=0.0)
+        dc -= tl.load(DC_COL + bh * Tk + t, mask=t >= 0, other=0.0)
+        tl.store(DLOG_F + t * stride_gt, tl.cumsum(dc, 0) + carry, mask=t >= 0)
+        carry += tl.sum(dc, 0)
+
+
+@_jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+                      H, Tq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d O_id dO_id in float32, laid out (B, H, Tq) like the lse."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    b = bh // H
+    h = bh % H
+    o = _load_tile(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+                   rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                    rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * Tq + rows, delta, mask=rows < Tq)
+
+
+@_jit
+def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, threshold, stride_qt, stride_dot,
+                    stride_lot, offset, Tq, qk_scale, start, end, offs_m, offs_d,
+                    CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV and the column sums of dS of one key block over query blocks [start, end).
+
+    Works on transposed scores (keys x queries) so that dK and dV come straight out of tl.dot.
+    Rows past Tq load lse = +inf, which makes their P exactly 0.
+    """
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + offs_m
+        q = _load_tile(Q + rows[:, None] * stride_qt + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D,
+                       not EVEN_M)
+        lse = _load_vec(LSE + rows, rows, Tq, float("inf"), not EVEN_M)
+        c_q = _load_vec(C + offset + rows, rows, Tq, 0.0, not EVEN_M)
+        decay_t = c_q[None, :] - c_k[:, None]
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale + decay_t
+        if MASK_LO:
+            key_lo = _load_vec(KEY_LO + rows * stride_lot, rows, Tq, 0, not EVEN_M)
+        else:
+            key_lo = rows  # unread without MASK_LO
+        s_t = _mask_scores(s_t, decay_t, threshold, (offset + rows)[None, :], keys[:, None], key_lo[None, :], CAUSAL,
+                           MASK_LO, PRUNE)
+        p_t = tl.exp2(s_t - lse[None, :])
+        do = _load_tile(DO + rows[:, None] * stride_dot + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D,
+                        not EVEN_M)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta = _load_vec(DELTA + rows, rows, Tq, 0.0, not EVEN_M)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dc += tl.sum(ds_t, 1)
+    return dk, dv, dc
+
+
+@_jit
+def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BOUNDS, DK, DV, DC_COL,
+                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                     stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                     stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                     stride_lob, stride_lot, stride_hib, stride_hit,
+                     H, Tq, Tk, sm_scale, qk_scale,
+                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
+                     EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads that share them.
+
+    dK = s dS^T Q and dV = P^T dO are summed over the group in registers; the column sums of dS (one
+    vector per query head) go to DC_COL (B, H, Tk). Query blocks: [start, mid) the diagonal, [mid, band)
+    plain, then (PRUNE) [band, stop) pruned in part; later rows prune the whole key block.
+    """
+    n0 = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1).to(tl.int64)
+    hkv = H // GROUP
+    b = bhk // hkv
+    hk = bhk % hkv
+    offset = Tk - Tq
+    keys = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + b * stride_kb + hk * stride_kh + keys[:, None] * stride_kt + offs_d[None, :],
+                   keys, Tk, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh + keys[:, None] * stride_vt + offs_d[None, :],
+                   keys, Tk, offs_d, HEAD_DIM, BLOCK_D, True)
+    if MASK_LO:
+        last_key = tl.minimum(n0 + BLOCK_N, Tk) - 1
+        q_end = tl.minimum(tl.load(QUERY_HI + b * stride_hib + last_key * stride_hit) - offset, Tq)
+    else:
+        q_end = Tq
+    start, mid, end = _key_block_query_range(n0, offset, q_end, BLOCK_M, BLOCK_N)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_dob + h * stride_doh
+        c_k = tl.load(C + bh * Tk + keys, mask=keys < Tk, other=0.0)
+        if PRUNE:
+            threshold = tl.load(THRESHOLD + bh)
+            bounds = BOUNDS + (bh * tl.num_programs(0) + tl.program_id(0)) * 2
+            band = tl.load(bounds)
+            stop = tl.load(bounds + 1)
+        else:
+            threshold = 0.0
+            band, stop = end, end
+        dc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+                                     C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
+                                     stride_lot, offset, Tq, qk_scale, start, mid, offs_m, offs_d,
+                                     True, MASK_LO, PRUNE, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+                                     C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
+                                     stride_lot, offset, Tq, qk_scale, mid, band, offs_m, offs_d,
+                                     False, MASK_LO, False, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        if PRUNE and band < stop:
+            dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+                                         C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
+                                         stride_lot, offset, Tq, qk_scale, band, stop, offs_m, offs_d,
+                                         False, MASK_LO, True, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        tl.store(DC_COL + bh * Tk + keys, dc, mask=keys < Tk)
+
+    kv_mask = (keys[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@_jit
+def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt, Tk,
+                  qk_scale, start, end, offs_n, offs_d,
+                  CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ and the row sums of dS of one query block over key blocks [start, end)."""
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + offs_n
+        k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        v = _load_tile(V + keys[:, None] * stride_vt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        c_k = _load_vec(C + keys, keys, Tk, 0.0, CAUSAL)
+        decay = c_q[:, None] - c_k[None, :]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + decay
+        s = _mask_scores(s, decay, threshold[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL,
+                         MASK_LO, PRUNE)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        dc += tl.sum(ds, 1)
+    return dq, dc
+
+
+@_jit
+def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ, DC_ROW,
+                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                   stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                   stride_dqb, stride_dqt, stride_dqh, stride_lob, stride_lot,
+                   H, Tq, Tk, sm_scale, qk_scale,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head). dQ = s dS K; row sums of dS go to DC_ROW.
+
+    Key blocks as in the forward: the diagonal [mid, end), then [start, band) pruned in part, [band, mid) plain.
+    """
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offset = Tk - Tq
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    K += b * stride_kb + (h // GROUP) * stride_kh
+    V += b * stride_vb + (h // GROUP) * stride_vh
+    C += bh * Tk
+
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                   rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                    rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    lse = tl.load(LSE + bh * Tq + rows, mask=rows < Tq, other=float("inf"))
+    delta = tl.load(DELTA + bh * Tq + rows, mask=rows < Tq, other=0.0)
+    q_pos, c_q, key_lo, start, mid, end = _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob,
+                                                            stride_lot, MASK_LO, BLOCK_M, BLOCK_N)
+
+    threshold, start, band = _query_block_pruning(BOUNDS, THRESHOLD, bh, m0 // BLOCK_M, tl.num_programs(0), start,
+                                                  PRUNE, BLOCK_M)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
+                           Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D, BLOCK_N,
+                           DOT_PRECISION)
+    if PRUNE and start < band:
+        dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt,
+                               stride_vt, Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO, True, HEAD_DIM,
+                               BLOCK_D, BLOCK_N, DOT_PRECISION)
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
+                           Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D, BLOCK_N,
+                           DOT_PRECISION)
+
+    dq_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=dq_mask)
+    tl.store(DC_ROW + bh * Tq + rows, dc, mask=rows < Tq)
+
+
+def _base2_prefix_sums(gate, is_cumsum):
+    """c2 = log2(e) * c (B, H, Tk) contiguous float32, as the blocked kernels read it, from either gate form (B, Tk, H):
+    the per-token log gates (a scan, `_gate_cumsum_kernel`) or their prefix sums c (one multiply)."""
+    B, Tk, H = gate.shape
+    c2 = torch.empty(B, H, Tk, dtype=torch.float32, device=gate.device)
+    if is_cumsum:
+        torch.mul(gate.transpose(1, 2), LOG2E, out=c2)
+    else:
+        _gate_cumsum_kernel[(B * H,)](gate, c2, *gate.stride(), H, Tk, BLOCK_T=_GATE_BLOCK)
+    return c2
+
+
+def _triton_forward(q, k, v, c2, key_lo, threshold2, scale):
+    """O (B, Tq, H, D) in q's dtype and the base-2 lse (B, H, Tq) in float32.
+
+    threshold2: the pruning threshold in base 2 (B, H), or None. Optional tensors that are absent are passed
+    as c2: the kernels do not read them when their flag is off.
+    """
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    meta = _common_meta(q, k, key_lo, threshold2)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    args = (q, k, v, c2, _or(key_lo, c2), _or(threshold2, c2))
+    strides = (*_strides(q), *_strides(k), *_strides(v))
+    _launch("fwd", q, meta["BLOCK_D"], lambda cfg: _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
+        *args, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), o, lse, *strides, *o.stride()[:3],
+        *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
+    return o, lse
+
+
+def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scale, gate_is_cumsum=False):
+    """dq, dk, dv in their inputs' dtypes and dlog f (B, Tk, H) in float32 (with ``gate_is_cumsum``, dc instead)."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    meta = _common_meta(q, k, key_lo, threshold2)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq,
+                                                    HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
+    dc_col = torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)
+    dc_row = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    lo, hi, thr = _or(key_lo, c2), _or(query_hi, c2), _or(threshold2, c2)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    qk_scale = scale * LOG2E
+    _launch("dkdv", q, meta["BLOCK_D"], lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * Hkv)](
+        q, k, v, c2, do, lse, delta, lo, hi, thr, _pruning_bounds("key", c2, query_hi, threshold2, Tq, cfg), dk, dv,
+        dc_col, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        *_strides(key_lo, 2), *_strides(query_hi, 2), H, Tq, Tk, scale, qk_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_M=Tq % cfg.block_m == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
+    _launch("dq", q, meta["BLOCK_D"], lambda cfg: _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
+        q, k, v, c2, do, lse, delta, lo, thr, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), dq, dc_row,
+        *strides, *dq.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale, qk_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
+    if gate_is_cumsum:  # dc_t = rowsum(dS) of the query at t - colsum(dS)_t (why the row sums stay: section header)
+        dc = dc_col.neg_()
+        dc[:, :, Tk - Tq:] += dc_row
+        return dq, dk, dv, dc.transpose(1, 2)
+    dlog_f = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
+    _gate_grad_kernel[(B * H,)](dc_col, dc_row, dlog_f, *dlog_f.stride(), H, Tq, Tk, BLOCK_T=_GATE_BLOCK)
+    return dq, dk, dv, dlog_f

@@ -1,0 +1,219 @@
+"""What the kernels share: tile loads, score masks, block ranges, one online-softmax step, and the launch
+configuration (tiles per kernel and head dim, with fallbacks for GPUs whose shared memory is smaller)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton on this platform: the torch backends still work
+    triton = None
+
+LOG2E = 1.4426950408889634
+# Without Triton the kernels stay plain (never called) functions, so the module still imports.
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+
+@_jit
+def _initial_max(BLOCK_M: tl.constexpr):
+    """Start of the running max. Masked logits are -inf; starting below every real base-2 logit but finite
+    means a row with no visible key never computes (-inf) - (-inf)."""
+    return tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+
+
+@_jit
+def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile, masking only what can run out: rows past n_rows, the padded head dim."""
+    if CHECK_ROWS:
+        mask = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@_jit
+def _load_vec(ptrs, idx, n, other, CHECK: tl.constexpr):
+    if CHECK:
+        vec = tl.load(ptrs, mask=idx < n, other=other)
+    else:
+        vec = tl.load(ptrs)
+    return vec
+
+
+@_jit
+def _mask_scores(s, decay, delta, q_pos, keys, key_lo, CAUSAL: tl.constexpr, MASK_LO: tl.constexpr,
+                 PRUNE: tl.constexpr):
+    """-inf where the key is not visible, or (PRUNE) where its decay c_q - c_k is below the threshold delta.
+
+    q_pos, keys, key_lo and delta come already broadcast to s's layout; decay is s's gate term.
+    """
+    if CAUSAL:
+        s = tl.where(keys <= q_pos, s, float("-inf"))
+    if MASK_LO:
+        s = tl.where(keys >= key_lo, s, float("-inf"))
+    if PRUNE:
+        s = tl.where(decay >= delta, s, float("-inf"))
+    return s
+
+
+@_jit
+def _query_block_key_range(m0, offset, Tk, first_key_lo, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys read by query rows [m0, m0 + BLOCK_M): [start, mid) needs no causal mask, [mid, end) does.
+
+    key_lo never decreases along the rows, so the block's first row has the smallest one.
+    """
+    start = (first_key_lo // BLOCK_N) * BLOCK_N
+    mid = tl.maximum(((offset + m0 + 1) // BLOCK_N) * BLOCK_N, start)
+    end = tl.minimum(offset + m0 + BLOCK_M, Tk)
+    return start, mid, end
+
+
+@_jit
+def _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob, stride_lot,
+                      MASK_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a block of query rows needs before its key loop (forward and dQ alike): key positions q_pos, gate
+    prefix sums c_q, first visible key per row key_lo, and the block's key range start <= mid <= end."""
+    q_pos = offset + rows
+    c_q = tl.load(C + q_pos, mask=rows < Tq, other=0.0)
+    if MASK_LO:
+        key_lo = tl.load(KEY_LO + b * stride_lob + rows * stride_lot, mask=rows < Tq, other=Tk)
+        first_key_lo = tl.load(KEY_LO + b * stride_lob + m0 * stride_lot)
+    else:
+        key_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+        first_key_lo = 0
+    start, mid, end = _query_block_key_range(m0, offset, Tk, first_key_lo, BLOCK_M, BLOCK_N)
+    return q_pos, c_q, key_lo, start, mid, end
+
+
+@_jit
+def _key_block_query_range(n0, offset, q_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query rows that read keys [n0, n0 + BLOCK_N): [start, mid) needs the causal mask, [mid, end) not.
+
+    q_end is one past the last row that may see the block (Tq, or the end of a packed sequence).
+    """
+    start = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
+    mid = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M, start)
+    return start, tl.minimum(mid, q_end), q_end
+
+
+@_jit
+def _online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax: base-2 scores s (rows, keys) and values v (keys, D) into the running
+    max m, denominator l and unnormalized output acc."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i * alpha + tl.sum(p, 1), m_new
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch: tiles per kernel, fallbacks, the arguments every launch shares.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _KernelConfig:
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+# First choice per (kernel, padded head dim) for 16-bit inputs on sm80+, tuned on an H100
+# (benchmarks/NOTES.md). Anything that does not fit a GPU's shared memory falls back along
+# _FALLBACK_CONFIGS, so no GPU needs an entry of its own.
+_GPU_CONFIGS = {
+    ("fwd", 16): _KernelConfig(64, 64, 4, 3),
+    ("fwd", 32): _KernelConfig(64, 64, 4, 3),
+    ("fwd", 64): _KernelConfig(64, 64, 4, 3),
+    ("fwd", 128): _KernelConfig(64, 64, 4, 3),
+    ("fwd", 256): _KernelConfig(64, 32, 4, 2),
+    ("dkdv", 16): _KernelConfig(64, 64, 4, 3),
+    ("dkdv", 32): _KernelConfig(64, 64, 4, 3),
+    ("dkdv", 64): _KernelConfig(64, 64, 4, 3),
+    ("dkdv", 128): _KernelConfig(32, 64, 4, 3),
+    ("dkdv", 256): _KernelConfig(64, 32, 8, 2),
+    ("dq", 16): _KernelConfig(64, 64, 4, 3),
+    ("dq", 32): _KernelConfig(64, 64, 4, 3),
+    ("dq", 64): _KernelConfig(64, 64, 4, 3),
+    ("dq", 128): _KernelConfig(128, 64, 8, 2),
+    ("dq", 256): _KernelConfig(128, 32, 8, 2),
+    ("decode", 16): _KernelConfig(16, 128, 4, 3),
+    ("decode", 32): _KernelConfig(16, 128, 4, 3),
+    ("decode", 64): _KernelConfig(16, 128, 4, 3),
+    ("decode", 128): _KernelConfig(16, 64, 4, 3),
+    ("decode", 256): _KernelConfig(16, 32, 4, 3),
+}
+_FALLBACK_CONFIGS = (_KernelConfig(64, 64, 4, 2), _KernelConfig(32, 32, 4, 1), _KernelConfig(16, 16, 4, 1))
+# Under TRITON_INTERPRET: small tiles, unequal so that tests cross block edges both ways.
+_INTERPRET_CONFIGS = {
+    "fwd": _KernelConfig(32, 16, 1, 1),
+    "dkdv": _KernelConfig(16, 32, 1, 1),
+    "dq": _KernelConfig(32, 16, 1, 1),
+    "decode": _KernelConfig(16, 16, 1, 1),
+}
+# Tests and the benchmark's tuning sweep pin a configuration per kernel kind here.
+_CONFIG_OVERRIDES: dict[str, _KernelConfig] = {}
+_CONFIG_CHOSEN: dict[tuple, _KernelConfig] = {}
+
+
+def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torch.device) -> list[_KernelConfig]:
+    if device.type != "cuda":
+        return [_INTERPRET_CONFIGS[kind]]
+    first = _GPU_CONFIGS[(kind, block_d)]
+    if dtype == torch.float32:  # twice the bytes per tile: start from half the tile
+        first = _KernelConfig(max(16, first.block_m // 2), max(16, first.block_n // 2), first.num_warps, 2)
+    if kind == "decode":  # block_m is the least tile height (taller tiles, up to 64 rows, need less block_n)
+        return [first, _KernelConfig(16, max(16, first.block_n // 2), 4, 2), _KernelConfig(16, 16, 4, 1)]
+    return [first, *(c for c in _FALLBACK_CONFIGS if c.block_m * c.block_n < first.block_m * first.block_n)]
+
+
+def _launch(kind: str, q: torch.Tensor, block_d: int, launch) -> None:
+    """Call ``launch(config)`` with the first configuration whose tiles fit the GPU's shared memory.
+
+    The last one that fitted is tried first next time (decoding tiles grow with Tq x GROUP, so it may not
+    fit every call).
+    """
+    if kind in _CONFIG_OVERRIDES:
+        return launch(_CONFIG_OVERRIDES[kind])
+    key = (kind, block_d, q.dtype, q.device)
+    configs = _candidate_configs(kind, block_d, q.dtype, q.device)
+    if key in _CONFIG_CHOSEN:
+        configs = [_CONFIG_CHOSEN[key], *configs]
+    for config in configs:
+        try:
+            launch(config)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        _CONFIG_CHOSEN[key] = config
+        return
+    raise RuntimeError(f"no Triton configuration of the {kind} kernel fits this GPU (head dim {block_d}, {q.dtype})")
+
+
+def _common_meta(q: torch.Tensor, k: torch.Tensor, key_lo, threshold2) -> dict:
+    D = q.shape[-1]
+    return dict(GROUP=q.shape[2] // k.shape[2], HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                MASK_LO=key_lo is not None, PRUNE=threshold2 is not None,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _or(t, placeholder):
+    return t if t is not None else placeholder
+
+
+def _strides(t, n=3):
+    """The first n strides of t; (0, ...) for an absent optional tensor (its kernel flag is off)."""
+    return t.stride()[:n] if t is not None else (0,) * n
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
