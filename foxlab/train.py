@@ -509,11 +509,11 @@ def run_differences(saved: dict, now: dict) -> list[tuple[str, object, object]]:
         entries = {}
         for key, value in run.items():
             if key == "task":
-                for field, x in value.items():
-                    if field == "seed" and x == run.get("seed"):
+                for part, x in value.items():
+                    if part == "seed" and x == run.get("seed"):
                         continue  # the run's seed (reported under seed)
-                    entries["task" if field == "name" else "seq_len" if field == "seq_len" else
-                            f"task_kwargs[{field!r}]"] = x
+                    entries["task" if part == "name" else "seq_len" if part == "seq_len" else
+                            f"task_kwargs[{part!r}]"] = x
             elif key == "overrides" and isinstance(value, dict):
                 entries.update({f"overrides[{k!r}]": x for k, x in value.items()})
             elif key not in ignore:
@@ -548,6 +548,183 @@ def _resume(source: Path, run: dict, warmup_steps: int | None, say):
             f"{run['steps']}, so the learning rate of the remaining steps follows the longer schedule (the run is "
             f"not the same as one of {run['steps']} steps from the start)")
     return model, tokenizer, state
+
+
+def _check_train_arguments(model, tokenizer, overrides, steps, warmup_steps, save_every, out, resume) -> None:
+    """The settings that only make sense together (TRAIN_SETTINGS checks each one alone)."""
+    if save_every and out is None:
+        raise SettingError("save_every needs an output folder (out=...)", "save_every")
+    if resume and out is None and not isinstance(resume, (str, os.PathLike)):
+        raise SettingError("resume=True needs the run's folder (out=...)", "resume")
+    if resume and (model is not None or tokenizer is not None):
+        raise SettingError("resume loads the model and tokenizer from the checkpoint: pass neither",
+                           "model" if model is not None else "tokenizer")
+    if model is not None and overrides:
+        raise SettingError("overrides apply to the preset's config: with a model given, set its config instead",
+                           "overrides")
+    if warmup_steps is not None and warmup_steps > steps:
+        raise SettingError(f"warmup_steps ({warmup_steps}) must be at most steps ({steps})", "warmup_steps")
+
+
+def _new_model(model, tokenizer, preset: str, overrides: dict | None, seed: int):
+    """(model, tokenizer) of a new run: the model as given, or built (seeded) from a config or the preset."""
+    if model is None or isinstance(model, ForgettingTransformerConfig):
+        config = model or ForgettingTransformerConfig.from_preset(preset, **(overrides or {}))
+        torch.manual_seed(seed)
+        model = ForgettingTransformerForCausalLM(config)
+    return model, tokenizer or ByteTokenizer()
+
+
+class _Session:
+    """One call of train() on this process: the model (and its DDP/FSDP wrapper), optimizer and schedule, the
+    run's record ``run`` (train()'s settings, as checkpoints store them) and the result being filled in; and what
+    is done with them: a step, an evaluation, metrics and checkpoints in ``out`` (written by rank 0)."""
+
+    def __init__(self, model, tokenizer, task: Task, run: dict, state: dict | None, out: Path | None, rank: int,
+                 world: int, dev: torch.device):
+        self.model, self.tokenizer, self.task, self.run, self.out = model, tokenizer, task, run, out
+        self.rank, self.world, self.dev, self.is_main = rank, world, dev, rank == 0
+        self.per_rank = run["batch_size"] // world
+        self.wrapped = wrap_model(model.train(), run["parallel"], world, dev)  # first: FSDP replaces the parameters
+        self.optimizer = make_optimizer(model, run["lr"], run["weight_decay"], tuple(run["betas"]))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule())
+        self.result = TrainResult(model=model, tokenizer=tokenizer, task=task, out=out)
+        if state is not None:
+            self._restore(state)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+        self.in_update = False  # between the optimizer's update and the step's record: no consistent state
+        self.metrics_written = time.perf_counter()
+
+    def _schedule(self) -> _Schedule:
+        return _Schedule(self.run["steps"], self.run["warmup_steps"], self.run["min_lr_ratio"])
+
+    def _restore(self, state: dict) -> None:
+        """Continue from a checkpoint's training state: optimizer, schedule, random generators, records."""
+        optimizer, scheduler, result = self.optimizer, self.scheduler, self.result
+        load_optimizer_state(self.model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        # the schedule for this run's steps (a resume may extend a run), and the next step's rate under it
+        scheduler.lr_lambdas = [self._schedule() for _ in optimizer.param_groups]
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
+        _set_rng_state(state["rng"])
+        result.step, result.losses, result.lrs = state["step"], list(state["losses"]), list(state["lrs"])
+        result.evals, result.elapsed_s = list(state["evals"]), state["elapsed_s"]
+
+    def metrics(self) -> dict:
+        r = self.result
+        return {"losses": r.losses, "lrs": r.lrs, "evals": r.evals, "step": r.step, "steps": self.run["steps"],
+                "final_loss": r.losses[-1] if r.losses else None,
+                "eval_loss": r.evals[-1]["loss"] if r.evals else None,
+                "elapsed_s": round(r.elapsed_s, 3), "interrupted": r.interrupted, "run": self.run}
+
+    def write_metrics(self) -> None:
+        """All the losses so far, in case the run dies between checkpoints."""
+        if self.out is not None and self.is_main:
+            _write_json(self.out / "metrics.json", self.metrics())
+            self.metrics_written = time.perf_counter()
+
+    def checkpoint(self) -> None:
+        if self.out is None:
+            return
+        # Collective under FSDP (every process takes part); the whole state lands on rank 0.
+        to_save, optimizer_saved = full_weights_model(self.model), optimizer_state(self.model, self.optimizer)
+        if self.is_main:
+            r = self.result
+            samples = r.step * self.run["batch_size"]
+            training_state = {"optimizer": optimizer_saved, "scheduler": self.scheduler.state_dict(),
+                              "rng": _rng_state(), "step": r.step, "losses": r.losses, "lrs": r.lrs,
+                              "evals": r.evals, "elapsed_s": r.elapsed_s, "samples_seen": samples}
+            info = {"format": FORMAT_VERSION, "step": r.step, "samples_seen": samples, "run": self.run}
+            save_checkpoint(self.out, to_save, self.tokenizer, training_state, info)
+            _write_json(self.out / "metrics.json", self.metrics())
+        if self.world > 1:
+            dist.barrier()
+
+    def run_eval(self) -> None:
+        loss = evaluate(self.model, self.task, self.per_rank * self.world, self.run["eval_batches"], self.dev,
+                        rank=self.rank, world=self.world, autocast=self.autocast)
+        self.result.evals.append({"step": self.result.step, "loss": loss})
+
+    def step(self) -> tuple[float, float]:
+        """One optimizer step on the next global batch: (mean loss per scored token, the learning rate used)."""
+        r, world, dev = self.result, self.world, self.dev
+        batch = self.task.batch(r.step * self.run["batch_size"] + self.rank * self.per_rank, self.per_rank)
+        ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
+        count = _all_reduce(torch.tensor(float(scored_tokens(labels)), device=dev), world)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = token_loss_sum(self.wrapped, ids, labels, self.autocast)
+        # DDP and FSDP average gradients over processes: scale so the sum over them is the global mean.
+        (loss_sum * (world / count.clamp(min=1))).backward()
+        if self.run["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run["grad_clip"])
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        loss = float(_all_reduce(loss_sum.detach(), world) / count.clamp(min=1))
+        self.in_update = True
+        self.optimizer.step()
+        self.scheduler.step()
+        r.step += 1
+        r.losses.append(loss)
+        r.lrs.append(lr_now)
+        self.in_update = False
+        return loss, lr_now
+
+    def _evaluate_or_write_metrics(self, say) -> None:
+        r, eval_every = self.result, self.run["eval_every"]
+        if eval_every and r.step % eval_every == 0 and r.step < self.run["steps"]:
+            self.run_eval()
+            say(f"step {r.step}: eval loss {r.evals[-1]['loss']:.4f}")
+            self.write_metrics()
+        elif time.perf_counter() - self.metrics_written > METRICS_EVERY_S:
+            self.write_metrics()
+
+    def _stop_requested(self, stop: _StopOnSigint) -> bool:
+        """Ctrl-C on any process stops them all after the same step."""
+        if self.world == 1:
+            return stop.requested
+        return bool(_all_reduce(torch.tensor(float(stop.requested), device=self.dev), self.world) > 0)
+
+    def loop(self, progress: bool, callback, say) -> None:
+        """Steps up to the run's total, evaluating, saving and writing metrics on the way. Ctrl-C stops after the
+        current step with ``result.interrupted`` set (during an optimizer update it re-raises: nothing to save)."""
+        r, steps, save_every = self.result, self.run["steps"], self.run["save_every"]
+        bar = tqdm(total=steps, initial=r.step, desc=f"train {self.task.name}",
+                   disable=not (progress and self.is_main), dynamic_ncols=True)
+        stop = _StopOnSigint(say)
+        started, base_elapsed = time.perf_counter(), r.elapsed_s
+        try:
+            with stop:
+                while r.step < steps:
+                    loss, lr_now = self.step()
+                    r.elapsed_s = base_elapsed + time.perf_counter() - started
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", refresh=False)
+                    if callback is not None:
+                        callback(r.step, loss)
+                    self._evaluate_or_write_metrics(say)
+                    if self._stop_requested(stop):
+                        r.interrupted = True
+                        break
+                    if save_every and r.step % save_every == 0 and r.step < steps:
+                        self.checkpoint()
+        except KeyboardInterrupt:
+            r.interrupted = True
+            if self.in_update:  # the parameters are half-updated: no consistent state to save
+                bar.close()
+                say("interrupted during an optimizer update: no checkpoint saved")
+                raise
+        finally:
+            bar.close()
+
+    def finish(self, say) -> None:
+        """The last evaluation (unless interrupted or just done) and the last checkpoint."""
+        r = self.result
+        if not r.interrupted and not (r.evals and r.evals[-1]["step"] == r.step):
+            self.run_eval()
+        self.checkpoint()
+        if r.interrupted:
+            saved = f": checkpoint saved in {self.out / CHECKPOINT_DIR} ({RESUME_HINT})" if self.out is not None else ""
+            say(f"interrupted at step {r.step}/{self.run['steps']}{saved}")
 
 
 @checked(TRAIN_SETTINGS)
@@ -610,28 +787,13 @@ def train(
             change it.
         callback: called as ``callback(step, loss)`` after every step (e.g. to stop early by raising).
     """
-    if save_every and out is None:
-        raise SettingError("save_every needs an output folder (out=...)", "save_every")
-    if resume and out is None and not isinstance(resume, (str, os.PathLike)):
-        raise SettingError("resume=True needs the run's folder (out=...)", "resume")
-    if resume and (model is not None or tokenizer is not None):
-        raise SettingError("resume loads the model and tokenizer from the checkpoint: pass neither",
-                           "model" if model is not None else "tokenizer")
-    if model is not None and overrides:
-        raise SettingError("overrides apply to the preset's config: with a model given, set its config instead",
-                           "overrides")
-    if warmup_steps is not None and warmup_steps > steps:
-        raise SettingError(f"warmup_steps ({warmup_steps}) must be at most steps ({steps})", "warmup_steps")
-
+    _check_train_arguments(model, tokenizer, overrides, steps, warmup_steps, save_every, out, resume)
     rank, world, dev, created_group = _setup_distributed(device)
     if batch_size % world:
         raise SettingError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world})",
                            "batch_size")
-    per_rank = batch_size // world
     out = Path(out) if out is not None else None
-    is_main = rank == 0
-    say = tqdm.write if is_main else (lambda *_: None)
-
+    say = tqdm.write if rank == 0 else (lambda *_: None)
     task = _build_task(task, task_kwargs, seq_len, seed)
     run = dict(task=task.spec(), steps=steps, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio,
                warmup_steps=default_warmup(steps) if warmup_steps is None else warmup_steps,
@@ -639,145 +801,27 @@ def train(
                eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, seed=seed,
                world_size=world, parallel=parallel, preset=preset if model is None else None,
                overrides=dict(overrides or {}) if model is None else None)
-
-    # --- model, tokenizer, state ---
-    state = None
     if resume:
         model, tokenizer, state = _resume(out if resume is True else Path(resume), run, warmup_steps, say)
     else:
-        if model is None or isinstance(model, ForgettingTransformerConfig):
-            config = model or ForgettingTransformerConfig.from_preset(preset, **(overrides or {}))
-            torch.manual_seed(seed)
-            model = ForgettingTransformerForCausalLM(config)
-        tokenizer = tokenizer or ByteTokenizer()
+        (model, tokenizer), state = _new_model(model, tokenizer, preset, overrides, seed), None
     if model.config.vocab_size < len(tokenizer):
         raise SettingError(f"the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's "
                            f"({len(tokenizer)})", "tokenizer")
     if acp_log_tolerance is not None:
         model.config.acp_log_tolerance = acp_log_tolerance
-    warmup = run["warmup_steps"]
     run["model"] = {k: v for k, v in model.config.to_diff_dict().items() if k != "transformers_version"}
 
-    wrapped = wrap_model(model.train(), parallel, world, dev)  # before the optimizer: FSDP replaces the parameters
-    optimizer = make_optimizer(model, lr, weight_decay, betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(steps, warmup, min_lr_ratio))
-    result = TrainResult(model=model, tokenizer=tokenizer, task=task, out=out)
-    if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        # the schedule for this run's steps (a resume may extend a run), and the next step's rate under it
-        scheduler.lr_lambdas = [_Schedule(steps, warmup, min_lr_ratio) for _ in optimizer.param_groups]
-        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base_lr * factor(scheduler.last_epoch)
-        _set_rng_state(state["rng"])
-        result.step, result.losses, result.lrs = state["step"], list(state["losses"]), list(state["lrs"])
-        result.evals, result.elapsed_s = list(state["evals"]), state["elapsed_s"]
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
-
-    def metrics() -> dict:
-        return {"losses": result.losses, "lrs": result.lrs, "evals": result.evals, "step": result.step,
-                "steps": steps, "final_loss": result.losses[-1] if result.losses else None,
-                "eval_loss": result.evals[-1]["loss"] if result.evals else None,
-                "elapsed_s": round(result.elapsed_s, 3), "interrupted": result.interrupted, "run": run}
-
-    def checkpoint() -> None:
-        if out is None:
-            return
-        # Collective under FSDP (every process takes part); the whole state lands on rank 0.
-        to_save, optimizer_saved = full_weights_model(model), optimizer_state(model, optimizer)
-        if is_main:
-            training_state = {"optimizer": optimizer_saved, "scheduler": scheduler.state_dict(),
-                              "rng": _rng_state(), "step": result.step, "losses": result.losses,
-                              "lrs": result.lrs, "evals": result.evals, "elapsed_s": result.elapsed_s,
-                              "samples_seen": result.step * batch_size}
-            info = {"format": FORMAT_VERSION, "step": result.step, "samples_seen": result.step * batch_size,
-                    "run": run}
-            save_checkpoint(out, to_save, tokenizer, training_state, info)
-            _write_json(out / "metrics.json", metrics())
-        if world > 1:
-            dist.barrier()
-
-    def run_eval() -> None:
-        loss = evaluate(model, task, per_rank * world, eval_batches, dev, rank=rank, world=world, autocast=autocast)
-        result.evals.append({"step": result.step, "loss": loss})
-
-    if out is not None and is_main:
+    session = _Session(model, tokenizer, task, run, state, out, rank, world, dev)
+    if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             _note_earlier_run(out, say)
-    metrics_written = time.perf_counter()
-
-    def write_metrics() -> None:  # all the losses so far, in case the run dies between checkpoints
-        nonlocal metrics_written
-        if out is not None and is_main:
-            _write_json(out / "metrics.json", metrics())
-            metrics_written = time.perf_counter()
-
-    bar = tqdm(total=steps, initial=result.step, desc=f"train {task.name}", disable=not (progress and is_main),
-               dynamic_ncols=True)
-    stop = _StopOnSigint(say)
-    in_update = False
-    started = time.perf_counter()
-    base_elapsed = result.elapsed_s
-    try:
-        with stop:
-            while result.step < steps:
-                batch = task.batch(result.step * batch_size + rank * per_rank, per_rank)
-                ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
-                count = _all_reduce(torch.tensor(float(scored_tokens(labels)), device=dev), world)
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = token_loss_sum(wrapped, ids, labels, autocast)
-                # DDP and FSDP average gradients over processes: scale so the sum over them is the global mean.
-                (loss_sum * (world / count.clamp(min=1))).backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                lr_now = optimizer.param_groups[0]["lr"]
-                loss = float(_all_reduce(loss_sum.detach(), world) / count.clamp(min=1))
-                in_update = True  # from here until the step is recorded, an interrupt leaves no consistent state
-                optimizer.step()
-                scheduler.step()
-                result.step += 1
-                result.losses.append(loss)
-                result.lrs.append(lr_now)
-                in_update = False
-                result.elapsed_s = base_elapsed + time.perf_counter() - started
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", refresh=False)
-                if callback is not None:
-                    callback(result.step, loss)
-                if eval_every and result.step % eval_every == 0 and result.step < steps:
-                    run_eval()
-                    say(f"step {result.step}: eval loss {result.evals[-1]['loss']:.4f}")
-                    write_metrics()
-                elif time.perf_counter() - metrics_written > METRICS_EVERY_S:
-                    write_metrics()
-                stop_now = stop.requested
-                if world > 1:
-                    flag = _all_reduce(torch.tensor(float(stop_now), device=dev), world)
-                    stop_now = bool(flag > 0)
-                if stop_now:
-                    result.interrupted = True
-                    break
-                if save_every and result.step % save_every == 0 and result.step < steps:
-                    checkpoint()
-    except KeyboardInterrupt:
-        result.interrupted = True
-        if in_update:  # the parameters are half-updated: no consistent state to save
-            bar.close()
-            say("interrupted during an optimizer update: no checkpoint saved")
-            raise
-    finally:
-        bar.close()
-    if not result.interrupted and not (result.evals and result.evals[-1]["step"] == result.step):
-        run_eval()
-    checkpoint()
-    if result.interrupted:
-        saved = f": checkpoint saved in {out / CHECKPOINT_DIR} ({RESUME_HINT})" if out is not None else ""
-        say(f"interrupted at step {result.step}/{steps}{saved}")
+    session.loop(progress, callback, say)
+    session.finish(say)
     if created_group:
         dist.destroy_process_group()
-    return result
+    return session.result
 
 
 # --------------------------------------------------------------------------------------------------
