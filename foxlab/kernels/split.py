@@ -115,6 +115,31 @@ def _combine_splits(O_PART, LSE_PART, O, LSE, b, hk, bhk, r_start, r_end, n_bhk,
 
 
 @_jit
+def _store_split(O, LSE, O_PART, LSE_PART, COUNTER, o, lse, split, row_tile, num_splits, bhk, n_bhk, b, hk, t, h, rows,
+                 r_start, n_rows, valid, offs_d, stride_ob, stride_ot, stride_oh, H, Tq, GROUP: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                 COMBINE_ROWS: tl.constexpr, LAST_MERGES: tl.constexpr):
+    """A split program's result: O and the lse when there is one split; else its partial (o, lse) into O_PART and
+    LSE_PART, and with LAST_MERGES, if it is the last of its tile to finish, the merge of the tile's splits."""
+    if num_splits == 1:
+        _store_rows(O, LSE, o, lse, b, t, h, valid, offs_d, stride_ob, stride_ot, stride_oh, H, Tq, HEAD_DIM)
+    else:
+        part = (split * n_bhk + bhk) * n_rows + rows  # O_PART: (splits, B * Hkv, GROUP * Tq, D)
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+        tl.store(LSE_PART + part, lse, mask=valid)
+        if LAST_MERGES:
+            tl.debug_barrier()  # every thread's partial is written before the counter says so (release, gpu scope)
+            counter = COUNTER + bhk * tl.num_programs(1) + row_tile
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                tl.store(counter, 0)
+                r_end = tl.minimum(r_start + BLOCK_M, n_rows)
+                _combine_splits(O_PART, LSE_PART, O, LSE, b, hk, bhk, r_start, r_end, n_bhk, n_rows, num_splits,
+                                offs_d, stride_ob, stride_ot, stride_oh, H, Tq, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S,
+                                COMBINE_ROWS)
+
+
+@_jit
 def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE, O_PART, LSE_PART, COUNTER,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                       stride_vb, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
@@ -195,23 +220,9 @@ def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE, O_PART, LSE_PART, COUNT
 
     # A row with no visible key has l = 0: it returns 0 (weight 0 among splits), and a finite lse.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = m_i + tl.log2(l_safe)
-    if num_splits == 1:
-        _store_rows(O, LSE, o, lse, b, t, h, valid, offs_d, stride_ob, stride_ot, stride_oh, H, Tq, HEAD_DIM)
-    else:
-        part = (split * n_bhk + bhk) * n_rows + rows  # O_PART: (splits, B * Hkv, GROUP * Tq, D)
-        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=q_mask)
-        tl.store(LSE_PART + part, lse, mask=valid)
-        if LAST_MERGES:
-            tl.debug_barrier()  # every thread's partial is written before the counter says so (release, gpu scope)
-            counter = COUNTER + bhk * tl.num_programs(1) + row_tile
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                tl.store(counter, 0)
-                r_end = tl.minimum(r_start + BLOCK_M, n_rows)
-                _combine_splits(O_PART, LSE_PART, O, LSE, b, hk, bhk, r_start, r_end, n_bhk, n_rows, num_splits,
-                                offs_d, stride_ob, stride_ot, stride_oh, H, Tq, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S,
-                                COMBINE_ROWS)
+    _store_split(O, LSE, O_PART, LSE_PART, COUNTER, acc / l_safe[:, None], m_i + tl.log2(l_safe), split, row_tile,
+                 num_splits, bhk, n_bhk, b, hk, t, h, rows, r_start, n_rows, valid, offs_d, stride_ob, stride_ot,
+                 stride_oh, H, Tq, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_S, COMBINE_ROWS, LAST_MERGES)
 
 
 @_jit
