@@ -104,7 +104,7 @@ class _TritonForgettingAttention(torch.autograd.Function):
 
 
 def _visibility_bounds(q, k, seq_start, cu_seqlens):
-    """key_lo (B, Tq) and query_hi (B, Tk) int32 as the kernels read them (see the section header)."""
+    """key_lo (B, Tq) and query_hi (B, Tk) int32 as the kernels read them (see the header above)."""
     B, Tq = q.shape[:2]
     Tk = k.shape[1]
     if seq_start is not None:
