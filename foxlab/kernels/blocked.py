@@ -39,7 +39,7 @@ def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, 
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
-        c_k = _load_vec(C + keys, keys, Tk, 0.0, CAUSAL)
+        c_k = _load_vec(C + n0 + offs_n, keys, Tk, 0.0, CAUSAL)
         decay = c_q[:, None] - c_k[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + decay
         s = _mask_scores(s, decay, delta[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO,
@@ -80,7 +80,7 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE,
     q_pos, c_q, key_lo, start, mid, end = _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob,
                                                             stride_lot, MASK_LO, BLOCK_M, BLOCK_N)
     delta, start, band = _query_block_pruning(BOUNDS, DELTA, bh, m0 // BLOCK_M, tl.num_programs(0), start, PRUNE,
-                                              BLOCK_M)
+                                              BLOCK_M, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -88,13 +88,13 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
                                qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D, BLOCK_N,
                                DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
+                               qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               DOT_PRECISION)
     if PRUNE and start < band:  # a loop of its own, entered only when needed (header of kernels/__init__.py)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
                                    qk_scale, start, band, offs_n, offs_d, False, MASK_LO, True, HEAD_DIM, BLOCK_D,
                                    BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
-                               qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D, BLOCK_N,
-                               DOT_PRECISION)
 
     # A row with no visible key has l = 0: it returns 0, and a finite lse keeps its backward at 0 too.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -226,7 +226,7 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BO
         if PRUNE:
             threshold = tl.load(THRESHOLD + bh)
             bounds = BOUNDS + (bh * tl.num_programs(0) + tl.program_id(0)) * 2
-            band = tl.load(bounds)
+            band = tl.multiple_of(tl.load(bounds), BLOCK_M)  # whole query blocks (as in _query_block_pruning)
             stop = tl.load(bounds + 1)
         else:
             threshold = 0.0
@@ -264,7 +264,7 @@ def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V
         keys = n0 + offs_n
         k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
         v = _load_tile(V + keys[:, None] * stride_vt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
-        c_k = _load_vec(C + keys, keys, Tk, 0.0, CAUSAL)
+        c_k = _load_vec(C + n0 + offs_n, keys, Tk, 0.0, CAUSAL)
         decay = c_q[:, None] - c_k[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + decay
         s = _mask_scores(s, decay, threshold[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL,
@@ -312,20 +312,20 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ, DC
                                                             stride_lot, MASK_LO, BLOCK_M, BLOCK_N)
 
     threshold, start, band = _query_block_pruning(BOUNDS, THRESHOLD, bh, m0 // BLOCK_M, tl.num_programs(0), start,
-                                                  PRUNE, BLOCK_M)
+                                                  PRUNE, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dc = tl.zeros([BLOCK_M], dtype=tl.float32)
     dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
                            Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D, BLOCK_N,
                            DOT_PRECISION)
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
+                           Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D, BLOCK_N,
+                           DOT_PRECISION)
     if PRUNE and start < band:
         dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt,
                                stride_vt, Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO, True, HEAD_DIM,
                                BLOCK_D, BLOCK_N, DOT_PRECISION)
-    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
-                           Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D, BLOCK_N,
-                           DOT_PRECISION)
 
     dq_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
@@ -361,7 +361,7 @@ def _triton_forward(q, k, v, c2, key_lo, threshold2, scale):
     _launch("fwd", q, meta["BLOCK_D"], lambda cfg: _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
         *args, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), o, lse, *strides, *o.stride()[:3],
         *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.options(q.device, meta["PRUNE"]), **meta))
     return o, lse
 
 
@@ -387,11 +387,11 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
         dc_col, *strides, *dk.stride()[:3], *dv.stride()[:3],
         *_strides(key_lo, 2), *_strides(query_hi, 2), H, Tq, Tk, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_M=Tq % cfg.block_m == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
+        **cfg.options(q.device, meta["PRUNE"]), **meta))
     _launch("dq", q, meta["BLOCK_D"], lambda cfg: _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
         q, k, v, c2, do, lse, delta, lo, thr, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), dq, dc_row,
         *strides, *dq.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale, qk_scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta))
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.options(q.device, meta["PRUNE"]), **meta))
     if gate_is_cumsum:  # dc_t = rowsum(dS) of the query at t - colsum(dS)_t (why the row sums stay: __init__.py)
         dc = dc_col.neg_()
         dc[:, :, Tk - Tq:] += dc_row

@@ -126,15 +126,28 @@ class _KernelConfig:
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int
+    prune_max_registers: int | None = None  # per thread (ptxas -maxnreg) in the pruning variants, NVIDIA only
+
+    def options(self, device: torch.device, prune: bool) -> dict:
+        """Triton's launch options for this configuration: num_warps, num_stages and (pruning) maxnreg."""
+        options = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if prune and self.prune_max_registers and device.type == "cuda" and torch.version.hip is None:
+            options["maxnreg"] = self.prune_max_registers
+        return options
 
 
 # First choice per (kernel, padded head dim) for 16-bit inputs on sm80+, tuned on an H100
 # (benchmarks/NOTES.md). Anything that does not fit a GPU's shared memory falls back along
 # _FALLBACK_CONFIGS, so no GPU needs an entry of its own.
+# The register cap of the pruning variants: a 128-thread program of at most 168 registers per thread lets 3
+# programs share an SM's 64K registers, as many as the ~60 KB of shared memory of these head-dim-64 tiles allow
+# on Hopper. The plain kernels compile to 150-170 and would lose ~1.5% under the cap; the pruning ones, a few
+# registers more, would drop to 2 programs per SM without it (benchmarks/NOTES.md, session 5).
+_SM_REGISTERS_3_PROGRAMS = 168
 _GPU_CONFIGS = {
     ("fwd", 16): _KernelConfig(64, 64, 4, 3),
     ("fwd", 32): _KernelConfig(64, 64, 4, 3),
-    ("fwd", 64): _KernelConfig(64, 64, 4, 3),
+    ("fwd", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
     ("fwd", 128): _KernelConfig(64, 64, 4, 3),
     ("fwd", 256): _KernelConfig(64, 32, 4, 2),
     ("dkdv", 16): _KernelConfig(64, 64, 4, 3),
@@ -144,7 +157,7 @@ _GPU_CONFIGS = {
     ("dkdv", 256): _KernelConfig(64, 32, 8, 2),
     ("dq", 16): _KernelConfig(64, 64, 4, 3),
     ("dq", 32): _KernelConfig(64, 64, 4, 3),
-    ("dq", 64): _KernelConfig(64, 64, 4, 3),
+    ("dq", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
     ("dq", 128): _KernelConfig(128, 64, 8, 2),
     ("dq", 256): _KernelConfig(128, 32, 8, 2),
     ("decode", 16): _KernelConfig(16, 128, 4, 3),

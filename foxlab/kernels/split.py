@@ -280,8 +280,8 @@ def _split_forward(q, k, v, c, c_scale, key_lo, threshold2, scale):
             q, k, v, c, _or(key_lo, c), _or(threshold2, c), o, lse, o_part, lse_part, counters,
             *_strides(q), *_strides(k), *_strides(v), *c.stride(), *o.stride()[:3], *_strides(key_lo, 2),
             H, Tq, Tk, scale * LOG2E, c_scale, keys_per_split, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-            BLOCK_S=block_s, COMBINE_ROWS=combine_rows, LAST_MERGES=last_merges, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **meta)
+            BLOCK_S=block_s, COMBINE_ROWS=combine_rows, LAST_MERGES=last_merges,
+            **cfg.options(q.device, meta["PRUNE"]), **meta)
         if splits > 1 and not last_merges:
             _combine_kernel[(triton.cdiv(n_rows, combine_rows), B * Hkv)](
                 o_part, lse_part, o, lse, *o.stride()[:3], H, Tq, splits, GROUP=meta["GROUP"], HEAD_DIM=D,
