@@ -247,15 +247,17 @@ def demo_gates(checkpoint: Path, B: int, T: int, H: int) -> torch.Tensor | None:
 
 def run_acp(shapes, checkpoint: Path) -> None:
     """Pruning's two limits: gates that allow none (log f = 0, ACP only adds its bookkeeping) and the gates of a
-    trained model (the demo FoX); foxlab with and without ACP, and the paper's kernel + ACP, same inputs."""
+    trained model (the demo FoX), and between them the main table's random gates (logits ~ N(3, 1)); foxlab with
+    and without ACP, and the paper's kernel + ACP, same inputs."""
     print("| (B, T, H, D) | gates | foxlab fwd / fwd+bwd ms | foxlab + ACP fwd / fwd+bwd ms | ACP speed-up "
           "fwd+bwd | paper + ACP fwd+bwd ms (eager) | foxlab + ACP fwd+bwd ms (eager) |")
     print("|---" * 7 + "|")
     for shape in shapes:
         B, T, H, D = shape
-        q, k, v, _ = make_inputs(B, T, H, D)
+        q, k, v, random_gates = make_inputs(B, T, H, D)
         trained = demo_gates(checkpoint, B, T, H)
-        for label, log_f in (("log f = 0", torch.zeros(B, T, H, device="cuda")), ("demo model", trained)):
+        for label, log_f in (("log f = 0", torch.zeros(B, T, H, device="cuda")), ("N(3, 1) logits", random_gates),
+                             ("demo model", trained)):
             if log_f is None:
                 continue
             leaves = [t.requires_grad_() for t in (q, k, v, log_f)]
@@ -445,7 +447,7 @@ def tune():
         q, k, v, log_f = make_inputs(B, T, H, D)
         scale = D ** -0.5
         c2 = (log_f.cumsum(1) * kernels.LOG2E).transpose(1, 2).contiguous()
-        o, lse = kernels.blocked._triton_forward(q, k, v, c2, None, None, scale)
+        o, lse, _ = kernels.blocked._triton_forward(q, k, v, c2, None, None, scale)
         d_out = torch.randn_like(o)
         calls = {"fwd": lambda: kernels.blocked._triton_forward(q, k, v, c2, None, None, scale),
                  "dkdv": lambda: kernels.blocked._triton_backward(d_out, q, k, v, c2, o, lse, None, None, None, scale),
@@ -474,6 +476,7 @@ def main():
     parser.add_argument("--json", help="write all measurements here")
     parser.add_argument("--acp", action="store_true", help="also: ACP with log f = 0 and with trained gates, and "
                         "a fox-125m training step at 16k tokens with ACP off and on")
+    parser.add_argument("--acp-only", action="store_true", help="only the ACP tables (implies --acp)")
     parser.add_argument("--decode-only", action="store_true", help="only the decoding and chunked-prefill tables")
     parser.add_argument("--decode-sweep", action="store_true", help="with --decode-only: time the split kernel's "
                         "configurations first")
@@ -490,6 +493,10 @@ def main():
             sweep_decode()
         run_decode()
         run_prefill()
+        return
+    if args.acp_only:
+        run_acp(shapes, args.demo_checkpoint)
+        run_acp_training_step()
         return
     best = {}
     if args.tune:

@@ -85,10 +85,11 @@ class _TritonForgettingAttention(torch.autograd.Function):
         c, c_scale = (gate, LOG2E) if c2 is None else (c2.transpose(1, 2), 1.0)
         if auto_log_eps is not None:
             threshold2 = pruning._auto_threshold2(q, k, c, c_scale, scale, auto_log_eps)
+        ctx.query_bounds = None  # the blocked forward's pruning bounds, which the dQ kernel can reuse
         if split_keys:
             o, lse = split._split_forward(q, k, v, c, c_scale, key_lo, threshold2, scale)
         else:
-            o, lse = blocked._triton_forward(q, k, v, c2, key_lo, threshold2, scale)
+            o, lse, ctx.query_bounds = blocked._triton_forward(q, k, v, c2, key_lo, threshold2, scale)
         ctx.save_for_backward(q, k, v, gate if c2 is None else c2, o, lse, key_lo, query_hi, threshold2)
         ctx.scale, ctx.is_cumsum, ctx.saved_c2 = scale, is_cumsum, c2 is not None
         return o
@@ -99,7 +100,7 @@ class _TritonForgettingAttention(torch.autograd.Function):
         if not ctx.saved_c2:  # the forward read c in place; the backward kernels want c2
             c2 = blocked._base2_prefix_sums(c2, True)
         dq, dk, dv, dgate = blocked._triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, ctx.scale,
-                                             ctx.is_cumsum)
+                                                     ctx.is_cumsum, ctx.query_bounds)
         return dq, dk, dv, dgate, None, None, None, None, None, None
 
 

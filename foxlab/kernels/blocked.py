@@ -288,7 +288,7 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ, DC
                    DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head). dQ = s dS K; row sums of dS go to DC_ROW.
 
-    Key blocks as in the forward: the diagonal [mid, end), then [start, band) pruned in part, [band, mid) plain.
+    Key blocks as in the forward: the diagonal [mid, end), then [band, mid) plain and [start, band) pruned in part.
     """
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -346,7 +346,8 @@ def _base2_prefix_sums(gate, is_cumsum):
 
 
 def _triton_forward(q, k, v, c2, key_lo, threshold2, scale):
-    """O (B, Tq, H, D) in q's dtype and the base-2 lse (B, H, Tq) in float32.
+    """O (B, Tq, H, D) in q's dtype, the base-2 lse (B, H, Tq) in float32, and the query-block pruning bounds it
+    used, {(block_m, block_n): bounds}, for a dQ kernel of the same tiles.
 
     threshold2: the pruning threshold in base 2 (B, H), or None. Optional tensors that are absent are passed
     as c2: the kernels do not read them when their flag is off.
@@ -358,15 +359,25 @@ def _triton_forward(q, k, v, c2, key_lo, threshold2, scale):
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     args = (q, k, v, c2, _or(key_lo, c2), _or(threshold2, c2))
     strides = (*_strides(q), *_strides(k), *_strides(v))
-    _launch("fwd", q, meta["BLOCK_D"], lambda cfg: _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-        *args, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), o, lse, *strides, *o.stride()[:3],
-        *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.options(q.device, meta["PRUNE"]), **meta))
-    return o, lse
+    query_bounds = {}
+
+    def launch(cfg):
+        bounds = _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg)
+        query_bounds[(cfg.block_m, cfg.block_n)] = bounds
+        _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
+            *args, bounds, o, lse, *strides, *o.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.options(q.device, meta["PRUNE"]), **meta)
+
+    _launch("fwd", q, meta["BLOCK_D"], launch)
+    return o, lse, query_bounds
 
 
-def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scale, gate_is_cumsum=False):
-    """dq, dk, dv in their inputs' dtypes and dlog f (B, Tk, H) in float32 (with ``gate_is_cumsum``, dc instead)."""
+def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scale, gate_is_cumsum=False,
+                     query_bounds=None):
+    """dq, dk, dv in their inputs' dtypes and dlog f (B, Tk, H) in float32 (with ``gate_is_cumsum``, dc instead).
+
+    query_bounds: the forward's pruning bounds by tile shape (`_triton_forward`), reused when dQ's tiles match.
+    """
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     meta = _common_meta(q, k, key_lo, threshold2)
@@ -388,9 +399,14 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
         *_strides(key_lo, 2), *_strides(query_hi, 2), H, Tq, Tk, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_M=Tq % cfg.block_m == 0,
         **cfg.options(q.device, meta["PRUNE"]), **meta))
+
+    def dq_bounds(cfg):
+        reused = (query_bounds or {}).get((cfg.block_m, cfg.block_n))
+        return reused if reused is not None else _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg)
+
     _launch("dq", q, meta["BLOCK_D"], lambda cfg: _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-        q, k, v, c2, do, lse, delta, lo, thr, _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg), dq, dc_row,
-        *strides, *dq.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale, qk_scale,
+        q, k, v, c2, do, lse, delta, lo, thr, dq_bounds(cfg), dq, dc_row, *strides, *dq.stride()[:3],
+        *_strides(key_lo, 2), H, Tq, Tk, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.options(q.device, meta["PRUNE"]), **meta))
     if gate_is_cumsum:  # dc_t = rowsum(dS) of the query at t - colsum(dS)_t (why the row sums stay: __init__.py)
         dc = dc_col.neg_()

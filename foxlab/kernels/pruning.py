@@ -42,17 +42,14 @@ def _threshold2_from_bound(bound, log_keys, log_eps):
 
 
 @_jit
-def _max_norm_kernel(X, C, OUT, stride_b, stride_t, stride_h, stride_cb, stride_ct, stride_ch, Hx, T, Tk,
-                     c_scale, log_keys, log_eps, HEADS_PER_X: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """OUT[chunk, b * Hx + h] = max over the BLOCK_T rows t of the chunk of |X[b, t, h, :]|^2, in float32, or 0 when
-    none of the HEADS_PER_X query heads that read X's head h can prune: every visible score's decay is at least
-    (c[b, Tk-1] - c[b, 0]) c_scale (c (B, Tk, H) falls along keys), and a threshold is at most its value at U = 0.
-    A skipped head then gets the U = 0 threshold, which prunes nothing there either."""
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+def _max_norm_rows(X, C, OUT, chunk, bh, n_heads, stride_b, stride_t, stride_h, stride_cb, stride_ct, stride_ch, Hx,
+                   T, Tk, c_scale, floor, HEADS_PER_X: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
+    """OUT[chunk, bh] = max over the BLOCK_T rows t of the chunk of |X[b, t, h, :]|^2 (bh = b * Hx + h), in float32,
+    or 0 when none of the HEADS_PER_X query heads that read X's head h can prune: every visible score's decay is
+    at least (c[b, Tk-1] - c[b, 0]) c_scale (c (B, Tk, H) falls along keys), and a threshold is at most its value
+    at U = 0 (`floor`). A skipped head then gets the U = 0 threshold, which prunes nothing there either."""
     b = bh // Hx
-    floor = _threshold2_from_bound(0.0, log_keys, log_eps)
     prunable = 0
     for g in range(HEADS_PER_X):
         h = (bh % Hx) * HEADS_PER_X + g
@@ -67,7 +64,25 @@ def _max_norm_kernel(X, C, OUT, stride_b, stride_t, stride_h, stride_cb, stride_
         x = _load_tile(X + rows[:, None] * stride_t + offs_d[None, :], rows, T, offs_d, HEAD_DIM, BLOCK_D, True)
         x = x.to(tl.float32)
         sq_max = tl.max(tl.sum(x * x, 1), 0)
-    tl.store(OUT + chunk * tl.num_programs(1) + bh, sq_max)
+    tl.store(OUT + chunk * n_heads + bh, sq_max)
+
+
+@_jit
+def _max_norm_kernel(Q, K, C, Q_SQ, K_SQ, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                     stride_cb, stride_ct, stride_ch, B, H, Tq, Tk, c_scale, log_keys, log_eps, GROUP: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Chunk maxima of |q|^2 into Q_SQ (q chunks, B * H) and of |k|^2 into K_SQ (k chunks, B * H / GROUP), in one
+    launch (`_max_norm_rows`): programs (chunk, head) over the B * H query heads, then the B * H / GROUP kv heads."""
+    chunk = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    floor = _threshold2_from_bound(0.0, log_keys, log_eps)
+    if head < B * H:
+        if chunk * BLOCK_T < Tq:
+            _max_norm_rows(Q, C, Q_SQ, chunk, head, B * H, stride_qb, stride_qt, stride_qh, stride_cb, stride_ct,
+                           stride_ch, H, Tq, Tk, c_scale, floor, 1, HEAD_DIM, BLOCK_D, BLOCK_T)
+    elif chunk * BLOCK_T < Tk:
+        _max_norm_rows(K, C, K_SQ, chunk, head - B * H, B * (H // GROUP), stride_kb, stride_kt, stride_kh, stride_cb,
+                       stride_ct, stride_ch, H // GROUP, Tk, Tk, c_scale, floor, GROUP, HEAD_DIM, BLOCK_D, BLOCK_T)
 
 
 @_jit
@@ -186,27 +201,25 @@ def _key_block_bounds_kernel(C, QUERY_HI, DELTA, BOUNDS, stride_hib, stride_hit,
 
 
 def _auto_threshold2(q, k, c, c_scale: float, scale: float, log_eps: float) -> torch.Tensor:
-    """The "auto" pruning threshold (acp.threshold) in base 2, (B, H) float32, in three small kernels: chunk maxima
+    """The "auto" pruning threshold (acp.threshold) in base 2, (B, H) float32, in two small kernels: chunk maxima
     of |q|^2 and |k|^2, then the bound (decoding runs it every step, so it must cost a few microseconds).
 
     c: the gate's prefix sums (B, Tk, H) float32, any strides, c_scale times them in base 2 (as the attention
-    kernel reads them). Heads whose decay never reaches the threshold at U = 0 skip their norms (`_max_norm_kernel`).
+    kernel reads them). Heads whose decay never reaches the threshold at U = 0 skip their norms (`_max_norm_rows`).
     """
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     block_d, block_t = max(16, triton.next_power_of_2(D)), 64
     log_keys, log_eps = math.log(Tk), float(log_eps)
-    maxima = []
-    for x, T, heads in ((q, Tq, H), (k, Tk, Hkv)):
-        chunks = triton.cdiv(T, block_t)
-        out = torch.empty(chunks, B * heads, dtype=torch.float32, device=q.device)
-        _max_norm_kernel[(chunks, B * heads)](x, c, out, *_strides(x), *c.stride(), heads, T, Tk, c_scale, log_keys,
-                                              log_eps, HEADS_PER_X=H // heads, HEAD_DIM=D, BLOCK_D=block_d,
-                                              BLOCK_T=block_t)
-        maxima.append(out)
+    q_chunks, k_chunks = triton.cdiv(Tq, block_t), triton.cdiv(Tk, block_t)
+    q_sq = torch.empty(q_chunks, B * H, dtype=torch.float32, device=q.device)
+    k_sq = torch.empty(k_chunks, B * Hkv, dtype=torch.float32, device=q.device)
+    _max_norm_kernel[(max(q_chunks, k_chunks), B * (H + Hkv))](
+        q, k, c, q_sq, k_sq, *_strides(q), *_strides(k), *c.stride(), B, H, Tq, Tk, c_scale, log_keys, log_eps,
+        GROUP=H // Hkv, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=block_t)
     threshold2 = torch.empty(B, H, dtype=torch.float32, device=q.device)
-    _auto_threshold_kernel[(B * H,)](*maxima, threshold2, H, H // Hkv, maxima[0].shape[0], maxima[1].shape[0],
-                                     scale, log_keys, log_eps, BLOCK_C=64)
+    _auto_threshold_kernel[(B * H,)](q_sq, k_sq, threshold2, H, H // Hkv, q_chunks, k_chunks, scale, log_keys, log_eps,
+                                     BLOCK_C=64)
     return threshold2
 
 
