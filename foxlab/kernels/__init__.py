@@ -64,7 +64,10 @@ from .common import LOG2E, triton
 # the prefix sums for every block at once (`_query_block_bounds_kernel`, `_key_block_bounds_kernel`). An
 # attention program runs its diagonal tile first, whose range needs no bounds, while its two ints load; the
 # band gets a loop of its own in the pruning variants only, entered only when the band is not empty (one loop
-# with a branch per tile stalls its software pipeline: +10-18% on the H200). The "auto" threshold's pass over
+# with a branch per tile stalls its software pipeline: +10-18% on the H200). Loops that start at a loaded
+# bound keep their loads of c vectorized only if the bound is declared a whole block (`tl.multiple_of`) and c is
+# addressed as C + n0 + offsets; with both, the pruning variants run within 1-2% of the plain kernels when
+# nothing is pruned (benchmarks/NOTES.md, attempt 5). The "auto" threshold's pass over
 # the q and k norms skips every head whose whole decay c_0 - c_{T-1} stays within the threshold at U = 0: no
 # score of it can be pruned whatever its norms (log f = 0 costs that pass nothing). Decoding's split kernel
 # starts each split at its first key block that some row keeps.
