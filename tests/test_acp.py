@@ -107,6 +107,29 @@ def test_pruned_from_prefix_sums(backend, shape):
         assert rel_err(a, b) <= 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0][0] == "triton"])
+@pytest.mark.parametrize("dq_tiles", [None, (16, 32)], ids=["dq-tiles-of-the-forward", "dq-tiles-of-its-own"])
+def test_dq_reuses_the_forward_bounds_only_for_its_tiles(backend, dq_tiles, monkeypatch):
+    """The dQ kernel takes the forward's query-block bounds when its tiles are the forward's (one bounds search
+    fewer per step) and searches its own for other tiles; the gradients are exact either way."""
+    from foxlab import kernels
+    if dq_tiles is not None:
+        monkeypatch.setitem(kernels.common._CONFIG_OVERRIDES, "dq", kernels.common._KernelConfig(*dq_tiles, 4, 1))
+    searches = []
+    search = kernels.blocked._pruning_bounds
+    monkeypatch.setattr(kernels.blocked, "_pruning_bounds", lambda side, *a: searches.append(side) or search(side, *a))
+    B, Tq, Tk, H, Hkv, D, kw = SHAPES[1]
+    q, k, v, g = inputs(B, Tq, Tk, H, Hkv, D)
+    log_f, threshold = quantized_gates(B, Tk, H, generator=g)
+    d_out = torch.randn(q.shape, generator=g)
+    ours = run(*backend, q, k, v, log_f, d_out, adaptive_threshold=threshold)
+    ref, _, kept, visible = dense(q, k, v, log_f, d_out, threshold)
+    assert (visible & ~kept).any(), "the test must prune something"
+    assert searches.count("query") == (1 if dq_tiles is None else 2) and searches.count("key") == 1
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dlog_f"), ours, ref):
+        assert rel_err(a, b) <= 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("Tq,Tk", [(64, 64), (1, 80), (9, 80)])
 def test_no_forgetting_prunes_nothing_bit_for_bit(backend, Tq, Tk):
