@@ -141,8 +141,9 @@ class _KernelConfig:
 # _FALLBACK_CONFIGS, so no GPU needs an entry of its own.
 # The register cap of the pruning variants: a 128-thread program of at most 168 registers per thread lets 3
 # programs share an SM's 64K registers, as many as the ~60 KB of shared memory of these head-dim-64 tiles allow
-# on Hopper. The plain kernels compile to 150-170 and would lose ~1.5% under the cap; the pruning ones, a few
-# registers more, would drop to 2 programs per SM without it (benchmarks/NOTES.md, session 5).
+# on Hopper. The pruning variants of the forward and dQ compile to 160-168 with Triton 3.6 (170-214 before their
+# loads of c were vectorized: 2 programs per SM), so the cap guards the third program against other compilers;
+# the plain kernels stay uncapped, a cap cost them ~1.5% (benchmarks/NOTES.md, attempt 5).
 _SM_REGISTERS_3_PROGRAMS = 168
 _GPU_CONFIGS = {
     ("fwd", 16): _KernelConfig(64, 64, 4, 3),
