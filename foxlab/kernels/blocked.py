@@ -60,7 +60,7 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE,
     """One program: BLOCK_M query rows of one (batch, head). Writes O and the base-2 log-sum-exp.
 
     Key blocks: the diagonal [mid, end) first (its range needs no load, so its tiles stream in while the
-    pruning bounds arrive), then [start, band) pruned in part (PRUNE only) and [band, mid) plain.
+    pruning bounds arrive), then [band, mid) plain and (PRUNE only) [start, band) pruned in part.
     """
     # Latest query blocks first: they have the most keys, and the short ones fill the tail of the grid.
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
