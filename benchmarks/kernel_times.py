@@ -12,6 +12,7 @@ A register cap (ptxas -maxnreg) of the pruning variants replaces the default con
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -70,10 +71,8 @@ def main():
             common._CONFIG_OVERRIDES.clear()
             if cap != "default":
                 for kind in args.kinds.split(","):
-                    base = common._GPU_CONFIGS[(kind, block_d)]
-                    common._CONFIG_OVERRIDES[kind] = common._KernelConfig(
-                        base.block_m, base.block_n, base.num_warps, base.num_stages,
-                        None if cap == "none" else int(cap))
+                    common._CONFIG_OVERRIDES[kind] = dataclasses.replace(
+                        common._GPU_CONFIGS[(kind, block_d)], prune_max_registers=None if cap == "none" else int(cap))
             exact = kernel_times(shape, None, args.iters)
             pruned = kernel_times(shape, "auto", args.iters)
             for kind in KERNELS:
