@@ -123,6 +123,18 @@ def _stand_in(dummy: torch.Tensor, *tensors):
     return [dummy if t is None else t for t in tensors]
 
 
+def _row_strided(t: torch.Tensor, row_size: int) -> tuple[torch.Tensor, int]:
+    """t as rows of ``row_size`` contiguous elements, and the stride between rows: t itself where its layout already is
+    that (a column slice of a wider matmul's output, as the attention's stacked projections give), else a contiguous
+    copy (stride ``row_size``). The kernels read such inputs in place: a copy is one more launch per step."""
+    if t.numel() and t.stride(-1) == 1:
+        try:
+            return t, t.view(-1, row_size).stride(0)
+        except RuntimeError:  # rows of t are not one stride apart
+            pass
+    return t.contiguous(), row_size
+
+
 def _check_float_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got "
@@ -151,11 +163,12 @@ def _sigmoid(x):
 
 
 @_jit
-def _rms_norm_fwd_rows(X, R, GATE, W, Y, S, RSTD, tile, n_rows, n_groups, group_size, eps,
+def _rms_norm_fwd_rows(X, stride_x, R, GATE, stride_gate, W, Y, S, RSTD, tile, n_rows, n_groups, group_size, eps,
                        HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows tile*BLOCK_M.. of X (n_rows, n_groups, group_size), W (n_groups, group_size) (one group: shared):
-    S = X + R, Y = S * RSTD * W (* sigmoid(GATE)), RSTD (n_rows, n_groups) one per group."""
+    S = X + R, Y = S * RSTD * W (* sigmoid(GATE)), RSTD (n_rows, n_groups) one per group. Rows of X and GATE are
+    ``stride_x`` / ``stride_gate`` elements apart, R, Y and S contiguous."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     groups = tl.arange(0, BLOCK_G)
     cols = tl.arange(0, BLOCK_D)
@@ -163,7 +176,7 @@ def _rms_norm_fwd_rows(X, R, GATE, W, Y, S, RSTD, tile, n_rows, n_groups, group_
     w_offs = groups[:, None] * group_size + cols[None, :]
     mask = (rows < n_rows)[:, None, None] & in_row[None, :, :]
     offs = rows[:, None, None] * (n_groups * group_size) + w_offs[None, :, :]
-    s = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    s = tl.load(X + rows[:, None, None] * stride_x + w_offs[None, :, :], mask=mask, other=0.0).to(ACC)
     if HAS_RESIDUAL:  # the sum is stored, then normalized as stored (what x + residual would give)
         s = (s + tl.load(R + offs, mask=mask, other=0.0).to(ACC)).to(S.dtype.element_ty)
         tl.store(S + offs, s, mask=mask)
@@ -172,40 +185,44 @@ def _rms_norm_fwd_rows(X, R, GATE, W, Y, S, RSTD, tile, n_rows, n_groups, group_
     w = tl.load(W + w_offs, mask=in_row, other=0.0).to(ACC)
     y = s * rstd[:, :, None] * w[None, :, :]
     if HAS_GATE:
-        y = y * _sigmoid(tl.load(GATE + offs, mask=mask, other=0.0).to(ACC))
+        gate = tl.load(GATE + rows[:, None, None] * stride_gate + w_offs[None, :, :], mask=mask, other=0.0)
+        y = y * _sigmoid(gate.to(ACC))
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     rstd_offs = rows[:, None] * n_groups + groups[None, :]
     tl.store(RSTD + rstd_offs, rstd, mask=(rows < n_rows)[:, None] & (groups < n_groups)[None, :])
 
 
 @_jit
-def _rms_norm_fwd_kernel(X, R, GATE, W, Y, S, RSTD, n_rows, n_groups, group_size, eps, HAS_RESIDUAL: tl.constexpr,
-                         HAS_GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+def _rms_norm_fwd_kernel(X, stride_x, R, GATE, stride_gate, W, Y, S, RSTD, n_rows, n_groups, group_size, eps,
+                         HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """`_rms_norm_fwd_rows` over X, one tile of rows per program."""
-    _rms_norm_fwd_rows(X, R, GATE, W, Y, S, RSTD, tl.program_id(0), n_rows, n_groups, group_size, eps, HAS_RESIDUAL,
-                       HAS_GATE, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+    _rms_norm_fwd_rows(X, stride_x, R, GATE, stride_gate, W, Y, S, RSTD, tl.program_id(0), n_rows, n_groups,
+                       group_size, eps, HAS_RESIDUAL, HAS_GATE, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
 
 
 @_jit
-def _rms_norm_pair_fwd_kernel(X, W, Y, RSTD, n_rows, n_groups, X2, W2, Y2, RSTD2, n_rows2, n_groups2, group_size, eps,
-                              ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_norm_pair_fwd_kernel(X, stride_x, W, Y, RSTD, n_rows, n_groups, X2, stride_x2, W2, Y2, RSTD2, n_rows2,
+                              n_groups2, group_size, eps, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """Two plain norms in one launch (q and k): programs (*, 0) normalize X, programs (*, 1) X2."""
     if tl.program_id(1) == 1:
-        _rms_norm_fwd_rows(X2, X2, X2, W2, Y2, X2, RSTD2, tl.program_id(0), n_rows2, n_groups2, group_size, eps, False,
-                           False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+        _rms_norm_fwd_rows(X2, stride_x2, X2, X2, 0, W2, Y2, X2, RSTD2, tl.program_id(0), n_rows2, n_groups2,
+                           group_size, eps, False, False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
     else:
-        _rms_norm_fwd_rows(X, X, X, W, Y, X, RSTD, tl.program_id(0), n_rows, n_groups, group_size, eps, False, False,
-                           ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+        _rms_norm_fwd_rows(X, stride_x, X, X, 0, W, Y, X, RSTD, tl.program_id(0), n_rows, n_groups, group_size, eps,
+                           False, False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
 
 
 @_jit
-def _rms_norm_bwd_rows(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, program, n_rows, rows_per_program,
-                       n_groups, group_size, dw_stride, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
-                       ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_norm_bwd_rows(S, stride_s, W, GATE, stride_gate, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, program, n_rows,
+                       rows_per_program, n_groups, group_size, dw_stride, HAS_RESIDUAL: tl.constexpr,
+                       HAS_GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     """dX (= dR with a residual) and dGATE for the rows of S (n_rows, n_groups, group_size) that ``program`` owns,
     the module docstring's backward per group; its partial sum of dW goes to row ``program`` of DW_PARTIAL (rows
-    ``dw_stride`` apart, n_groups x group_size of them used; zeros when it owns no rows)."""
+    ``dw_stride`` apart, n_groups x group_size of them used; zeros when it owns no rows). Rows of S and GATE are
+    ``stride_s`` / ``stride_gate`` elements apart, the other tensors contiguous."""
     groups = tl.arange(0, BLOCK_G)
     cols = tl.arange(0, BLOCK_D)
     in_row = (groups[:, None] < n_groups) & (cols[None, :] < group_size)
@@ -221,10 +238,11 @@ def _rms_norm_bwd_rows(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, prog
         offs = rows[:, None, None] * (n_groups * group_size) + w_offs[None, :, :]
         rstd_mask = row_ok[:, None] & (groups < n_groups)[None, :]
         rstd = tl.load(RSTD + rows[:, None] * n_groups + groups[None, :], mask=rstd_mask, other=0.0)[:, :, None]
-        s_hat = tl.load(S + offs, mask=mask, other=0.0).to(ACC) * rstd
+        s_hat = tl.load(S + rows[:, None, None] * stride_s + w_offs[None, :, :], mask=mask, other=0.0).to(ACC) * rstd
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
         if HAS_GATE:
-            sig = _sigmoid(tl.load(GATE + offs, mask=mask, other=0.0).to(ACC))
+            gate = tl.load(GATE + rows[:, None, None] * stride_gate + w_offs[None, :, :], mask=mask, other=0.0)
+            sig = _sigmoid(gate.to(ACC))
             dgate = dy * s_hat * w[None, :, :] * sig * (1.0 - sig)
             tl.store(DGATE + offs, dgate.to(DGATE.dtype.element_ty), mask=mask)
             dy = dy * sig
@@ -239,30 +257,31 @@ def _rms_norm_bwd_rows(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, prog
 
 
 @_jit
-def _rms_norm_bwd_kernel(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, n_rows, rows_per_program, n_groups,
-                         group_size, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_norm_bwd_kernel(S, stride_s, W, GATE, stride_gate, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, n_rows,
+                         rows_per_program, n_groups, group_size, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """`_rms_norm_bwd_rows` over S, one stretch of rows per program."""
-    _rms_norm_bwd_rows(S, W, GATE, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, tl.program_id(0), n_rows, rows_per_program,
-                       n_groups, group_size, n_groups * group_size, HAS_RESIDUAL, HAS_GATE, ACC, BLOCK_M, BLOCK_G,
-                       BLOCK_D)
+    _rms_norm_bwd_rows(S, stride_s, W, GATE, stride_gate, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, tl.program_id(0),
+                       n_rows, rows_per_program, n_groups, group_size, n_groups * group_size, HAS_RESIDUAL, HAS_GATE,
+                       ACC, BLOCK_M, BLOCK_G, BLOCK_D)
 
 
 @_jit
-def _rms_norm_pair_bwd_kernel(S, W, RSTD, DY, DX, n_rows, rows_per_program, n_groups, S2, W2, RSTD2, DY2, DX2,
-                              n_rows2, rows_per_program2, n_groups2, DW_PARTIAL, group_size, ACC: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_norm_pair_bwd_kernel(S, stride_s, W, RSTD, DY, DX, n_rows, rows_per_program, n_groups, S2, stride_s2, W2,
+                              RSTD2, DY2, DX2, n_rows2, rows_per_program2, n_groups2, DW_PARTIAL, group_size,
+                              ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """Backward of `_rms_norm_pair_fwd_kernel`. Row p of DW_PARTIAL holds program p's partial dW of X's weights and,
     after them, of X2's: one sum over the rows gives both weights' gradients."""
     n_w = n_groups * group_size
     dw_stride = n_w + n_groups2 * group_size
     if tl.program_id(1) == 1:
-        _rms_norm_bwd_rows(S2, W2, S2, RSTD2, DY2, S2, DX2, S2, S2, DW_PARTIAL + n_w, tl.program_id(0), n_rows2,
-                           rows_per_program2, n_groups2, group_size, dw_stride, False, False, ACC, BLOCK_M, BLOCK_G,
-                           BLOCK_D)
+        _rms_norm_bwd_rows(S2, stride_s2, W2, S2, 0, RSTD2, DY2, S2, DX2, S2, S2, DW_PARTIAL + n_w, tl.program_id(0),
+                           n_rows2, rows_per_program2, n_groups2, group_size, dw_stride, False, False, ACC, BLOCK_M,
+                           BLOCK_G, BLOCK_D)
     else:
-        _rms_norm_bwd_rows(S, W, S, RSTD, DY, S, DX, S, S, DW_PARTIAL, tl.program_id(0), n_rows, rows_per_program,
-                           n_groups, group_size, dw_stride, False, False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+        _rms_norm_bwd_rows(S, stride_s, W, S, 0, RSTD, DY, S, DX, S, S, DW_PARTIAL, tl.program_id(0), n_rows,
+                           rows_per_program, n_groups, group_size, dw_stride, False, False, ACC, BLOCK_M, BLOCK_G,
+                           BLOCK_D)
 
 
 def _norm_rows(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
@@ -302,45 +321,49 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, residual, gate, eps, out_dtype):
-        x = x.contiguous()
         rows, groups = _norm_rows(x, weight)
+        row_size = groups * weight.shape[-1]
+        x, stride_x = _row_strided(x, row_size)  # x and gate are read in place, the outputs written contiguous
+        gate, stride_gate = _row_strided(gate, row_size) if gate is not None else (None, 0)
         acc = _acc_dtype(x, weight)
         meta = _norm_meta(groups, weight.shape[-1], acc)
-        y = torch.empty_like(x, dtype=out_dtype)
+        y = x.new_empty(x.shape, dtype=out_dtype)
         rstd = x.new_empty((rows, groups), dtype=acc)
-        s = x
+        s, stride_s = x, stride_x
         if residual is not None:
             residual = residual.contiguous()
-            s = torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype))
-        if gate is not None:
-            gate = gate.contiguous()
+            s, stride_s = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype)), row_size
         if rows:
             _rms_norm_fwd_kernel[(_cdiv(rows, meta["BLOCK_M"]),)](
-                x, x if residual is None else residual, x if gate is None else gate, weight, y, s, rstd, rows, groups,
-                weight.shape[-1], eps, HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None, **meta)
+                x, stride_x, x if residual is None else residual, x if gate is None else gate, stride_gate, weight, y,
+                s, rstd, rows, groups, weight.shape[-1], eps, HAS_RESIDUAL=residual is not None,
+                HAS_GATE=gate is not None, **meta)
         ctx.save_for_backward(s, weight, gate, rstd)
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
+        ctx.strides = (stride_s, stride_gate)
         return (y, s) if residual is not None else y
 
     @staticmethod
     def backward(ctx, dy, ds=None):
         s, weight, gate, rstd = ctx.saved_tensors
         x_dtype, r_dtype = ctx.dtypes
+        stride_s, stride_gate = ctx.strides
         has_residual = r_dtype is not None
         rows, groups = rstd.shape
         meta = _norm_meta(groups, weight.shape[-1], rstd.dtype)
         programs = _programs(_cdiv(rows, meta["BLOCK_M"]), s.device)
-        dx = torch.empty_like(s, dtype=x_dtype)
-        dr = torch.empty_like(s, dtype=r_dtype) if has_residual else dx
+        dx = s.new_empty(s.shape, dtype=x_dtype)
+        dr = s.new_empty(s.shape, dtype=r_dtype) if has_residual else dx
         if has_residual:  # the gradient reaching the sum s itself; None when s did not reach the loss
             ds = torch.zeros_like(s) if ds is None else ds.contiguous()
-        dgate = torch.empty_like(gate) if gate is not None else None
+        dgate = gate.new_empty(gate.shape) if gate is not None else None
         # every program writes its partial dW, rows or not
         dw_partial = (torch.empty if rows else torch.zeros)((programs, weight.numel()), dtype=rstd.dtype,
                                                             device=s.device)
         if rows:
             _rms_norm_bwd_kernel[(programs,)](
-                s, weight, s if gate is None else gate, rstd, dy.contiguous(), s if ds is None else ds, dx, dr,
+                s, stride_s, weight, s if gate is None else gate, stride_gate, rstd, dy.contiguous(),
+                s if ds is None else ds, dx, dr,
                 s if dgate is None else dgate, dw_partial, rows, _rows_per_program(rows, programs, meta["BLOCK_M"]),
                 groups, weight.shape[-1],
                 HAS_RESIDUAL=has_residual, HAS_GATE=gate is not None, **meta)
@@ -352,17 +375,18 @@ class _RMSNormPairFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, x2, weight2, eps, out_dtype):
-        x, x2 = x.contiguous(), x2.contiguous()
         (rows, groups), (rows2, groups2) = _norm_rows(x, weight), _norm_rows(x2, weight2)
+        (x, stride_x), (x2, stride_x2) = _row_strided(x, weight.numel()), _row_strided(x2, weight2.numel())
         acc = _acc_dtype(x, weight, x2, weight2)
         meta = _norm_meta(max(groups, groups2), weight.shape[-1], acc)
-        y, y2 = torch.empty_like(x, dtype=out_dtype), torch.empty_like(x2, dtype=out_dtype)
+        y, y2 = x.new_empty(x.shape, dtype=out_dtype), x2.new_empty(x2.shape, dtype=out_dtype)
         rstd, rstd2 = x.new_empty((rows, groups), dtype=acc), x2.new_empty((rows2, groups2), dtype=acc)
         tiles = _cdiv(max(rows, rows2), meta["BLOCK_M"])
         if tiles:
-            _rms_norm_pair_fwd_kernel[(tiles, 2)](x, weight, y, rstd, rows, groups, x2, weight2, y2, rstd2, rows2,
-                                                   groups2, weight.shape[-1], eps, **meta)
+            _rms_norm_pair_fwd_kernel[(tiles, 2)](x, stride_x, weight, y, rstd, rows, groups, x2, stride_x2, weight2,
+                                                   y2, rstd2, rows2, groups2, weight.shape[-1], eps, **meta)
         ctx.save_for_backward(x, weight, rstd, x2, weight2, rstd2)
+        ctx.strides = (stride_x, stride_x2)
         return y, y2
 
     @staticmethod
@@ -373,16 +397,17 @@ class _RMSNormPairFunction(torch.autograd.Function):
         block_m = meta["BLOCK_M"]
         programs = _programs(_cdiv(max(rows, rows2), block_m), x.device)
         # a gradient that did not reach the loss comes as None: zeros (its rows still run, for their partial dW)
-        dy = torch.zeros_like(x) if dy is None else dy.contiguous()
-        dy2 = torch.zeros_like(x2) if dy2 is None else dy2.contiguous()
-        dx, dx2 = torch.empty_like(x), torch.empty_like(x2)
+        dy = x.new_zeros(x.shape) if dy is None else dy.contiguous()
+        dy2 = x2.new_zeros(x2.shape) if dy2 is None else dy2.contiguous()
+        dx, dx2 = x.new_empty(x.shape), x2.new_empty(x2.shape)
         dw_partial = (torch.empty if rows or rows2 else torch.zeros)((programs, weight.numel() + weight2.numel()),
                                                                      dtype=rstd.dtype, device=x.device)
         if rows or rows2:
+            stride_x, stride_x2 = ctx.strides
             _rms_norm_pair_bwd_kernel[(programs, 2)](
-                x, weight, rstd, dy, dx, rows, _rows_per_program(rows, programs, block_m), groups, x2, weight2, rstd2,
-                dy2, dx2, rows2, _rows_per_program(rows2, programs, block_m), groups2, dw_partial, weight.shape[-1],
-                **meta)
+                x, stride_x, weight, rstd, dy, dx, rows, _rows_per_program(rows, programs, block_m), groups, x2,
+                stride_x2, weight2, rstd2, dy2, dx2, rows2, _rows_per_program(rows2, programs, block_m), groups2,
+                dw_partial, weight.shape[-1], **meta)
         dw, dw2 = _weight_grads(dw_partial, weight, weight2)
         return dx, dw, dx2, dw2, None, None
 
@@ -512,58 +537,64 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @_jit
-def _token_shift_fwd_rows(X, P, A, Y, tile, n_rows, T, H, D, HAS_PREV: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _token_shift_fwd_rows(X, stride_x, P, A, stride_a, Y, tile, n_rows, T, H, D, HAS_PREV: tl.constexpr,
+                          ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Y_t = a_t X_{t-1} + (1 - a_t) X_t, a = sigmoid(A). Rows are (b, t, h) of X (B, T, H, D) flattened, A (B, T, H);
-    the row before in time is `row - H`."""
+    consecutive tokens of X are ``stride_x`` elements apart, of A ``stride_a`` (Y contiguous)."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols[None, :] < D)
-    t = (rows // H) % T
-    x = tl.load(X + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-    before = tl.load(X + (rows - H)[:, None] * D + cols[None, :], mask=mask & (t[:, None] > 0), other=0.0).to(ACC)
+    token, head = rows // H, rows % H
+    t = token % T
+    x_offs = (token * stride_x + head * D)[:, None] + cols[None, :]
+    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
+    before = tl.load(X + x_offs - stride_x, mask=mask & (t[:, None] > 0), other=0.0).to(ACC)
     if HAS_PREV:  # t = 0 reads the cached last token of the chunk before: previous (B, 1, H, D)
-        prev_rows = (rows // (T * H)) * H + rows % H
+        prev_rows = (rows // (T * H)) * H + head
         first = mask & (t[:, None] == 0)
         before += tl.load(P + prev_rows[:, None] * D + cols[None, :], mask=first, other=0.0).to(ACC)
-    a = _sigmoid(tl.load(A + rows, mask=row_ok, other=0.0).to(ACC))[:, None]
+    a = _sigmoid(tl.load(A + token * stride_a + head, mask=row_ok, other=0.0).to(ACC))[:, None]
     tl.store(Y + rows[:, None] * D + cols[None, :], (a * before + (1.0 - a) * x).to(Y.dtype.element_ty), mask=mask)
 
 
 @_jit
-def _token_shift_fwd_kernel(X, P, A, Y, X2, P2, A2, Y2, n_rows, T, H, D, HAS_PREV: tl.constexpr,
-                            HAS_PAIR: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _token_shift_fwd_kernel(X, stride_x, P, A, stride_a, Y, X2, stride_x2, P2, A2, stride_a2, Y2, n_rows, T, H, D,
+                            HAS_PREV: tl.constexpr, HAS_PAIR: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
     """`_token_shift_fwd_rows` of X; with HAS_PAIR, programs (*, 1) shift a second tensor X2 (keys and values)."""
-    if HAS_PAIR:
-        if tl.program_id(1) == 1:
-            _token_shift_fwd_rows(X2, P2, A2, Y2, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC, BLOCK_M, BLOCK_D)
-        else:
-            _token_shift_fwd_rows(X, P, A, Y, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC, BLOCK_M, BLOCK_D)
+    if HAS_PAIR and tl.program_id(1) == 1:
+        _token_shift_fwd_rows(X2, stride_x2, P2, A2, stride_a2, Y2, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC,
+                              BLOCK_M, BLOCK_D)
     else:
-        _token_shift_fwd_rows(X, P, A, Y, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC, BLOCK_M, BLOCK_D)
+        _token_shift_fwd_rows(X, stride_x, P, A, stride_a, Y, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC,
+                              BLOCK_M, BLOCK_D)
 
 
 @_jit
-def _token_shift_bwd_rows(X, P, A, DY, DX, DA, tile, n_rows, T, H, D, HAS_PREV: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """DX_t = (1 - a_t) DY_t + a_{t+1} DY_{t+1} and DA_t = a_t (1 - a_t) sum_d DY_t (x_{t-1} - x_t), rows as forward."""
+def _token_shift_bwd_rows(X, stride_x, P, A, stride_a, DY, DX, DA, tile, n_rows, T, H, D, HAS_PREV: tl.constexpr,
+                          ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DX_t = (1 - a_t) DY_t + a_{t+1} DY_{t+1} and DA_t = a_t (1 - a_t) sum_d DY_t (x_{t-1} - x_t), rows and strides
+    as forward (DY, DX, DA contiguous)."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols[None, :] < D)
-    t = (rows // H) % T
+    token, head = rows // H, rows % H
+    t = token % T
     offs = rows[:, None] * D + cols[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    before = tl.load(X + offs - H * D, mask=mask & (t[:, None] > 0), other=0.0).to(ACC)
+    x_offs = (token * stride_x + head * D)[:, None] + cols[None, :]
+    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
+    before = tl.load(X + x_offs - stride_x, mask=mask & (t[:, None] > 0), other=0.0).to(ACC)
     if HAS_PREV:
-        prev_rows = (rows // (T * H)) * H + rows % H
+        prev_rows = (rows // (T * H)) * H + head
         first = mask & (t[:, None] == 0)
         before += tl.load(P + prev_rows[:, None] * D + cols[None, :], mask=first, other=0.0).to(ACC)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-    a = _sigmoid(tl.load(A + rows, mask=row_ok, other=0.0).to(ACC))
+    a_offs = token * stride_a + head
+    a = _sigmoid(tl.load(A + a_offs, mask=row_ok, other=0.0).to(ACC))
     has_next = row_ok & (t < T - 1)
-    a_next = _sigmoid(tl.load(A + rows + H, mask=has_next, other=0.0).to(ACC))
+    a_next = _sigmoid(tl.load(A + a_offs + stride_a, mask=has_next, other=0.0).to(ACC))
     dy_next = tl.load(DY + offs + H * D, mask=mask & has_next[:, None], other=0.0).to(ACC)
     dx = (1.0 - a)[:, None] * dy + tl.where(has_next, a_next, 0.0)[:, None] * dy_next
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
@@ -572,18 +603,16 @@ def _token_shift_bwd_rows(X, P, A, DY, DX, DA, tile, n_rows, T, H, D, HAS_PREV: 
 
 
 @_jit
-def _token_shift_bwd_kernel(X, P, A, DY, DX, DA, X2, P2, A2, DY2, DX2, DA2, n_rows, T, H, D, HAS_PREV: tl.constexpr,
-                            HAS_PAIR: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _token_shift_bwd_kernel(X, stride_x, P, A, stride_a, DY, DX, DA, X2, stride_x2, P2, A2, stride_a2, DY2, DX2, DA2,
+                            n_rows, T, H, D, HAS_PREV: tl.constexpr, HAS_PAIR: tl.constexpr, ACC: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """`_token_shift_bwd_rows` of X; with HAS_PAIR, programs (*, 1) take the second tensor X2."""
-    if HAS_PAIR:
-        if tl.program_id(1) == 1:
-            _token_shift_bwd_rows(X2, P2, A2, DY2, DX2, DA2, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC,
-                                  BLOCK_M, BLOCK_D)
-        else:
-            _token_shift_bwd_rows(X, P, A, DY, DX, DA, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC,
-                                  BLOCK_M, BLOCK_D)
+    if HAS_PAIR and tl.program_id(1) == 1:
+        _token_shift_bwd_rows(X2, stride_x2, P2, A2, stride_a2, DY2, DX2, DA2, tl.program_id(0), n_rows, T, H, D,
+                              HAS_PREV, ACC, BLOCK_M, BLOCK_D)
     else:
-        _token_shift_bwd_rows(X, P, A, DY, DX, DA, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC, BLOCK_M, BLOCK_D)
+        _token_shift_bwd_rows(X, stride_x, P, A, stride_a, DY, DX, DA, tl.program_id(0), n_rows, T, H, D, HAS_PREV,
+                              ACC, BLOCK_M, BLOCK_D)
 
 
 def _contiguous(*tensors):
@@ -596,32 +625,38 @@ class _TokenShiftFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, previous, a_logits, x2, previous2, a_logits2):
-        x, a_logits, x2, a_logits2 = _contiguous(x, a_logits, x2, a_logits2)
-        previous, previous2 = (p.to(x.dtype).contiguous() if p is not None else None for p in (previous, previous2))
         B, T, H, D = x.shape
         pair = x2 is not None
-        y, y2 = torch.empty_like(x), torch.empty_like(x2) if pair else None
+        # x and the logits are read in place (slices of the attention's stacked projections), y written contiguous
+        (x, stride_x), (a_logits, stride_a) = _row_strided(x, H * D), _row_strided(a_logits, H)
+        (x2, stride_x2), (a_logits2, stride_a2) = ((_row_strided(x2, H * D), _row_strided(a_logits2, H)) if pair
+                                                   else ((x, 0), (a_logits, 0)))
+        previous, previous2 = (p.to(x.dtype).contiguous() if p is not None else None for p in (previous, previous2))
+        y, y2 = x.new_empty(x.shape), x2.new_empty(x2.shape) if pair else None
         meta = _token_shift_meta(D, previous is not None, pair, _acc_dtype(x))
         if x.numel():
             _token_shift_fwd_kernel[(_cdiv(B * T * H, meta["BLOCK_M"]), 2 if pair else 1)](
-                x, *_stand_in(x, previous), a_logits, y, *_stand_in(x, x2, previous2, a_logits2, y2),
-                B * T * H, T, H, D, **meta)
-        ctx.save_for_backward(x, previous, a_logits, x2, previous2, a_logits2)
+                x, stride_x, *_stand_in(x, previous), a_logits, stride_a, y, x2, stride_x2,
+                *_stand_in(x, previous2), a_logits2, stride_a2, *_stand_in(x, y2), B * T * H, T, H, D, **meta)
+        ctx.save_for_backward(x, previous, a_logits, x2 if pair else None, previous2, a_logits2 if pair else None)
+        ctx.strides = (stride_x, stride_a, stride_x2, stride_a2)
         return (y, y2) if pair else y
 
     @staticmethod
     def backward(ctx, dy, dy2=None):
         x, previous, a_logits, x2, previous2, a_logits2 = ctx.saved_tensors
+        stride_x, stride_a, stride_x2, stride_a2 = ctx.strides
         B, T, H, D = x.shape
         pair = x2 is not None
         dy, dy2 = _contiguous(dy, dy2)
-        dx, da = torch.empty_like(x), torch.empty_like(a_logits)
-        dx2, da2 = (torch.empty_like(x2), torch.empty_like(a_logits2)) if pair else (None, None)
+        dx, da = x.new_empty(x.shape), a_logits.new_empty(a_logits.shape)
+        dx2, da2 = (x2.new_empty(x2.shape), a_logits2.new_empty(a_logits2.shape)) if pair else (None, None)
         meta = _token_shift_meta(D, previous is not None, pair, _acc_dtype(x))
         if x.numel():
             _token_shift_bwd_kernel[(_cdiv(B * T * H, meta["BLOCK_M"]), 2 if pair else 1)](
-                x, *_stand_in(x, previous), a_logits, dy, dx, da,
-                *_stand_in(x, x2, previous2, a_logits2, dy2, dx2, da2), B * T * H, T, H, D, **meta)
+                x, stride_x, *_stand_in(x, previous), a_logits, stride_a, dy, dx, da,
+                *_stand_in(x, x2), stride_x2, *_stand_in(x, previous2), *_stand_in(x, a_logits2), stride_a2,
+                *_stand_in(x, dy2, dx2, da2), B * T * H, T, H, D, **meta)
         d_previous = [_previous_grad(p, a, g, ctx.needs_input_grad[i])
                       for p, a, g, i in ((previous, a_logits, dy, 1), (previous2, a_logits2, dy2, 4))]
         return dx, d_previous[0], da, dx2, d_previous[1], da2

@@ -104,7 +104,8 @@ class ForgettingCacheLayer(DynamicLayer):
         if self.record_past and name in self.shift_states:
             self.shift_states[name] = torch.cat([self.shift_states[name], raw], dim=1)
         else:
-            self.shift_states[name] = raw if self.record_past else raw[:, -1:]
+            # a copy: raw may be a slice of the attention's projection output, which a view would keep alive
+            self.shift_states[name] = (raw if self.record_past else raw[:, -1:]).clone()
 
     def activate_past_recording(self) -> None:
         """Keep the raw KV-shift inputs of every token from now on, so that ``crop`` can undo any of them."""
@@ -199,17 +200,20 @@ class ForgetGate(nn.Module):
         else:
             self.bias = nn.Parameter(torch.zeros(config.num_heads))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, projected: torch.Tensor | None = None) -> torch.Tensor:
+        """log f for x (B, T, hidden); ``projected``: w_f . x when the caller has it already (the attention computes
+        it in one matmul with its other per-head projections)."""
         logits = self.bias.expand(*x.shape[:-1], self.num_heads)
         if self.proj is not None:
-            logits = self.proj(x) + logits
+            logits = (self.proj(x) if projected is None else projected) + logits
         return log_forget_gate(logits)
 
 
 class TokenShift(nn.Module):
     """KV-shift: x'_t = a_t x_{t-1} + (1 - a_t) x_t, with a per-head a_t = sigmoid(w . h_t) from the block input h.
 
-    ``fused``: one Triton kernel on CUDA (fused.token_shift) instead of the PyTorch ops below.
+    ``proj`` holds w; the attention computes w . h_t together with its other per-head projections and passes the
+    result in. ``fused``: one Triton kernel on CUDA (fused.token_shift) instead of the PyTorch ops below.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, fused: bool = False):
@@ -217,14 +221,15 @@ class TokenShift(nn.Module):
         self.proj = nn.Linear(hidden_size, num_heads, bias=False)
         self.fused = fused
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-        """h (B, T, hidden); x (B, T, Hkv, D); previous: x of the token before this chunk (B, 1, Hkv, D) or None."""
+    def forward(self, x: torch.Tensor, previous: torch.Tensor | None, a_logits: torch.Tensor) -> torch.Tensor:
+        """x (B, T, Hkv, D); previous: x of the token before this chunk (B, 1, Hkv, D) or None; a_logits: w . h_t
+        (B, T, Hkv)."""
         if self.fused and fused_ops.triton_wanted(x):
-            return fused_ops.token_shift(x, previous, self.proj(h))
+            return fused_ops.token_shift(x, previous, a_logits)
         if previous is None:
             previous = torch.zeros_like(x[:, :1])
         shifted = torch.cat([previous.to(x.dtype), x[:, :-1]], dim=1)
-        a = torch.sigmoid(self.proj(h))[..., None].to(x.dtype)
+        a = torch.sigmoid(a_logits)[..., None].to(x.dtype)
         return a * shifted + (1 - a) * x
 
 
@@ -259,6 +264,19 @@ def head_norm(num_heads: int, head_dim: int, eps: float, shared: bool, fused: bo
     return fused_ops.RMSNorm(head_dim, eps=eps, fused=fused) if shared else HeadRMSNorm(num_heads, head_dim, eps, fused)
 
 
+def stacked_linear(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
+    """``[linear(x) for linear in linears]`` (bias-free Linears) as one matmul with their weights stacked.
+
+    The same math in fewer launches: each Linear costs a matmul forward and two backward, plus an add into x's
+    gradient, and a training step pays host time for every launch. The outputs are column slices of one tensor;
+    the fused kernels and the attention kernels read such slices in place.
+    """
+    if len(linears) == 1:
+        return [linears[0](x)]
+    weight = torch.cat([linear.weight for linear in linears])
+    return list(F.linear(x, weight).split([linear.out_features for linear in linears], dim=-1))
+
+
 def norm_qk(q_norm: nn.RMSNorm, k_norm: nn.RMSNorm, q: torch.Tensor, k: torch.Tensor):
     """(q_norm(q), k_norm(k)); fused, both in one Triton launch (a launch costs host time in every step)."""
     if not (q_norm.fused and fused_ops.triton_wanted(q)):
@@ -289,36 +307,53 @@ class ForgettingAttention(nn.Module):
         self.shifts = nn.ModuleDict({name: TokenShift(C, Hkv, fused=config.fuse_norm) for name, on in
                                      (("k", config.use_k_shift), ("v", config.use_v_shift)) if on})
 
-    def shift_kv(self, x, kv, layer_cache, token_mask):
-        """(k, v) after KV-shift where it is on; both shifts in one fused launch when both are on."""
+    def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x (B, T, C) through every input projection, in two matmuls (stacked_linear): "q" (B, T, H, D), "k" and "v"
+        (B, T, Hkv, D), "g" (B, T, H, D) the output gate's logits; then the per-head scalars "f" (B, T, H) the forget
+        gate's w_f . x and "shift_k" / "shift_v" (B, T, Hkv) the KV-shift logits, each where the config has it."""
+        B, T, _ = x.shape
+        heads = {"q": self.num_heads, "k": self.num_kv_heads, "v": self.num_kv_heads}
+        wide = {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj}
+        if self.g_proj is not None:
+            wide["g"], heads["g"] = self.g_proj, self.num_heads
+        per_head = {"shift_" + name: shift.proj for name, shift in self.shifts.items()}
+        if self.fgate is not None and self.fgate.proj is not None:
+            per_head = {"f": self.fgate.proj, **per_head}
+        out = {name: y.view(B, T, heads[name], self.head_dim)
+               for name, y in zip(wide, stacked_linear(x, list(wide.values())))}
+        if per_head:
+            out.update(zip(per_head, stacked_linear(x, list(per_head.values()))))
+        return out
+
+    def shift_kv(self, x, proj, layer_cache, token_mask):
+        """(k, v) after KV-shift where it is on (``proj``: the outputs of ``project``); both shifts in one fused
+        launch when both are on."""
         raw, previous = {}, {}
         for name in self.shifts:
-            raw[name] = kv[name] if token_mask is None else kv[name] * token_mask[:, :, None, None]  # pads shift 0s
+            raw[name] = proj[name] if token_mask is None else proj[name] * token_mask[:, :, None, None]  # pads shift 0s
             previous[name] = layer_cache.shift_state(name) if layer_cache is not None else None
             if layer_cache is not None:
                 layer_cache.push_shift_inputs(name, raw[name])
         if len(self.shifts) == 2 and self.shifts["k"].fused and fused_ops.triton_wanted(x):
-            k_shift, v_shift = self.shifts["k"], self.shifts["v"]
-            return fused_ops.token_shift_pair(raw["k"], previous["k"], k_shift.proj(x),
-                                              raw["v"], previous["v"], v_shift.proj(x))
-        shifted = {name: shift(x, raw[name], previous[name]) for name, shift in self.shifts.items()}
-        return shifted.get("k", kv["k"]), shifted.get("v", kv["v"])
+            return fused_ops.token_shift_pair(raw["k"], previous["k"], proj["shift_k"],
+                                              raw["v"], previous["v"], proj["shift_v"])
+        shifted = {name: shift(raw[name], previous[name], proj["shift_" + name]) for name, shift in self.shifts.items()}
+        return shifted.get("k", proj["k"]), shifted.get("v", proj["v"])
 
     def forward(self, x, *, seq_start=None, token_mask=None, positions=None, cache=None, output_attentions=False):
         """x (B, T, C) -> (output (B, T, C), attention probabilities (B, H, T, Tk) or None, log f (B, T, H))."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        kv = {"k": self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim),
-              "v": self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)}
+        proj = self.project(x)
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
-        k, v = self.shift_kv(x, kv, layer_cache, token_mask)
+        q = proj["q"]
+        k, v = self.shift_kv(x, proj, layer_cache, token_mask)
         if self.q_norm is not None:
             q, k = norm_qk(self.q_norm, self.k_norm, q, k)
         if self.config.use_rope:
             q, k = apply_rope(q, positions, self.config.rope_theta), apply_rope(k, positions, self.config.rope_theta)
 
         if self.fgate is not None:
-            log_f = self.fgate(x)
+            log_f = self.fgate(x, proj.get("f"))
         else:
             log_f = torch.zeros(B, T, self.num_heads, device=x.device, dtype=torch.float32)
         if token_mask is not None:
@@ -334,7 +369,7 @@ class ForgettingAttention(nn.Module):
             o, probs = forgetting_attention_reference(q, k, v, seq_start=seq_start, return_probs=True, **gate)
         else:
             o = self.attend(q, k, v, gate, seq_start)
-        gate = self.g_proj(x).view_as(o) if self.g_proj is not None else None
+        gate = proj.get("g")
         if self.o_norm is not None:
             o = self.o_norm(o, gate=gate)  # the gate multiplies after the norm, in the same kernel when fused
         elif gate is not None:

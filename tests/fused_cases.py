@@ -4,6 +4,8 @@ Every comparison draws fresh random inputs, runs the op and its reference (in fl
 every output and every input gradient for one random cotangent by relative error ||a - b|| / ||b||.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -131,3 +133,53 @@ def cross_entropy_cases(device, dtype):
         targets[::4] = fused.IGNORE_INDEX
         yield (torch.randn(N, C, device=device, dtype=dtype), torch.randn(V, C, device=device, dtype=dtype) / C**0.5,
                targets, chunk)
+
+
+def from_column_slices(fn, *groups):
+    """fn whose first tensor arguments are cut from wide (..., width) tensors, as the attention's stacked projections
+    give them: wide tensor j is cut into the slices ``groups[j]`` (trailing shapes: each slice the next prod(shape)
+    columns viewed as (..., *shape)), with 3 columns left over. ``fn(*slices, *rest)``; the kernels read such
+    slices in place (rows a stride apart), the references as any tensor."""
+    def wrapped(*args):
+        slices = []
+        for wide, shapes in zip(args, groups):
+            start = 0
+            for shape in shapes:
+                slices.append(wide[..., start:start + math.prod(shape)].unflatten(-1, shape))
+                start += math.prod(shape)
+        return fn(*slices, *args[len(groups):])
+    return wrapped
+
+
+def column_slice_cases(device, dtype):
+    """(op, reference, tensors) for the norms and shifts on column slices of wide tensors: FoX Pro's q, k (and k, v)
+    and output gate cut from one projection output, its shift logits from another; odd sizes, a shared-weight norm
+    whose rows are not one stride apart (copied), and a gate 2 columns out of step with x."""
+    B, T, H, Hkv, D = 2, 7, 3, 1, 20
+
+    def wide(width):
+        return torch.randn(B, T, width + 3, device=device, dtype=dtype)
+
+    head, kv = (H, D), (Hkv, D)
+    norm_gate = from_column_slices(lambda x, g, w, eps: fused.rms_norm(x, w, eps, gate=g), [head, head])
+    ref_norm_gate = from_column_slices(lambda x, g, w, eps: ref_rms_norm(x, w, eps, gate=g), [head, head])
+    yield norm_gate, ref_norm_gate, (wide(2 * H * D), random_weight(head, device, dtype), 1e-5)
+    odd_gate = from_column_slices(lambda _, x, g, w, eps: fused.rms_norm(x, w, eps, gate=g), [(2,), head, head])
+    ref_odd_gate = from_column_slices(lambda _, x, g, w, eps: ref_rms_norm(x, w, eps, gate=g), [(2,), head, head])
+    yield odd_gate, ref_odd_gate, (wide(2 * H * D + 2), random_weight(head, device, dtype), 1e-5)
+    shared = from_column_slices(lambda x, w, eps: fused.rms_norm(x, w, eps), [head])
+    yield shared, from_column_slices(lambda x, w, eps: ref_rms_norm(x, w, eps), [head]), (
+        wide(H * D), random_weight(D, device, dtype), 1e-5)
+    pair = from_column_slices(lambda q, k, w, w2, eps: fused.rms_norm_pair(q, w, k, w2, eps), [head, kv])
+    yield pair, from_column_slices(lambda q, k, w, w2, eps: ref_rms_norm_pair(q, w, k, w2, eps), [head, kv]), (
+        wide((H + Hkv) * D), random_weight(head, device, dtype), random_weight(kv, device, dtype), 1e-5)
+    for with_previous in (False, True):
+        previous = [torch.randn(B, 1, Hkv, D, device=device, dtype=dtype) if with_previous else None for _ in "kv"]
+        shift = from_column_slices(lambda k, v, a_k, a_v, p_k, p_v: fused.token_shift_pair(k, p_k, a_k, v, p_v, a_v),
+                                   [kv, kv], [(Hkv,), (Hkv,)])
+        ref_shift = from_column_slices(lambda k, v, a_k, a_v, p_k, p_v: ref_token_shift_pair(k, p_k, a_k, v, p_v, a_v),
+                                       [kv, kv], [(Hkv,), (Hkv,)])
+        yield shift, ref_shift, (wide(2 * Hkv * D), wide(2 * Hkv) * 2, *previous)
+        one = from_column_slices(lambda _, x, a, p: fused.token_shift(x, p, a), [(1,), kv], [(Hkv,)])
+        ref_one = from_column_slices(lambda _, x, a, p: ref_token_shift(x, p, a), [(1,), kv], [(Hkv,)])
+        yield one, ref_one, (wide(Hkv * D + 1), wide(Hkv) * 2, previous[0])

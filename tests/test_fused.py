@@ -133,6 +133,19 @@ def test_plain_head_norm_keeps_the_input_dtype():
     torch.testing.assert_close(norm(x, gate=gate).double(), expected, rtol=2e-2, atol=2e-2)
 
 
+def test_kernels_read_column_slices_in_place():
+    """A slice of a wider projection output is read where it lies (rows one stride apart); a layout whose rows are
+    not one stride apart is copied."""
+    wide = torch.randn(2, 5, 3 * 16 + 3)
+    q = wide[..., :32].view(2, 5, 2, 16)
+    same, stride = fused._row_strided(q, 32)
+    assert same is q and stride == 51
+    copied, stride = fused._row_strided(q, 16)  # rows of one head: 16 apart within a token, 51 - 16 across
+    assert copied.is_contiguous() and stride == 16 and torch.equal(copied, q)
+    copied, stride = fused._row_strided(q.transpose(1, 2), 16)
+    assert copied.is_contiguous() and stride == 16
+
+
 def test_bad_inputs_name_the_argument():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="weight must have shape"):

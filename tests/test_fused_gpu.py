@@ -9,7 +9,7 @@ import torch
 
 from conftest import VARIANTS, tiny_model
 from fused_cases import (
-    compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_rms_norm_pair, ref_swiglu,
+    column_slice_cases, compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_rms_norm_pair, ref_swiglu,
     ref_token_shift, ref_token_shift_pair, rms_norm_cases, rms_norm_op, rms_norm_pair_cases, token_shift_cases,
     token_shift_pair_cases,
 )
@@ -84,6 +84,12 @@ def test_token_shift_pair(dtype):
     for tensors in cases:
         report(f"token_shift_pair {tuple(tensors[0].shape)}",
                compare(fused.token_shift_pair, ref_token_shift_pair, tensors, TOL[dtype]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norms_and_shifts_on_column_slices(dtype):
+    for i, (op, reference, tensors) in enumerate(column_slice_cases("cuda", dtype)):
+        report(f"column slices, case {i}", compare(op, reference, tensors, TOL[dtype]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

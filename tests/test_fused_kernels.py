@@ -18,7 +18,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from conftest import VARIANTS, tiny_model  # noqa: E402
 from fused_cases import (  # noqa: E402
-    compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_rms_norm_pair, ref_swiglu,
+    column_slice_cases, compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_rms_norm_pair, ref_swiglu,
     ref_token_shift, ref_token_shift_pair, rms_norm_cases, rms_norm_op, rms_norm_pair_cases, token_shift_cases,
     token_shift_pair_cases,
 )
@@ -84,6 +84,12 @@ def test_token_shift(dtype):
 def test_token_shift_pair(dtype):
     for tensors in token_shift_pair_cases("cpu", dtype):
         compare(fused.token_shift_pair, ref_token_shift_pair, tensors, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_norms_and_shifts_on_column_slices(dtype):
+    for op, reference, tensors in column_slice_cases("cpu", dtype):
+        compare(op, reference, tensors, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
