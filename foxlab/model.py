@@ -351,6 +351,7 @@ class ForgettingAttention(nn.Module):
             q, k = norm_qk(self.q_norm, self.k_norm, q, k)
         if self.config.use_rope:
             q, k = apply_rope(q, positions, self.config.rope_theta), apply_rope(k, positions, self.config.rope_theta)
+            v = v.contiguous()  # q and k are rotated copies now: v alone must not keep the projections' output alive
 
         if self.fgate is not None:
             log_f = self.fgate(x, proj.get("f"))

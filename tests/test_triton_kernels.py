@@ -81,10 +81,11 @@ def test_queries_aligned_to_last_keys(Tq, Tk):
     check(Tq=Tq, Tk=Tk, H=4, Hkv=2)
 
 
-@pytest.mark.parametrize("Tq,Hkv", [(1, 1), (3, 2), (5, 1)])
-def test_decode_packs_gqa_groups(Tq, Hkv):
-    """Decoding packs the query heads of a group into one tile: 8 or 4 heads, 1 to 40 rows."""
-    check(Tq=Tq, Tk=50, H=8, Hkv=Hkv, D=48, seq_start=torch.tensor([0, 20]))
+@pytest.mark.parametrize("Tq,H,Hkv", [(1, 8, 1), (3, 8, 2), (5, 8, 1), (3, 6, 2), (7, 9, 3)])
+def test_decode_packs_gqa_groups(Tq, H, Hkv):
+    """Decoding packs the query heads of a group into one tile: 8, 4 or 3 heads, 1 to 40 rows (a power-of-two group
+    loads its gate sums once per head and key, a group of 3 once per row)."""
+    check(Tq=Tq, Tk=50, H=H, Hkv=Hkv, D=48, seq_start=torch.tensor([0, 20]))
 
 
 def test_sm_scale():

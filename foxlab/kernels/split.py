@@ -53,19 +53,30 @@ def _first_kept_key_block_rows(C, c_rows, c_q, delta, c_scale, valid, lo, hi, st
 
 
 @_jit
-def _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, stride_kt, stride_vt, stride_ct, Tk,
-                 qk_scale, c_scale, start, end, offs_n, offs_d,
+def _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, stride_kt, stride_vt, stride_ct,
+                 stride_ch, Tk, qk_scale, c_scale, start, end, offs_n, offs_d,
                  CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_HEAD: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 C_HEADS: tl.constexpr):
     """Online softmax of packed rows (each its own head's prefix sums, C + c_rows[r] + key * stride_ct, scaled to
     base 2 by c_scale after the difference) over key blocks [start, end). Only CAUSAL blocks can run past Tk.
-    ONE_HEAD (GROUP 1: every row of the tile is the same head): c_rows is one offset, and each key's c is loaded
-    once and broadcast to the rows instead of once per row."""
+    C_HEADS says how a key block's c reach the rows: 1 (GROUP 1, every row the same head; c_rows is one offset):
+    one load per key, broadcast to the rows; GROUP (a power of two <= BLOCK_M; c_rows is the group's first head):
+    a (GROUP, BLOCK_N) load, each head's row repeated down the tile (row r is head r % GROUP); 0: one load per row
+    and key."""
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
-        if ONE_HEAD:
+        if C_HEADS == 1:
             c_k = _load_vec(C + c_rows + keys * stride_ct, keys, Tk, 0.0, CAUSAL)[None, :]
+        elif C_HEADS > 1:
+            c_ptrs = C + c_rows + tl.arange(0, C_HEADS)[:, None] * stride_ch + keys[None, :] * stride_ct
+            if CAUSAL:
+                c_g = tl.load(c_ptrs, mask=keys[None, :] < Tk, other=0.0)
+            else:
+                c_g = tl.load(c_ptrs)
+            c_k = tl.reshape(tl.broadcast_to(c_g[None, :, :], (BLOCK_M // C_HEADS, C_HEADS, BLOCK_N)),
+                             (BLOCK_M, BLOCK_N))
         elif CAUSAL:
             c_k = tl.load(C + c_rows[:, None] + keys[None, :] * stride_ct, mask=keys[None, :] < Tk, other=0.0)
         else:
@@ -148,7 +159,7 @@ def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE, O_PART, LSE_PART, COUNT
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, COMBINE_ROWS: tl.constexpr,
-                      LAST_MERGES: tl.constexpr):
+                      LAST_MERGES: tl.constexpr, C_HEADS: tl.constexpr):
     """Split-key forward (flash-decoding) for decoding and chunked prefill: the Tq query rows of the GROUP heads that
     share one kv head are packed (row r: query r // GROUP, head r % GROUP of the group), BLOCK_M rows per tile, and
     each program takes one tile against one slice of keys_per_split keys. Grid (splits, row tiles, B * Hkv).
@@ -184,8 +195,8 @@ def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE, O_PART, LSE_PART, COUNT
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :], mask=q_mask,
                 other=0.0)
     c_rows = b * stride_cb + h * stride_ch
-    if GROUP == 1:  # one head per tile: its keys' c are loaded once, not once per row
-        c_keys = b * stride_cb + hk * stride_ch
+    if C_HEADS > 0:  # the group's c are loaded once per head and key, not once per row
+        c_keys = b * stride_cb + hk * GROUP * stride_ch
     else:
         c_keys = c_rows
     q_pos = offset + t
@@ -212,11 +223,11 @@ def _fwd_split_kernel(Q, K, V, C, KEY_LO, DELTA, O, LSE, O_PART, LSE_PART, COUNT
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = _initial_max(BLOCK_M)
     acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_keys, stride_kt, stride_vt,
-                                 stride_ct, Tk, qk_scale, c_scale, start, mid, offs_n, offs_d, False, MASK_LO, PRUNE,
-                                 HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, GROUP == 1)
+                                 stride_ct, stride_ch, Tk, qk_scale, c_scale, start, mid, offs_n, offs_d, False,
+                                 MASK_LO, PRUNE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, C_HEADS)
     acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_keys, stride_kt, stride_vt,
-                                 stride_ct, Tk, qk_scale, c_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE,
-                                 HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, GROUP == 1)
+                                 stride_ct, stride_ch, Tk, qk_scale, c_scale, mid, end, offs_n, offs_d, True, MASK_LO,
+                                 PRUNE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, C_HEADS)
 
     # A row with no visible key has l = 0: it returns 0 (weight 0 among splits), and a finite lse.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -281,7 +292,7 @@ def _split_forward(q, k, v, c, c_scale, key_lo, threshold2, scale):
             *_strides(q), *_strides(k), *_strides(v), *c.stride(), *o.stride()[:3], *_strides(key_lo, 2),
             H, Tq, Tk, scale * LOG2E, c_scale, keys_per_split, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
             BLOCK_S=block_s, COMBINE_ROWS=combine_rows, LAST_MERGES=last_merges,
-            **cfg.options(q.device, meta["PRUNE"]), **meta)
+            C_HEADS=_gate_heads_per_load(meta["GROUP"], block_m), **cfg.options(q.device, meta["PRUNE"]), **meta)
         if splits > 1 and not last_merges:
             _combine_kernel[(triton.cdiv(n_rows, combine_rows), B * Hkv)](
                 o_part, lse_part, o, lse, *o.stride()[:3], H, Tq, splits, GROUP=meta["GROUP"], HEAD_DIM=D,
@@ -289,6 +300,14 @@ def _split_forward(q, k, v, c, c_scale, key_lo, threshold2, scale):
 
     _launch("decode", q, meta["BLOCK_D"], launch)
     return o, lse
+
+
+def _gate_heads_per_load(group: int, block_m: int) -> int:
+    """The split kernel's C_HEADS: load each key's c once per head of the group and repeat it down the tile where
+    the group is a power of two that divides the tile (rows r and r + GROUP are one head), else once per row (0)."""
+    if group == 1 or (group & (group - 1) == 0 and group <= block_m):
+        return group
+    return 0
 
 
 def _split_counters(n: int, device: torch.device) -> torch.Tensor:
