@@ -5,7 +5,8 @@ Each element-wise op is one Triton kernel forward and one backward: a chain that
 over memory (saving several intermediates for backward) reads its inputs once and saves only them. FoX Pro's
 q and k norms (`rms_norm_pair`) and its k and v shifts (`token_shift_pair`) each share one launch: in a training
 step every fused op also costs host time (a Python autograd.Function and a Triton launch), often more than its
-kernel takes on the GPU.
+kernel takes on the GPU. The norm and shift kernels take their inputs as rows one stride apart, so they read the
+column slices of the attention's stacked projections (model.stacked_linear) where they lie, without a copy.
 The model uses them on CUDA when the config's ``fuse_norm`` / ``fuse_swiglu`` / ``fuse_cross_entropy`` switches
 are on (the default); on the CPU, or with a switch off, it runs the plain PyTorch ops. The chunked cross-entropy
 runs everywhere: its per-chunk softmax is a Triton kernel on CUDA and plain PyTorch elsewhere.
