@@ -269,10 +269,12 @@ def stacked_linear(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tens
 
     The same math in fewer launches: each Linear costs a matmul forward and two backward, plus an add into x's
     gradient, and a training step pays host time for every launch. The outputs are column slices of one tensor;
-    the fused kernels and the attention kernels read such slices in place.
+    the fused kernels and the attention kernels read such slices in place. Without autograd (inference, decoding)
+    the Linears run one by one: there the stacking would copy every weight on each call, and decoding a token is
+    bound by reading the weights.
     """
-    if len(linears) == 1:
-        return [linears[0](x)]
+    if len(linears) == 1 or not torch.is_grad_enabled():
+        return [linear(x) for linear in linears]
     weight = torch.cat([linear.weight for linear in linears])
     return list(F.linear(x, weight).split([linear.out_features for linear in linears], dim=-1))
 
