@@ -136,8 +136,8 @@ class _KernelConfig:
         return options
 
 
-# First choice per (kernel, padded head dim) for 16-bit inputs on sm80+, tuned on an H100
-# (benchmarks/NOTES.md). Anything that does not fit a GPU's shared memory falls back along
+# First choice per (kernel, padded head dim) for 16-bit inputs on sm80+, tuned on an H100 and re-tuned on an
+# H200, where the head-dim-128 forward moved to 128-row tiles of 8 warps (8% faster; benchmarks/NOTES.md). Anything that does not fit a GPU's shared memory falls back along
 # _FALLBACK_CONFIGS, so no GPU needs an entry of its own.
 # The register cap of the pruning variants: a 128-thread program of at most 168 registers per thread lets 3
 # programs share an SM's 64K registers, as many as the ~60 KB of shared memory of these head-dim-64 tiles allow
@@ -149,7 +149,7 @@ _GPU_CONFIGS = {
     ("fwd", 16): _KernelConfig(64, 64, 4, 3),
     ("fwd", 32): _KernelConfig(64, 64, 4, 3),
     ("fwd", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
-    ("fwd", 128): _KernelConfig(64, 64, 4, 3),
+    ("fwd", 128): _KernelConfig(128, 64, 8, 3),
     ("fwd", 256): _KernelConfig(64, 32, 4, 2),
     ("dkdv", 16): _KernelConfig(64, 64, 4, 3),
     ("dkdv", 32): _KernelConfig(64, 64, 4, 3),
