@@ -216,3 +216,18 @@ def test_dispatch():
     forgetting_attention(q.double(), k.double(), v.double(), log_f, backend="auto")
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         forgetting_attention(q.double(), k.double(), v.double(), log_f, backend="triton")
+
+
+def test_short_grids_take_narrow_forward_tiles(monkeypatch):
+    """The head-dim-128 forward's 128-row tiles run when their grid fills at least two waves of the GPU (132 SMs
+    here); a shorter grid (chunked prefill of few queries) takes 64-row tiles of 4 warps. No GPU needed: only the
+    choice is checked."""
+    common = kernels.common
+    monkeypatch.setattr(common, "_multiprocessors", lambda device: 132)
+    cuda = torch.device("cuda")
+    wide = common._candidate_configs("fwd", 128, torch.bfloat16, cuda, grid_rows=(16384, 16))[0]
+    narrow = common._candidate_configs("fwd", 128, torch.bfloat16, cuda, grid_rows=(512, 16))[0]
+    edge = common._candidate_configs("fwd", 128, torch.bfloat16, cuda, grid_rows=(128 * 17, 16))[0]  # 272 >= 264
+    assert (wide.block_m, wide.num_warps) == (128, 8) and (edge.block_m, edge.num_warps) == (128, 8)
+    assert (narrow.block_m, narrow.block_n, narrow.num_warps) == (64, wide.block_n, 4)
+    assert common._candidate_configs("fwd", 64, torch.bfloat16, cuda, grid_rows=(512, 16))[0].block_m == 64

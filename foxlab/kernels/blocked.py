@@ -368,7 +368,7 @@ def _triton_forward(q, k, v, c2, key_lo, threshold2, scale):
             *args, bounds, o, lse, *strides, *o.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.options(q.device, meta["PRUNE"]), **meta)
 
-    _launch("fwd", q, meta["BLOCK_D"], launch)
+    _launch("fwd", q, meta["BLOCK_D"], launch, grid_rows=(Tq, B * H))
     return o, lse, query_bounds
 
 

@@ -175,32 +175,43 @@ _INTERPRET_CONFIGS = {
     "dq": _KernelConfig(32, 16, 1, 1),
     "decode": _KernelConfig(16, 16, 1, 1),
 }
+# A first choice of 128-row tiles (one 8-warp program per SM) leaves SMs idle when its grid fills fewer waves of the
+# GPU than this (chunked prefill of a few hundred queries: 160 against 115 us at Tq 512, Tk 8192, 16 heads of 128);
+# such a call takes 64-row tiles of 4 warps, several programs per SM.
+_WIDE_TILE_MIN_WAVES = 2
 # Tests and the benchmark's tuning sweep pin a configuration per kernel kind here.
 _CONFIG_OVERRIDES: dict[str, _KernelConfig] = {}
 _CONFIG_CHOSEN: dict[tuple, _KernelConfig] = {}
 
 
-def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torch.device) -> list[_KernelConfig]:
+def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torch.device,
+                       grid_rows: tuple[int, int] | None = None) -> list[_KernelConfig]:
+    """The configurations to try, first choice first. grid_rows (rows, programs per row tile): the kernel's grid
+    runs cdiv(rows, block_m) x that many programs, for the short-grid rule (_WIDE_TILE_MIN_WAVES)."""
     if device.type != "cuda":
         return [_INTERPRET_CONFIGS[kind]]
     first = _GPU_CONFIGS[(kind, block_d)]
     if dtype == torch.float32:  # twice the bytes per tile: start from half the tile
         first = _KernelConfig(max(16, first.block_m // 2), max(16, first.block_n // 2), first.num_warps, 2)
+    if grid_rows is not None and first.block_m > 64:
+        rows, per_tile = grid_rows
+        if -(-rows // first.block_m) * per_tile < _WIDE_TILE_MIN_WAVES * _multiprocessors(device):
+            first = _KernelConfig(64, first.block_n, 4, first.num_stages)
     if kind == "decode":  # block_m is the least tile height (taller tiles, up to 64 rows, need less block_n)
         return [first, _KernelConfig(16, max(16, first.block_n // 2), 4, 2), _KernelConfig(16, 16, 4, 1)]
     return [first, *(c for c in _FALLBACK_CONFIGS if c.block_m * c.block_n < first.block_m * first.block_n)]
 
 
-def _launch(kind: str, q: torch.Tensor, block_d: int, launch) -> None:
+def _launch(kind: str, q: torch.Tensor, block_d: int, launch, grid_rows: tuple[int, int] | None = None) -> None:
     """Call ``launch(config)`` with the first configuration whose tiles fit the GPU's shared memory.
 
-    The last one that fitted is tried first next time (decoding tiles grow with Tq x GROUP, so it may not
-    fit every call).
+    The last one that fitted is tried first next time for the same first choice (decoding tiles grow with
+    Tq x GROUP, so it may not fit every call). grid_rows: see `_candidate_configs`.
     """
     if kind in _CONFIG_OVERRIDES:
         return launch(_CONFIG_OVERRIDES[kind])
-    key = (kind, block_d, q.dtype, q.device)
-    configs = _candidate_configs(kind, block_d, q.dtype, q.device)
+    configs = _candidate_configs(kind, block_d, q.dtype, q.device, grid_rows)
+    key = (kind, block_d, q.dtype, q.device, configs[0])
     if key in _CONFIG_CHOSEN:
         configs = [_CONFIG_CHOSEN[key], *configs]
     for config in configs:
