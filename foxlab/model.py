@@ -313,15 +313,12 @@ class ForgettingAttention(nn.Module):
         """x (B, T, C) through every input projection, in two matmuls (stacked_linear): "q" (B, T, H, D), "k" and "v"
         (B, T, Hkv, D), "g" (B, T, H, D) the output gate's logits; then the per-head scalars "f" (B, T, H) the forget
         gate's w_f . x and "shift_k" / "shift_v" (B, T, Hkv) the KV-shift logits, each where the config has it."""
-        B, T, _ = x.shape
-        heads = {"q": self.num_heads, "k": self.num_kv_heads, "v": self.num_kv_heads}
         wide = {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj}
         if self.g_proj is not None:
-            wide["g"], heads["g"] = self.g_proj, self.num_heads
-        per_head = {"shift_" + name: shift.proj for name, shift in self.shifts.items()}
-        if self.fgate is not None and self.fgate.proj is not None:
-            per_head = {"f": self.fgate.proj, **per_head}
-        out = {name: y.view(B, T, heads[name], self.head_dim)
+            wide["g"] = self.g_proj
+        per_head = {"f": self.fgate.proj} if self.fgate is not None and self.fgate.proj is not None else {}
+        per_head.update({"shift_" + name: shift.proj for name, shift in self.shifts.items()})
+        out = {name: y.unflatten(-1, (-1, self.head_dim))
                for name, y in zip(wide, stacked_linear(x, list(wide.values())))}
         if per_head:
             out.update(zip(per_head, stacked_linear(x, list(per_head.values()))))
