@@ -123,9 +123,9 @@ def op_cases(tokens, hidden, inter, heads, head_dim, vocab, device, chunks):
     wk = (1 + 0.1 * torch.randn(heads, head_dim, device=device)).requires_grad_()
     x, h = leaf((tokens, hidden), device, torch.float32), leaf((tokens, hidden), device, bf16)
     g, u = leaf((tokens, inter), device, bf16), leaf((tokens, inter), device, bf16)
-    per_head, k_head = leaf((tokens, heads, head_dim), device, bf16), leaf((tokens, heads, head_dim), device, bf16)
+    per_head = leaf((tokens, heads, head_dim), device, bf16)
     gate = leaf((tokens, heads, head_dim), device, bf16)
-    shift_x = leaf((8, tokens // 8, heads, head_dim), device, bf16)
+    shift_q, shift_x = (leaf((8, tokens // 8, heads, head_dim), device, bf16) for _ in range(2))
     shift_a = leaf((8, tokens // 8, heads), device, bf16)
     shift_v, shift_av = leaf(shift_x.shape, device, bf16), leaf(shift_a.shape, device, bf16)
     lm_w, final = leaf((vocab, hidden), device, torch.float32, 0.02), leaf((tokens, hidden), device, bf16)
@@ -158,7 +158,7 @@ def op_cases(tokens, hidden, inter, heads, head_dim, vocab, device, chunks):
     norm, add_norm = "rmsnorm (T, 768) fp32 -> bf16", "add + rmsnorm (bf16 branch, fp32 stream)"
     glu = "swiglu (T, 2048) bf16"
     head_norm, gate_norm = "per-head rmsnorm (T, 12, 64) bf16", "output norm + gate (T, 12, 64) bf16"
-    qk_norm, kv_shift = "q and k per-head rmsnorms (2 x (T, 12, 64)) bf16", "k and v kv-shifts (2 x (8, T/8, 12, 64))"
+    inputs_step = "attention inputs: k, v kv-shift + q, k per-head rmsnorm (3 x (8, T/8, 12, 64)) bf16"
     shift, ce = "kv-shift (8, T/8, 12, 64) bf16", f"lm head + cross-entropy (T, 768) x {vocab}"
     impls = {
         norm: {"eager": plain_norm, "ours": lambda x, w: fused.rms_norm(x, w, EPS, out_dtype=bf16)},
@@ -167,14 +167,15 @@ def op_cases(tokens, hidden, inter, heads, head_dim, vocab, device, chunks):
         glu: {"eager": lambda g, u: F.silu(g) * u, "ours": fused.swiglu},
         head_norm: {"eager": plain_head_norm, "ours": lambda t, w: fused.rms_norm(t, w, EPS)},
         gate_norm: {"eager": plain_gate_norm, "ours": lambda o, g, w: fused.rms_norm(o, w, EPS, gate=g)},
-        qk_norm: {"eager": lambda q, k, wq, wk: (plain_head_norm(q, wq), plain_head_norm(k, wk)),
-                  "ours, two calls": lambda q, k, wq, wk: (fused.rms_norm(q, wq, EPS), fused.rms_norm(k, wk, EPS)),
-                  "ours, one launch": lambda q, k, wq, wk: fused.rms_norm_pair(q, wq, k, wk, EPS)},
         shift: {"eager": plain_shift, "ours": lambda x, a: fused.token_shift(x, None, a)},
-        kv_shift: {"eager": lambda k, v, ak, av: (plain_shift(k, ak), plain_shift(v, av)),
-                   "ours, two calls": lambda k, v, ak, av: (fused.token_shift(k, None, ak),
-                                                            fused.token_shift(v, None, av)),
-                   "ours, one launch": lambda k, v, ak, av: fused.token_shift_pair(k, None, ak, v, None, av)},
+        inputs_step: {"eager": lambda q, k, v, ak, av, wq, wk: (plain_head_norm(q, wq),
+                                                                 plain_head_norm(plain_shift(k, ak), wk),
+                                                                 plain_shift(v, av)),
+                      "ours, four calls": lambda q, k, v, ak, av, wq, wk: (
+                          fused.rms_norm(q, wq, EPS), fused.rms_norm(fused.token_shift(k, None, ak), wk, EPS),
+                          fused.token_shift(v, None, av)),
+                      "ours, one launch": lambda q, k, v, ak, av, wq, wk: fused.attention_inputs(
+                          q, k, v, q_weight=wq, k_weight=wk, eps=EPS, k_shift_logits=ak, v_shift_logits=av)},
         ce: {"eager": plain_ce, **{f"ours chunk {c}": ours_ce(c) for c in chunks}},
     }
     if LIGER_VERSION is not None:  # Liger's own dtype handling: norms return the input's dtype
@@ -184,8 +185,8 @@ def op_cases(tokens, hidden, inter, heads, head_dim, vocab, device, chunks):
         impls[glu]["liger"] = LigerSiLUMulFunction.apply
         impls[ce]["liger"] = lambda hid, weight, t: liger_ce(weight.to(hid.dtype), hid, t)
     inputs = {norm: (x, w), add_norm: (h, x, w), glu: (g, u), head_norm: (per_head, wd),
-              gate_norm: (per_head, gate, wd), qk_norm: (per_head, k_head, wd, wk), shift: (shift_x, shift_a),
-              kv_shift: (shift_x, shift_v, shift_a, shift_av), ce: (final, lm_w, targets)}
+              gate_norm: (per_head, gate, wd), shift: (shift_x, shift_a),
+              inputs_step: (shift_q, shift_x, shift_v, shift_a, shift_av, wd, wk), ce: (final, lm_w, targets)}
     cases = [(name, impls[name], inputs[name]) for name in impls]
     return cases
 

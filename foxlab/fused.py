@@ -3,9 +3,9 @@ LM head with its cross-entropy computed in chunks.
 
 Each element-wise op is one Triton kernel forward and one backward: a chain that PyTorch runs as several passes
 over memory (saving several intermediates for backward) reads its inputs once and saves only them. FoX Pro's
-q and k norms (`rms_norm_pair`) and its k and v shifts (`token_shift_pair`) each share one launch: in a training
-step every fused op also costs host time (a Python autograd.Function and a Triton launch), often more than its
-kernel takes on the GPU. The norm and shift kernels take their inputs as rows one stride apart, so they read the
+k and v shifts and q and k norms all run in one launch (`attention_inputs`): in a training step every fused op
+also costs host time (a Python autograd.Function and a Triton launch), often more than its kernel takes on the
+GPU. The norm and shift kernels take their inputs as rows one stride apart, so they read the
 column slices of the attention's stacked projections (model.stacked_linear) where they lie, without a copy.
 The model uses them on CUDA when the config's ``fuse_norm`` / ``fuse_swiglu`` / ``fuse_cross_entropy`` switches
 are on (the default); on the CPU, or with a switch off, it runs the plain PyTorch ops. The chunked cross-entropy
@@ -17,6 +17,7 @@ Math (x rows over the last dim, n = its size, all arithmetic in float32, or floa
                       (per head: x (..., H, D), w (H, D), the mean over each head's D)
     swiglu            y = silu(g) * u = g * sigmoid(g) * u
     token_shift       a_t = sigmoid(logit_t)       y_t = a_t x_{t-1} + (1 - a_t) x_t,   x_{-1} = previous or 0
+    attention_inputs  q' = rms_norm(q)   k' = rms_norm(token_shift(k))   v' = token_shift(v)   (each step optional)
     linear_cross_entropy   loss = sum_i [lse(h_i W^T) - (h_i W^T)_{y_i}] / n   over rows with y_i != ignore_index
 
 Backward (r = 1 / sqrt(mean(s^2) + eps), s_hat = s r, dn = dy * w after the gate's factor)::
@@ -24,6 +25,7 @@ Backward (r = 1 / sqrt(mean(s^2) + eps), s_hat = s r, dn = dy * w after the gate
     ds = r (dn - s_hat mean(dn s_hat)) (+ the gradient that reaches the sum s itself)   dw = sum_rows dy s_hat
     dgate = dy * (s_hat w) * sig (1 - sig)       dg = dy u sig (1 + g (1 - sig))        du = dy g sig
     dx_t = (1 - a_t) dy_t + a_{t+1} dy_{t+1}     dlogit_t = a_t (1 - a_t) sum_d dy_t (x_{t-1} - x_t)
+                      (k of attention_inputs: dy here is the norm's ds, of tokens t and t + 1)
     dlogits = (softmax(h W^T) - onehot(y)) / n   dh = dlogits W,   dW = dlogits^T h
 
 The cross-entropy never holds the (rows x vocab) logits: chunk by chunk it computes the logits, the loss and
@@ -111,13 +113,6 @@ def _programs(n_units: int, device: torch.device) -> int:
     return max(1, min(n_units, 4 * _multiprocessors(device)))
 
 
-def _row_tile(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_M rows, BLOCK_N >= n_cols, num_warps) of one program of a row-wise kernel."""
-    block_n = _next_pow2(n_cols)
-    block_m = max(1, _TILE_ELEMENTS // block_n)
-    return block_m, block_n, 8 if block_m * block_n >= 8192 else 4
-
-
 def _stand_in(dummy: torch.Tensor, *tensors):
     """The tensors, with ``dummy`` for each None: a pointer the kernel never reads (its constexpr flag is off), so
     that no None reaches a Triton function called from inside a kernel."""
@@ -164,6 +159,21 @@ def _sigmoid(x):
 
 
 @_jit
+def _rms_normalize(s, w, eps, group_size):
+    """(s / sqrt(mean(s^2) + eps) * w, rstd) for s (BLOCK_M, BLOCK_G, BLOCK_D), each group's mean over its
+    ``group_size`` features (padding is 0), w (BLOCK_G, BLOCK_D); rstd (BLOCK_M, BLOCK_G)."""
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=2) / group_size + eps)
+    return s * rstd[:, :, None] * w[None, :, :], rstd
+
+
+@_jit
+def _rms_norm_input_grad(dn, s_hat, rstd, group_size):
+    """ds = rstd (dn - s_hat mean(dn s_hat)): the norm's backward to its input s, from dn = dy * w (after the gate's
+    factor) and s_hat = s * rstd, per group."""
+    return rstd[:, :, None] * (dn - s_hat * (tl.sum(dn * s_hat, axis=2) / group_size)[:, :, None])
+
+
+@_jit
 def _rms_norm_fwd_rows(X, stride_x, R, GATE, stride_gate, W, Y, S, RSTD, tile, n_rows, n_groups, group_size, eps,
                        HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -182,9 +192,8 @@ def _rms_norm_fwd_rows(X, stride_x, R, GATE, stride_gate, W, Y, S, RSTD, tile, n
         s = (s + tl.load(R + offs, mask=mask, other=0.0).to(ACC)).to(S.dtype.element_ty)
         tl.store(S + offs, s, mask=mask)
         s = s.to(ACC)
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=2) / group_size + eps)
     w = tl.load(W + w_offs, mask=in_row, other=0.0).to(ACC)
-    y = s * rstd[:, :, None] * w[None, :, :]
+    y, rstd = _rms_normalize(s, w, eps, group_size)
     if HAS_GATE:
         gate = tl.load(GATE + rows[:, None, None] * stride_gate + w_offs[None, :, :], mask=mask, other=0.0)
         y = y * _sigmoid(gate.to(ACC))
@@ -200,19 +209,6 @@ def _rms_norm_fwd_kernel(X, stride_x, R, GATE, stride_gate, W, Y, S, RSTD, n_row
     """`_rms_norm_fwd_rows` over X, one tile of rows per program."""
     _rms_norm_fwd_rows(X, stride_x, R, GATE, stride_gate, W, Y, S, RSTD, tl.program_id(0), n_rows, n_groups,
                        group_size, eps, HAS_RESIDUAL, HAS_GATE, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
-
-
-@_jit
-def _rms_norm_pair_fwd_kernel(X, stride_x, W, Y, RSTD, n_rows, n_groups, X2, stride_x2, W2, Y2, RSTD2, n_rows2,
-                              n_groups2, group_size, eps, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Two plain norms in one launch (q and k): programs (*, 0) normalize X, programs (*, 1) X2."""
-    if tl.program_id(1) == 1:
-        _rms_norm_fwd_rows(X2, stride_x2, X2, X2, 0, W2, Y2, X2, RSTD2, tl.program_id(0), n_rows2, n_groups2,
-                           group_size, eps, False, False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
-    else:
-        _rms_norm_fwd_rows(X, stride_x, X, X, 0, W, Y, X, RSTD, tl.program_id(0), n_rows, n_groups, group_size, eps,
-                           False, False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
 
 
 @_jit
@@ -238,8 +234,9 @@ def _rms_norm_bwd_rows(S, stride_s, W, GATE, stride_gate, RSTD, DY, DS, DX, DR, 
         mask = row_ok[:, None, None] & in_row[None, :, :]
         offs = rows[:, None, None] * (n_groups * group_size) + w_offs[None, :, :]
         rstd_mask = row_ok[:, None] & (groups < n_groups)[None, :]
-        rstd = tl.load(RSTD + rows[:, None] * n_groups + groups[None, :], mask=rstd_mask, other=0.0)[:, :, None]
-        s_hat = tl.load(S + rows[:, None, None] * stride_s + w_offs[None, :, :], mask=mask, other=0.0).to(ACC) * rstd
+        rstd = tl.load(RSTD + rows[:, None] * n_groups + groups[None, :], mask=rstd_mask, other=0.0)
+        s_hat = tl.load(S + rows[:, None, None] * stride_s + w_offs[None, :, :], mask=mask, other=0.0).to(ACC)
+        s_hat *= rstd[:, :, None]
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
         if HAS_GATE:
             gate = tl.load(GATE + rows[:, None, None] * stride_gate + w_offs[None, :, :], mask=mask, other=0.0)
@@ -248,8 +245,7 @@ def _rms_norm_bwd_rows(S, stride_s, W, GATE, stride_gate, RSTD, DY, DS, DX, DR, 
             tl.store(DGATE + offs, dgate.to(DGATE.dtype.element_ty), mask=mask)
             dy = dy * sig
         dw += tl.sum(dy * s_hat, axis=0)
-        dn = dy * w[None, :, :]
-        ds = rstd * (dn - s_hat * (tl.sum(dn * s_hat, axis=2) / group_size)[:, :, None])
+        ds = _rms_norm_input_grad(dy * w[None, :, :], s_hat, rstd, group_size)
         if HAS_RESIDUAL:
             ds += tl.load(DS + offs, mask=mask, other=0.0).to(ACC)
             tl.store(DR + offs, ds.to(DR.dtype.element_ty), mask=mask)
@@ -265,24 +261,6 @@ def _rms_norm_bwd_kernel(S, stride_s, W, GATE, stride_gate, RSTD, DY, DS, DX, DR
     _rms_norm_bwd_rows(S, stride_s, W, GATE, stride_gate, RSTD, DY, DS, DX, DR, DGATE, DW_PARTIAL, tl.program_id(0),
                        n_rows, rows_per_program, n_groups, group_size, n_groups * group_size, HAS_RESIDUAL, HAS_GATE,
                        ACC, BLOCK_M, BLOCK_G, BLOCK_D)
-
-
-@_jit
-def _rms_norm_pair_bwd_kernel(S, stride_s, W, RSTD, DY, DX, n_rows, rows_per_program, n_groups, S2, stride_s2, W2,
-                              RSTD2, DY2, DX2, n_rows2, rows_per_program2, n_groups2, DW_PARTIAL, group_size,
-                              ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Backward of `_rms_norm_pair_fwd_kernel`. Row p of DW_PARTIAL holds program p's partial dW of X's weights and,
-    after them, of X2's: one sum over the rows gives both weights' gradients."""
-    n_w = n_groups * group_size
-    dw_stride = n_w + n_groups2 * group_size
-    if tl.program_id(1) == 1:
-        _rms_norm_bwd_rows(S2, stride_s2, W2, S2, 0, RSTD2, DY2, S2, DX2, S2, S2, DW_PARTIAL + n_w, tl.program_id(0),
-                           n_rows2, rows_per_program2, n_groups2, group_size, dw_stride, False, False, ACC, BLOCK_M,
-                           BLOCK_G, BLOCK_D)
-    else:
-        _rms_norm_bwd_rows(S, stride_s, W, S, 0, RSTD, DY, S, DX, S, S, DW_PARTIAL, tl.program_id(0), n_rows,
-                           rows_per_program, n_groups, group_size, dw_stride, False, False, ACC, BLOCK_M, BLOCK_G,
-                           BLOCK_D)
 
 
 def _norm_rows(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
@@ -371,48 +349,6 @@ class _RMSNormFunction(torch.autograd.Function):
         return dx, _weight_grads(dw_partial, weight)[0], dr if has_residual else None, dgate, None, None
 
 
-class _RMSNormPairFunction(torch.autograd.Function):
-    """Two plain norms (x with weight, x2 with weight2; one group size) in one launch each way. Outputs (y, y2)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, x2, weight2, eps, out_dtype):
-        (rows, groups), (rows2, groups2) = _norm_rows(x, weight), _norm_rows(x2, weight2)
-        (x, stride_x), (x2, stride_x2) = _row_strided(x, weight.numel()), _row_strided(x2, weight2.numel())
-        acc = _acc_dtype(x, weight, x2, weight2)
-        meta = _norm_meta(max(groups, groups2), weight.shape[-1], acc)
-        y, y2 = x.new_empty(x.shape, dtype=out_dtype), x2.new_empty(x2.shape, dtype=out_dtype)
-        rstd, rstd2 = x.new_empty((rows, groups), dtype=acc), x2.new_empty((rows2, groups2), dtype=acc)
-        tiles = _cdiv(max(rows, rows2), meta["BLOCK_M"])
-        if tiles:
-            _rms_norm_pair_fwd_kernel[(tiles, 2)](x, stride_x, weight, y, rstd, rows, groups, x2, stride_x2, weight2,
-                                                   y2, rstd2, rows2, groups2, weight.shape[-1], eps, **meta)
-        ctx.save_for_backward(x, weight, rstd, x2, weight2, rstd2)
-        ctx.strides = (stride_x, stride_x2)
-        return y, y2
-
-    @staticmethod
-    def backward(ctx, dy, dy2):
-        x, weight, rstd, x2, weight2, rstd2 = ctx.saved_tensors
-        (rows, groups), (rows2, groups2) = rstd.shape, rstd2.shape
-        meta = _norm_meta(max(groups, groups2), weight.shape[-1], rstd.dtype)
-        block_m = meta["BLOCK_M"]
-        programs = _programs(_cdiv(max(rows, rows2), block_m), x.device)
-        # a gradient that did not reach the loss comes as None: zeros (its rows still run, for their partial dW)
-        dy = x.new_zeros(x.shape) if dy is None else dy.contiguous()
-        dy2 = x2.new_zeros(x2.shape) if dy2 is None else dy2.contiguous()
-        dx, dx2 = x.new_empty(x.shape), x2.new_empty(x2.shape)
-        dw_partial = (torch.empty if rows or rows2 else torch.zeros)((programs, weight.numel() + weight2.numel()),
-                                                                     dtype=rstd.dtype, device=x.device)
-        if rows or rows2:
-            stride_x, stride_x2 = ctx.strides
-            _rms_norm_pair_bwd_kernel[(programs, 2)](
-                x, stride_x, weight, rstd, dy, dx, rows, _rows_per_program(rows, programs, block_m), groups, x2,
-                stride_x2, weight2, rstd2, dy2, dx2, rows2, _rows_per_program(rows2, programs, block_m), groups2,
-                dw_partial, weight.shape[-1], **meta)
-        dw, dw2 = _weight_grads(dw_partial, weight, weight2)
-        return dx, dw, dx2, dw2, None, None
-
-
 def _check_norm_input(x, weight, eps, x_name: str = "x", w_name: str = "weight") -> None:
     """x a floating tensor; weight (D,) = x's last dim, or (G, D) = x's last two (per-head weights)."""
     _check_float_tensor(x_name, x)
@@ -451,20 +387,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: tor
     _check_triton(x, "rms_norm")
     out_dtype = out_dtype or _autocast_or(x, x.dtype)
     return _RMSNormFunction.apply(x, weight.contiguous(), residual, gate, float(eps), out_dtype)
-
-
-def rms_norm_pair(x: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor, eps: float, *,
-                  out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rms_norm(x, weight, eps), rms_norm(x2, weight2, eps))`` in one launch each way (FoX Pro's q and k norms:
-    x (B, T, H, D), x2 (B, T, Hkv, D)). Both weights are (D,), or (H, D) and (Hkv, D); out_dtype as rms_norm's."""
-    _check_norm_input(x, weight, eps)
-    _check_norm_input(x2, weight2, eps, "x2", "weight2")
-    if weight.dim() != weight2.dim() or weight.shape[-1] != weight2.shape[-1] or x2.device != x.device:
-        raise ValueError(f"weight {tuple(weight.shape)} and weight2 {tuple(weight2.shape)} must both be (D,) or both "
-                         f"(heads, D) with one D, and x, x2 on one device ({x.device}, {x2.device})")
-    _check_triton(x, "rms_norm_pair")
-    out_dtype = out_dtype or _autocast_or(x, x.dtype)
-    return _RMSNormPairFunction.apply(x, weight.contiguous(), x2, weight2.contiguous(), float(eps), out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -533,170 +455,337 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# KV-shift: y_t = a_t x_{t-1} + (1 - a_t) x_t
+# The attention's inputs: KV-shift and the q/k norms, one launch each way
 # --------------------------------------------------------------------------------------------------
 
 
 @_jit
-def _token_shift_fwd_rows(X, stride_x, P, A, stride_a, Y, tile, n_rows, T, H, D, HAS_PREV: tl.constexpr,
-                          ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Y_t = a_t X_{t-1} + (1 - a_t) X_t, a = sigmoid(A). Rows are (b, t, h) of X (B, T, H, D) flattened, A (B, T, H);
-    consecutive tokens of X are ``stride_x`` elements apart, of A ``stride_a`` (Y contiguous)."""
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols[None, :] < D)
-    token, head = rows // H, rows % H
-    t = token % T
-    x_offs = (token * stride_x + head * D)[:, None] + cols[None, :]
+def _input_value(X, stride_x, P, A, stride_a, rows, row_ok, groups, offs, in_row, T, n_groups, group_size,
+                 SHIFT: tl.constexpr, HAS_PREV: tl.constexpr, ACC: tl.constexpr):
+    """(s, x_t, x_{t-1}, a_t) at token rows ``rows`` of X (B*T tokens of n_groups x group_size, rows ``stride_x``
+    apart; ``offs`` (BLOCK_G, BLOCK_D) the offsets within a row): s = a_t x_{t-1} + (1 - a_t) x_t with SHIFT, where
+    a_t = sigmoid(A_t) (A rows ``stride_a`` apart; a_t (BLOCK_M, BLOCK_G)) and x_{-1} is row b of P (B, n_groups,
+    group_size) with HAS_PREV (the cached token before a decoding chunk), else 0; s = x_t without SHIFT."""
+    mask = row_ok[:, None, None] & in_row[None, :, :]
+    x_offs = rows[:, None, None] * stride_x + offs[None, :, :]
     x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
-    before = tl.load(X + x_offs - stride_x, mask=mask & (t[:, None] > 0), other=0.0).to(ACC)
-    if HAS_PREV:  # t = 0 reads the cached last token of the chunk before: previous (B, 1, H, D)
-        prev_rows = (rows // (T * H)) * H + head
-        first = mask & (t[:, None] == 0)
-        before += tl.load(P + prev_rows[:, None] * D + cols[None, :], mask=first, other=0.0).to(ACC)
-    a = _sigmoid(tl.load(A + token * stride_a + head, mask=row_ok, other=0.0).to(ACC))[:, None]
-    tl.store(Y + rows[:, None] * D + cols[None, :], (a * before + (1.0 - a) * x).to(Y.dtype.element_ty), mask=mask)
-
-
-@_jit
-def _token_shift_fwd_kernel(X, stride_x, P, A, stride_a, Y, X2, stride_x2, P2, A2, stride_a2, Y2, n_rows, T, H, D,
-                            HAS_PREV: tl.constexpr, HAS_PAIR: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_D: tl.constexpr):
-    """`_token_shift_fwd_rows` of X; with HAS_PAIR, programs (*, 1) shift a second tensor X2 (keys and values)."""
-    if HAS_PAIR and tl.program_id(1) == 1:
-        _token_shift_fwd_rows(X2, stride_x2, P2, A2, stride_a2, Y2, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC,
-                              BLOCK_M, BLOCK_D)
+    if SHIFT:
+        t = rows % T
+        before = tl.load(X + x_offs - stride_x, mask=mask & (t > 0)[:, None, None], other=0.0).to(ACC)
+        if HAS_PREV:
+            p_offs = (rows // T)[:, None, None] * (n_groups * group_size) + offs[None, :, :]
+            before += tl.load(P + p_offs, mask=mask & (t == 0)[:, None, None], other=0.0).to(ACC)
+        a_mask = row_ok[:, None] & (groups < n_groups)[None, :]
+        a = _sigmoid(tl.load(A + rows[:, None] * stride_a + groups[None, :], mask=a_mask, other=0.0).to(ACC))
+        s = a[:, :, None] * before + (1.0 - a[:, :, None]) * x
     else:
-        _token_shift_fwd_rows(X, stride_x, P, A, stride_a, Y, tl.program_id(0), n_rows, T, H, D, HAS_PREV, ACC,
-                              BLOCK_M, BLOCK_D)
+        before, a, s = x, tl.sum(x, axis=2), x
+    return s, x, before, a
 
 
 @_jit
-def _token_shift_bwd_rows(X, stride_x, P, A, stride_a, DY, DX, DA, tile, n_rows, T, H, D, HAS_PREV: tl.constexpr,
-                          ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """DX_t = (1 - a_t) DY_t + a_{t+1} DY_{t+1} and DA_t = a_t (1 - a_t) sum_d DY_t (x_{t-1} - x_t), rows and strides
-    as forward (DY, DX, DA contiguous)."""
+def _input_fwd_rows(X, stride_x, P, A, stride_a, W, w_stride, Y, RSTD, tile, n_rows, T, n_groups, group_size, eps,
+                    SHIFT: tl.constexpr, NORM: tl.constexpr, HAS_PREV: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One tile of token rows of one input X (B*T, n_groups, group_size): shifted (SHIFT), then normalized per group
+    with W (group g's weights at g * w_stride: 0 for one vector shared by all groups) and RSTD stored (NORM)."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols[None, :] < D)
-    token, head = rows // H, rows % H
-    t = token % T
-    offs = rows[:, None] * D + cols[None, :]
-    x_offs = (token * stride_x + head * D)[:, None] + cols[None, :]
-    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
-    before = tl.load(X + x_offs - stride_x, mask=mask & (t[:, None] > 0), other=0.0).to(ACC)
-    if HAS_PREV:
-        prev_rows = (rows // (T * H)) * H + head
-        first = mask & (t[:, None] == 0)
-        before += tl.load(P + prev_rows[:, None] * D + cols[None, :], mask=first, other=0.0).to(ACC)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-    a_offs = token * stride_a + head
-    a = _sigmoid(tl.load(A + a_offs, mask=row_ok, other=0.0).to(ACC))
-    has_next = row_ok & (t < T - 1)
-    a_next = _sigmoid(tl.load(A + a_offs + stride_a, mask=has_next, other=0.0).to(ACC))
-    dy_next = tl.load(DY + offs + H * D, mask=mask & has_next[:, None], other=0.0).to(ACC)
-    dx = (1.0 - a)[:, None] * dy + tl.where(has_next, a_next, 0.0)[:, None] * dy_next
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-    da = a * (1.0 - a) * tl.sum(dy * (before - x), axis=1)
-    tl.store(DA + rows, da.to(DA.dtype.element_ty), mask=row_ok)
+    groups, cols = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+    in_row = (groups[:, None] < n_groups) & (cols[None, :] < group_size)
+    offs = groups[:, None] * group_size + cols[None, :]
+    y, _, _, _ = _input_value(X, stride_x, P, A, stride_a, rows, row_ok, groups, offs, in_row, T, n_groups,
+                              group_size, SHIFT, HAS_PREV, ACC)
+    if NORM:
+        w = tl.load(W + groups[:, None] * w_stride + cols[None, :], mask=in_row, other=0.0).to(ACC)
+        y, rstd = _rms_normalize(y, w, eps, group_size)
+        tl.store(RSTD + rows[:, None] * n_groups + groups[None, :], rstd,
+                 mask=row_ok[:, None] & (groups < n_groups)[None, :])
+    tl.store(Y + rows[:, None, None] * (n_groups * group_size) + offs[None, :, :], y.to(Y.dtype.element_ty),
+             mask=row_ok[:, None, None] & in_row[None, :, :])
 
 
 @_jit
-def _token_shift_bwd_kernel(X, stride_x, P, A, stride_a, DY, DX, DA, X2, stride_x2, P2, A2, stride_a2, DY2, DX2, DA2,
-                            n_rows, T, H, D, HAS_PREV: tl.constexpr, HAS_PAIR: tl.constexpr, ACC: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """`_token_shift_bwd_rows` of X; with HAS_PAIR, programs (*, 1) take the second tensor X2."""
-    if HAS_PAIR and tl.program_id(1) == 1:
-        _token_shift_bwd_rows(X2, stride_x2, P2, A2, stride_a2, DY2, DX2, DA2, tl.program_id(0), n_rows, T, H, D,
-                              HAS_PREV, ACC, BLOCK_M, BLOCK_D)
-    else:
-        _token_shift_bwd_rows(X, stride_x, P, A, stride_a, DY, DX, DA, tl.program_id(0), n_rows, T, H, D, HAS_PREV,
-                              ACC, BLOCK_M, BLOCK_D)
+def _attention_inputs_fwd_kernel(Q, stride_q, WQ, wq_stride, YQ, RSTDQ, n_q_groups,
+                                 K, stride_k, PK, AK, stride_ak, WK, wk_stride, YK, RSTDK,
+                                 V, stride_v, PV, AV, stride_av, YV, n_kv_groups, n_rows, T, group_size, eps,
+                                 FIRST: tl.constexpr, NORM_QK: tl.constexpr, SHIFT_K: tl.constexpr,
+                                 SHIFT_V: tl.constexpr, HAS_PREV: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Programs (tile, role - FIRST), for the roles in use: 0 normalizes q, 1 shifts and/or normalizes k, 2 shifts v.
+    The roles in use are consecutive (q is normalized only together with k), so FIRST and the grid name them."""
+    role, tile = tl.program_id(1) + FIRST, tl.program_id(0)
+    if NORM_QK and role == 0:
+        _input_fwd_rows(Q, stride_q, Q, Q, 0, WQ, wq_stride, YQ, RSTDQ, tile, n_rows, T, n_q_groups, group_size, eps,
+                        False, True, False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+    elif (SHIFT_K or NORM_QK) and role == 1:
+        _input_fwd_rows(K, stride_k, PK, AK, stride_ak, WK, wk_stride, YK, RSTDK, tile, n_rows, T, n_kv_groups,
+                        group_size, eps, SHIFT_K, NORM_QK, HAS_PREV, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+    elif SHIFT_V and role == 2:
+        _input_fwd_rows(V, stride_v, PV, AV, stride_av, V, 0, YV, V, tile, n_rows, T, n_kv_groups, group_size, eps,
+                        True, False, HAS_PREV, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
 
 
-def _contiguous(*tensors):
-    return [t.contiguous() if t is not None else None for t in tensors]
+@_jit
+def _input_grad(X, stride_x, P, A, stride_a, w, RSTD, DY, rows, row_ok, groups, offs, in_row, T, n_groups,
+                group_size, SHIFT: tl.constexpr, NORM: tl.constexpr, HAS_PREV: tl.constexpr, ACC: tl.constexpr):
+    """(ds, dy, s_hat, x_t, x_{t-1}, a_t) at token rows ``rows``: ds the gradient reaching the value s the norm saw
+    (`_input_value`), through the norm's backward with NORM (s_hat = s * rstd), else dy itself (s_hat = s)."""
+    s, x, before, a = _input_value(X, stride_x, P, A, stride_a, rows, row_ok, groups, offs, in_row, T, n_groups,
+                                   group_size, SHIFT, HAS_PREV, ACC)
+    dy = tl.load(DY + rows[:, None, None] * (n_groups * group_size) + offs[None, :, :],
+                 mask=row_ok[:, None, None] & in_row[None, :, :], other=0.0).to(ACC)
+    ds, s_hat = dy, s
+    if NORM:
+        rstd = tl.load(RSTD + rows[:, None] * n_groups + groups[None, :],
+                       mask=row_ok[:, None] & (groups < n_groups)[None, :], other=0.0)
+        s_hat = s * rstd[:, :, None]
+        ds = _rms_norm_input_grad(dy * w[None, :, :], s_hat, rstd, group_size)
+    return ds, dy, s_hat, x, before, a
 
 
-class _TokenShiftFunction(torch.autograd.Function):
-    """Inputs (x, previous, a_logits) and optionally a second such triple (x2, ...) of x's shape, shifted in the same
-    launch; previous is None for both or given for both. Outputs y, or (y, y2)."""
+@_jit
+def _input_bwd_rows(X, stride_x, P, A, stride_a, W, w_stride, RSTD, DY, DX, DA, DP, DW, program, rows_per_program,
+                    n_rows, T, n_groups, group_size, SHIFT: tl.constexpr, NORM: tl.constexpr, HAS_PREV: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Backward of `_input_fwd_rows` over the token rows ``program`` owns: the norm's, then the shift's (module
+    docstring), whose dx_t needs ds_{t+1}, recomputed from row t + 1. Writes DX (contiguous); with SHIFT, DA and
+    (HAS_PREV) DP, the gradient of P, from the rows at t = 0; with NORM the program's partial dW to DW."""
+    groups, cols = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+    group_ok = groups < n_groups
+    in_row = group_ok[:, None] & (cols[None, :] < group_size)
+    offs = groups[:, None] * group_size + cols[None, :]
+    w = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
+    if NORM:
+        w = tl.load(W + groups[:, None] * w_stride + cols[None, :], mask=in_row, other=0.0).to(ACC)
+    dw = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
+    row_begin = program * rows_per_program
+    row_end = tl.minimum(row_begin + rows_per_program, n_rows)
+    for start in range(row_begin, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None, None] & in_row[None, :, :]
+        ds, dy, s_hat, x, before, a = _input_grad(X, stride_x, P, A, stride_a, w, RSTD, DY, rows, row_ok, groups,
+                                                  offs, in_row, T, n_groups, group_size, SHIFT, NORM, HAS_PREV, ACC)
+        if NORM:
+            dw += tl.sum(dy * s_hat, axis=0)
+        dx = ds
+        if SHIFT:
+            has_next = row_ok & (rows % T < T - 1)
+            ds_next, _, _, _, _, a_next = _input_grad(X, stride_x, P, A, stride_a, w, RSTD, DY, rows + 1, has_next,
+                                                      groups, offs, in_row, T, n_groups, group_size, SHIFT, NORM,
+                                                      HAS_PREV, ACC)
+            a_next = tl.where(has_next[:, None], a_next, 0.0)
+            dx = (1.0 - a[:, :, None]) * ds + a_next[:, :, None] * ds_next
+            da = a * (1.0 - a) * tl.sum(ds * (before - x), axis=2)
+            tl.store(DA + rows[:, None] * n_groups + groups[None, :], da.to(DA.dtype.element_ty),
+                     mask=row_ok[:, None] & group_ok[None, :])
+            if HAS_PREV:  # only token 0 reads P, weighted by a_0
+                p_offs = (rows // T)[:, None, None] * (n_groups * group_size) + offs[None, :, :]
+                tl.store(DP + p_offs, (a[:, :, None] * ds).to(DP.dtype.element_ty),
+                         mask=mask & (rows % T == 0)[:, None, None])
+        tl.store(DX + rows[:, None, None] * (n_groups * group_size) + offs[None, :, :], dx.to(DX.dtype.element_ty),
+                 mask=mask)
+    if NORM:
+        tl.store(DW + offs, dw, mask=in_row)
 
-    @staticmethod
-    def forward(ctx, x, previous, a_logits, x2, previous2, a_logits2):
-        B, T, H, D = x.shape
-        pair = x2 is not None
-        # x and the logits are read in place (slices of the attention's stacked projections), y written contiguous
-        (x, stride_x), (a_logits, stride_a) = _row_strided(x, H * D), _row_strided(a_logits, H)
-        (x2, stride_x2), (a_logits2, stride_a2) = ((_row_strided(x2, H * D), _row_strided(a_logits2, H)) if pair
-                                                   else ((x, 0), (a_logits, 0)))
-        previous, previous2 = (p.to(x.dtype).contiguous() if p is not None else None for p in (previous, previous2))
-        y, y2 = x.new_empty(x.shape), x2.new_empty(x2.shape) if pair else None
-        meta = _token_shift_meta(D, previous is not None, pair, _acc_dtype(x))
-        if x.numel():
-            _token_shift_fwd_kernel[(_cdiv(B * T * H, meta["BLOCK_M"]), 2 if pair else 1)](
-                x, stride_x, *_stand_in(x, previous), a_logits, stride_a, y, x2, stride_x2,
-                *_stand_in(x, previous2), a_logits2, stride_a2, *_stand_in(x, y2), B * T * H, T, H, D, **meta)
-        ctx.save_for_backward(x, previous, a_logits, x2 if pair else None, previous2, a_logits2 if pair else None)
-        ctx.strides = (stride_x, stride_a, stride_x2, stride_a2)
-        return (y, y2) if pair else y
 
-    @staticmethod
-    def backward(ctx, dy, dy2=None):
-        x, previous, a_logits, x2, previous2, a_logits2 = ctx.saved_tensors
-        stride_x, stride_a, stride_x2, stride_a2 = ctx.strides
-        B, T, H, D = x.shape
-        pair = x2 is not None
-        dy, dy2 = _contiguous(dy, dy2)
-        dx, da = x.new_empty(x.shape), a_logits.new_empty(a_logits.shape)
-        dx2, da2 = (x2.new_empty(x2.shape), a_logits2.new_empty(a_logits2.shape)) if pair else (None, None)
-        meta = _token_shift_meta(D, previous is not None, pair, _acc_dtype(x))
-        if x.numel():
-            _token_shift_bwd_kernel[(_cdiv(B * T * H, meta["BLOCK_M"]), 2 if pair else 1)](
-                x, stride_x, *_stand_in(x, previous), a_logits, stride_a, dy, dx, da,
-                *_stand_in(x, x2), stride_x2, *_stand_in(x, previous2), *_stand_in(x, a_logits2), stride_a2,
-                *_stand_in(x, dy2, dx2, da2), B * T * H, T, H, D, **meta)
-        d_previous = [_previous_grad(p, a, g, ctx.needs_input_grad[i])
-                      for p, a, g, i in ((previous, a_logits, dy, 1), (previous2, a_logits2, dy2, 4))]
-        return dx, d_previous[0], da, dx2, d_previous[1], da2
-
-
-def _previous_grad(previous, a_logits, dy, needed: bool):
-    """The gradient of ``previous``: only token 0 reads it, weighted by a_0."""
-    if previous is None or not needed:
-        return None
-    acc = _acc_dtype(dy)
-    return torch.sigmoid(a_logits[:, :1].to(acc))[..., None] * dy[:, :1].to(acc)
+@_jit
+def _attention_inputs_bwd_kernel(Q, stride_q, WQ, wq_stride, RSTDQ, DYQ, DXQ, n_q_groups,
+                                 K, stride_k, PK, AK, stride_ak, WK, wk_stride, RSTDK, DYK, DXK, DAK, DPK,
+                                 V, stride_v, PV, AV, stride_av, DYV, DXV, DAV, DPV, n_kv_groups,
+                                 DW_PARTIAL, dw_stride, n_rows, rows_per_program, T, group_size,
+                                 FIRST: tl.constexpr, NORM_QK: tl.constexpr, SHIFT_K: tl.constexpr,
+                                 SHIFT_V: tl.constexpr, HAS_PREV: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Backward of `_attention_inputs_fwd_kernel`, programs (program, role - FIRST). Row p of DW_PARTIAL (rows
+    ``dw_stride`` apart) holds program p's partial dW of q's norm, then k's: one sum over the rows gives both."""
+    role, program = tl.program_id(1) + FIRST, tl.program_id(0)
+    dw_row = DW_PARTIAL + program * dw_stride
+    if NORM_QK and role == 0:
+        _input_bwd_rows(Q, stride_q, Q, Q, 0, WQ, wq_stride, RSTDQ, DYQ, DXQ, Q, Q, dw_row, program, rows_per_program,
+                        n_rows, T, n_q_groups, group_size, False, True, False, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+    elif (SHIFT_K or NORM_QK) and role == 1:
+        _input_bwd_rows(K, stride_k, PK, AK, stride_ak, WK, wk_stride, RSTDK, DYK, DXK, DAK, DPK,
+                        dw_row + n_q_groups * group_size, program, rows_per_program, n_rows, T, n_kv_groups,
+                        group_size, SHIFT_K, NORM_QK, HAS_PREV, ACC, BLOCK_M, BLOCK_G, BLOCK_D)
+    elif SHIFT_V and role == 2:
+        _input_bwd_rows(V, stride_v, PV, AV, stride_av, V, 0, V, DYV, DXV, DAV, DPV, dw_row, program,
+                        rows_per_program, n_rows, T, n_kv_groups, group_size, True, False, HAS_PREV, ACC, BLOCK_M,
+                        BLOCK_G, BLOCK_D)
 
 
 @functools.lru_cache(maxsize=None)
-def _token_shift_meta(head_dim: int, has_previous: bool, pair: bool, acc: torch.dtype) -> dict:
-    """The token-shift kernels' compile-time arguments (cached: the same few dicts every step)."""
-    block_m, block_d, warps = _row_tile(head_dim)
-    return dict(HAS_PREV=has_previous, HAS_PAIR=pair, ACC=_tl_dtype(acc), BLOCK_M=block_m, BLOCK_D=block_d,
-                num_warps=warps)
+def _inputs_meta(groups: int, group_size: int, norm_qk: bool, shift_k: bool, shift_v: bool, has_previous: bool,
+                 acc: torch.dtype) -> tuple[dict, int]:
+    """(compile-time arguments, number of roles) of the attention-inputs kernels; cached, the same few every step."""
+    first = 0 if norm_qk else 1 if shift_k else 2
+    meta = dict(_norm_meta(groups, group_size, acc), FIRST=first, NORM_QK=norm_qk, SHIFT_K=shift_k, SHIFT_V=shift_v,
+                HAS_PREV=has_previous)
+    return meta, (2 if shift_v else 1) - first + 1
 
 
-def _check_token_shift(x, previous, a_logits, suffix: str = "") -> None:
-    _check_float_tensor("x" + suffix, x)
-    if x.dim() != 4:
-        raise ValueError(f"x{suffix} must have shape (batch, seq_len, heads, head_dim), got {tuple(x.shape)}")
-    for name, t, shape in (("a_logits", a_logits, x.shape[:3]), ("previous", previous, (x.shape[0], 1, *x.shape[2:]))):
-        if t is None and name == "previous":
+def _weight_stride(weight: torch.Tensor | None) -> int:
+    """Elements between two groups' weights: D for per-head weights (G, D), 0 for one shared vector (D,)."""
+    return weight.shape[-1] if weight is not None and weight.dim() == 2 else 0
+
+
+class _AttentionInputsFunction(torch.autograd.Function):
+    """q (B, T, H, D) normalized with wq; k (B, T, Hkv, D) shifted with logits ak (and the token before, pk) and/or
+    normalized with wk; v (B, T, Hkv, D) shifted with av (pv). Returns (q', k', v'), None for an input left as it is
+    (wq and wk come together; pk and pv too)."""
+
+    @staticmethod
+    def forward(ctx, q, wq, k, pk, ak, wk, v, pv, av, eps, out_dtype):
+        norm_qk, shift_k, shift_v = wq is not None, ak is not None, av is not None
+        B, T, Hkv, D = k.shape
+        H, rows = q.shape[2] if norm_qk else Hkv, B * T
+        acc = _acc_dtype(*(t for t in (q, wq, k, wk, v) if t is not None))
+        meta, n_roles = _inputs_meta(max(H, Hkv), D, norm_qk, shift_k, shift_v,
+                                     pk is not None or pv is not None, acc)
+        # the inputs are read in place (column slices of the stacked projections), the outputs written contiguous
+        (q, stride_q), (wq,) = (_row_strided(q, H * D) if norm_qk else (k, 0)), _stand_in(k, wq)
+        k, stride_k = _row_strided(k, Hkv * D)
+        v, stride_v = _row_strided(v, Hkv * D) if shift_v else (k, 0)
+        ak, stride_ak = _row_strided(ak, Hkv) if shift_k else (k, 0)
+        av, stride_av = _row_strided(av, Hkv) if shift_v else (k, 0)
+        pk, pv = (p.to(k.dtype).contiguous() if p is not None else k for p in (pk, pv))
+        yq = q.new_empty(q.shape, dtype=out_dtype) if norm_qk else None
+        yk = k.new_empty(k.shape, dtype=out_dtype if norm_qk else k.dtype) if norm_qk or shift_k else None
+        yv = v.new_empty(v.shape) if shift_v else None
+        rstd_q, rstd_k = (k.new_empty((rows, H), dtype=acc), k.new_empty((rows, Hkv), dtype=acc)) if norm_qk else (k, k)
+        if rows:
+            _attention_inputs_fwd_kernel[(_cdiv(rows, meta["BLOCK_M"]), n_roles)](
+                q, stride_q, wq, _weight_stride(wq), *_stand_in(k, yq), rstd_q, H,
+                k, stride_k, pk, ak, stride_ak, *_stand_in(k, wk), _weight_stride(wk), *_stand_in(k, yk), rstd_k,
+                v, stride_v, pv, av, stride_av, *_stand_in(k, yv), Hkv, rows, T, D, eps, **meta)
+        ctx.save_for_backward(q, wq, rstd_q, k, pk, ak, wk, rstd_k, v, pv, av)
+        ctx.layout = (stride_q, stride_k, stride_ak, stride_v, stride_av, H, n_roles, meta, norm_qk, shift_k, shift_v,
+                      wk is not None and wk.dim() == 1)
+        return yq, yk, yv
+
+    @staticmethod
+    def backward(ctx, dyq, dyk, dyv):
+        q, wq, rstd_q, k, pk, ak, wk, rstd_k, v, pv, av = ctx.saved_tensors
+        stride_q, stride_k, stride_ak, stride_v, stride_av, H, n_roles, meta, norm_qk, shift_k, shift_v, shared = \
+            ctx.layout
+        B, T, Hkv, D = k.shape
+        rows = B * T
+        # an output that did not reach the loss has no gradient: zeros (its rows still run, for their partial dW)
+        dyq = (dyq.contiguous() if dyq is not None else q.new_zeros(q.shape)) if norm_qk else k
+        dyk = (dyk.contiguous() if dyk is not None else k.new_zeros(k.shape)) if norm_qk or shift_k else k
+        dyv = (dyv.contiguous() if dyv is not None else v.new_zeros(v.shape)) if shift_v else k
+        dq = q.new_empty(q.shape) if norm_qk else None
+        dk = k.new_empty(k.shape) if norm_qk or shift_k else None
+        dv = v.new_empty(v.shape) if shift_v else None
+        dak, dav = (a.new_empty((B, T, Hkv)) if on else None for a, on in ((ak, shift_k), (av, shift_v)))
+        has_previous = meta["HAS_PREV"]
+        dpk, dpv = (p.new_empty(p.shape) if has_previous and on else None for p, on in ((pk, shift_k), (pv, shift_v)))
+        programs = _programs(_cdiv(rows, meta["BLOCK_M"]), k.device)
+        n_w = (H + Hkv) * D if norm_qk else 1
+        dw_partial = (torch.empty if rows else torch.zeros)((programs, n_w), dtype=rstd_q.dtype if norm_qk else
+                                                            torch.float32, device=k.device)
+        if rows:
+            _attention_inputs_bwd_kernel[(programs, n_roles)](
+                q, stride_q, wq, _weight_stride(wq if norm_qk else None), rstd_q, dyq, *_stand_in(k, dq), H,
+                k, stride_k, pk, ak, stride_ak, wk if norm_qk else k, _weight_stride(wk if norm_qk else None), rstd_k,
+                dyk, *_stand_in(k, dk, dak, dpk), v, stride_v, pv, av, stride_av, dyv, *_stand_in(k, dv, dav, dpv), Hkv,
+                dw_partial, n_w, rows, _rows_per_program(rows, programs, meta["BLOCK_M"]), T, D, **meta)
+        dwq = dwk = None
+        if norm_qk:
+            dw = dw_partial.sum(dim=0)
+            dwq, dwk = dw[:H * D].view(H, D), dw[H * D:].view(Hkv, D)
+            if shared:  # one weight vector for all heads: the sum over heads
+                dwq, dwk = dwq.sum(dim=0), dwk.sum(dim=0)
+            dwq, dwk = dwq.to(wq.dtype), dwk.to(wk.dtype)
+        return dq, dwq, dk, dpk, dak, dwk, dv, dpv, dav, None, None
+
+
+def _check_heads_input(name: str, t, shape: tuple | None = None) -> None:
+    """t a floating tensor (B, T, heads, D), of ``shape`` where given."""
+    _check_float_tensor(name, t)
+    if t.dim() != 4 or (shape is not None and tuple(t.shape) != tuple(shape)):
+        expected = tuple(shape) if shape is not None else "(batch, seq_len, heads, head_dim)"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+
+
+def _check_shift_args(x, x_name: str, a_logits, a_name: str, previous, p_name: str) -> None:
+    """a_logits (B, T, heads) and previous (B, 1, heads, D) or None for x (B, T, heads, D), on x's device."""
+    _check_float_tensor(a_name, a_logits)
+    for name, t, shape in ((a_name, a_logits, x.shape[:3]), (p_name, previous, (x.shape[0], 1, *x.shape[2:]))):
+        if t is None:
             continue
-        _check_float_tensor(name + suffix, t)
+        _check_float_tensor(name, t)
         if t.shape != shape:
-            raise ValueError(f"{name}{suffix} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
         if t.device != x.device:
-            raise ValueError(f"{name}{suffix} is on {t.device} but x{suffix} is on {x.device}")
-    if x.shape[-1] > _MAX_ROW:
-        raise ValueError(f"token_shift takes head dims up to {_MAX_ROW}, got {x.shape[-1]}")
+            raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")
+
+
+def attention_inputs(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None, *,
+                     q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                     k_shift_logits: torch.Tensor | None = None, v_shift_logits: torch.Tensor | None = None,
+                     k_previous: torch.Tensor | None = None, v_previous: torch.Tensor | None = None,
+                     out_dtype: torch.dtype | None = None):
+    """FoX Pro's token-wise steps on the attention's inputs, all in one Triton kernel forward and one backward::
+
+        k <- KV-shift(k) = a_t k_{t-1} + (1 - a_t) k_t,  a_t = sigmoid(k_shift_logits_t)     (with k_shift_logits)
+        v <- KV-shift(v) the same way with v_shift_logits                                     (with v_shift_logits)
+        q, k <- per-head RMSNorm with q_weight, k_weight (k after its shift)                  (with the weights)
+
+    Args:
+        q: (B, T, H, D), or None without the norms. k: (B, T, Hkv, D). v: (B, T, Hkv, D), or None without v's shift.
+        q_weight, k_weight: both or neither; (D,) each (one vector for all heads) or (H, D) and (Hkv, D).
+        k_shift_logits, v_shift_logits: (B, T, Hkv) each, or None for no shift.
+        k_previous, v_previous: (B, 1, Hkv, D) the raw k / v of the token before this chunk (decoding from a
+            cache), or None for zeros.
+        out_dtype: the normalized outputs' dtype, rms_norm's default; shifted-only ones keep their input's.
+    Returns:
+        (q, k, v), each processed as asked or returned as given. Inputs may be column slices of wider tensors (rows
+        one stride apart): they are read in place.
+    """
+    norm_qk = q_weight is not None or k_weight is not None
+    _check_heads_input("k", k)
+    if norm_qk:
+        if q_weight is None or k_weight is None:
+            raise ValueError("q_weight and k_weight come together: pass both or neither")
+        _check_heads_input("q", q)
+        if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+            raise ValueError(f"q must have k's batch, seq_len and head_dim {tuple(k.shape)}, got {tuple(q.shape)}")
+        _check_norm_input(q, q_weight, eps, "q", "q_weight")
+        _check_norm_input(k, k_weight, eps, "k", "k_weight")
+        if q_weight.dim() != k_weight.dim():
+            raise ValueError(f"q_weight {tuple(q_weight.shape)} and k_weight {tuple(k_weight.shape)} must both be "
+                             f"(D,) or both (heads, D)")
+    if v_shift_logits is not None:
+        _check_heads_input("v", v, k.shape)
+    for name, a_logits, previous in (("k", k_shift_logits, k_previous), ("v", v_shift_logits, v_previous)):
+        if a_logits is not None:
+            _check_shift_args(k, "k", a_logits, f"{name}_shift_logits", previous, f"{name}_previous")
+    if not norm_qk and k_shift_logits is None and v_shift_logits is None:
+        return q, k, v
+    _check_triton(k, "attention_inputs")
+    for name, t in (("q", q if norm_qk else None), ("v", v if v_shift_logits is not None else None)):
+        if t is not None and (t.device != k.device or t.dtype != k.dtype):
+            raise ValueError(f"{name} must be on k's device and of its dtype ({k.device}, {k.dtype}), got {t.device}, "
+                             f"{t.dtype}")
+    if (k_previous is None) != (v_previous is None) and k_shift_logits is not None and v_shift_logits is not None:
+        k_previous, v_previous = (p if p is not None else torch.zeros_like(k[:, :1]) for p in (k_previous, v_previous))
+    if k_shift_logits is None:
+        k_previous = None
+    if v_shift_logits is None:
+        v_previous = None
+    out_dtype = out_dtype or _autocast_or(k, k.dtype)
+    yq, yk, yv = _AttentionInputsFunction.apply(
+        q if norm_qk else None, q_weight.contiguous() if norm_qk else None, k, k_previous, k_shift_logits,
+        k_weight.contiguous() if norm_qk else None, v if v_shift_logits is not None else None, v_previous,
+        v_shift_logits, float(eps), out_dtype)
+    return (q if yq is None else yq), (k if yk is None else yk), (v if yv is None else yv)
 
 
 def token_shift(x: torch.Tensor, previous: torch.Tensor | None, a_logits: torch.Tensor) -> torch.Tensor:
-    """KV-shift y_t = a_t x_{t-1} + (1 - a_t) x_t with a_t = sigmoid(a_logits), one Triton kernel each way.
+    """KV-shift y_t = a_t x_{t-1} + (1 - a_t) x_t with a_t = sigmoid(a_logits), one Triton kernel each way
+    (`attention_inputs` with k only).
 
     Args:
         x: (B, T, H, D) keys or values. previous: (B, 1, H, D) x of the token before this chunk (decoding), or
@@ -704,24 +793,10 @@ def token_shift(x: torch.Tensor, previous: torch.Tensor | None, a_logits: torch.
     Returns:
         (B, T, H, D) in x's dtype.
     """
-    _check_token_shift(x, previous, a_logits)
+    _check_heads_input("x", x)
+    _check_shift_args(x, "x", a_logits, "a_logits", previous, "previous")
     _check_triton(x, "token_shift")
-    return _TokenShiftFunction.apply(x, previous, a_logits, None, None, None)
-
-
-def token_shift_pair(k: torch.Tensor, previous_k: torch.Tensor | None, a_k: torch.Tensor, v: torch.Tensor,
-                     previous_v: torch.Tensor | None, a_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(token_shift(k, previous_k, a_k), token_shift(v, previous_v, a_v))`` in one launch each way; k and v of one
-    shape (B, T, H, D). A missing ``previous`` next to a given one counts as zeros."""
-    _check_token_shift(k, previous_k, a_k, "_k")
-    _check_token_shift(v, previous_v, a_v, "_v")
-    if v.shape != k.shape or v.dtype != k.dtype:
-        raise ValueError(f"v must have the shape and dtype of k {tuple(k.shape)} {k.dtype}, got {tuple(v.shape)} "
-                         f"{v.dtype}")
-    _check_triton(k, "token_shift_pair")
-    if (previous_k is None) != (previous_v is None):
-        previous_k, previous_v = (p if p is not None else torch.zeros_like(k[:, :1]) for p in (previous_k, previous_v))
-    return _TokenShiftFunction.apply(k, previous_k, a_k, v, previous_v, a_v)
+    return _AttentionInputsFunction.apply(None, None, x, previous, a_logits, None, None, None, None, 0.0, x.dtype)[1]
 
 
 # --------------------------------------------------------------------------------------------------

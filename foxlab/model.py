@@ -213,19 +213,16 @@ class TokenShift(nn.Module):
     """KV-shift: x'_t = a_t x_{t-1} + (1 - a_t) x_t, with a per-head a_t = sigmoid(w . h_t) from the block input h.
 
     ``proj`` holds w; the attention computes w . h_t together with its other per-head projections and passes the
-    result in. ``fused``: one Triton kernel on CUDA (fused.token_shift) instead of the PyTorch ops below.
+    result in. With ``fuse_norm`` on CUDA the attention runs the shift in fused.attention_inputs instead.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, fused: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
         self.proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.fused = fused
 
     def forward(self, x: torch.Tensor, previous: torch.Tensor | None, a_logits: torch.Tensor) -> torch.Tensor:
         """x (B, T, Hkv, D); previous: x of the token before this chunk (B, 1, Hkv, D) or None; a_logits: w . h_t
         (B, T, Hkv)."""
-        if self.fused and fused_ops.triton_wanted(x):
-            return fused_ops.token_shift(x, previous, a_logits)
         if previous is None:
             previous = torch.zeros_like(x[:, :1])
         shifted = torch.cat([previous.to(x.dtype), x[:, :-1]], dim=1)
@@ -279,14 +276,6 @@ def stacked_linear(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tens
     return list(F.linear(x, weight).split([linear.out_features for linear in linears], dim=-1))
 
 
-def norm_qk(q_norm: nn.RMSNorm, k_norm: nn.RMSNorm, q: torch.Tensor, k: torch.Tensor):
-    """(q_norm(q), k_norm(k)); fused, both in one Triton launch (a launch costs host time in every step)."""
-    if not (q_norm.fused and fused_ops.triton_wanted(q)):
-        return q_norm(q), k_norm(k)
-    weights = [norm.head_weights() if isinstance(norm, HeadRMSNorm) else norm.weight for norm in (q_norm, k_norm)]
-    return fused_ops.rms_norm_pair(q, weights[0], k, weights[1], q_norm.eps)
-
-
 class ForgettingAttention(nn.Module):
     """Multi-head (grouped-query) softmax attention with a per-head forget gate; see the module docstring."""
 
@@ -306,7 +295,7 @@ class ForgettingAttention(nn.Module):
         self.k_norm = head_norm(Hkv, D, config.qk_norm_eps, qk_shared, fused) if config.qk_norm else None
         self.o_norm = head_norm(H, D, config.norm_eps, o_shared, fused) if config.use_output_norm else None
         self.g_proj = nn.Linear(C, H * D, bias=False) if config.use_output_gate else None
-        self.shifts = nn.ModuleDict({name: TokenShift(C, Hkv, fused=config.fuse_norm) for name, on in
+        self.shifts = nn.ModuleDict({name: TokenShift(C, Hkv) for name, on in
                                      (("k", config.use_k_shift), ("v", config.use_v_shift)) if on})
 
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -324,30 +313,39 @@ class ForgettingAttention(nn.Module):
             out.update(zip(per_head, stacked_linear(x, list(per_head.values()))))
         return out
 
-    def shift_kv(self, x, proj, layer_cache, token_mask):
-        """(k, v) after KV-shift where it is on (``proj``: the outputs of ``project``); both shifts in one fused
-        launch when both are on."""
-        raw, previous = {}, {}
+    def prepare_inputs(self, proj, layer_cache, token_mask):
+        """(q, k, v) from the outputs of ``project``, after KV-shift and the q/k norms where the config has them: one
+        fused launch (fused.attention_inputs) with ``fuse_norm`` on CUDA, else the modules one by one."""
+        q, k, v = proj["q"], proj["k"], proj["v"]
+        if not self.shifts and self.q_norm is None:
+            return q, k, v
+        raw, previous, logits = {"k": k, "v": v}, {}, {}
         for name in self.shifts:
-            raw[name] = proj[name] if token_mask is None else proj[name] * token_mask[:, :, None, None]  # pads shift 0s
+            if token_mask is not None:
+                raw[name] = raw[name] * token_mask[:, :, None, None]  # padded tokens shift in zeros
             previous[name] = layer_cache.shift_state(name) if layer_cache is not None else None
+            logits[name] = proj["shift_" + name]
             if layer_cache is not None:
                 layer_cache.push_shift_inputs(name, raw[name])
-        if len(self.shifts) == 2 and self.shifts["k"].fused and fused_ops.triton_wanted(x):
-            return fused_ops.token_shift_pair(raw["k"], previous["k"], proj["shift_k"],
-                                              raw["v"], previous["v"], proj["shift_v"])
-        shifted = {name: shift(raw[name], previous[name], proj["shift_" + name]) for name, shift in self.shifts.items()}
-        return shifted.get("k", proj["k"]), shifted.get("v", proj["v"])
+        if self.config.fuse_norm and fused_ops.triton_wanted(q):
+            weights = [norm.head_weights() if isinstance(norm, HeadRMSNorm) else norm.weight
+                       for norm in (self.q_norm, self.k_norm)] if self.q_norm is not None else [None, None]
+            return fused_ops.attention_inputs(q, raw["k"], raw["v"], q_weight=weights[0], k_weight=weights[1],
+                                              eps=self.config.qk_norm_eps, k_shift_logits=logits.get("k"),
+                                              v_shift_logits=logits.get("v"), k_previous=previous.get("k"),
+                                              v_previous=previous.get("v"))
+        k, v = (self.shifts[name](raw[name], previous[name], logits[name]) if name in self.shifts else raw[name]
+                for name in "kv")
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def forward(self, x, *, seq_start=None, token_mask=None, positions=None, cache=None, output_attentions=False):
         """x (B, T, C) -> (output (B, T, C), attention probabilities (B, H, T, Tk) or None, log f (B, T, H))."""
         B, T, _ = x.shape
         proj = self.project(x)
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
-        q = proj["q"]
-        k, v = self.shift_kv(x, proj, layer_cache, token_mask)
-        if self.q_norm is not None:
-            q, k = norm_qk(self.q_norm, self.k_norm, q, k)
+        q, k, v = self.prepare_inputs(proj, layer_cache, token_mask)
         if self.config.use_rope:
             q, k = apply_rope(q, positions, self.config.rope_theta), apply_rope(k, positions, self.config.rope_theta)
             v = v.contiguous()  # q and k are rotated copies now: v alone must not keep the projections' output alive

@@ -92,27 +92,43 @@ def rms_norm_cases(device, dtype, residual_dtype=None):
             yield x, random_weight(shape[-2:], device, dtype), 1e-5, None, g
 
 
-def rms_norm_pair_cases(device, dtype):
-    """(x, weight, x2, weight2, eps) for rms_norm_pair: q and k of FoX Pro, per-head and shared weights, odd sizes,
-    x2 with fewer heads (grouped-query) or more rows than x."""
-    for B, T, H, Hkv, D, per_head in [(2, 7, 3, 1, 20, True), (1, 13, 4, 2, 48, False), (3, 5, 2, 5, 16, True)]:
-        shapes = [(H, D), (Hkv, D)] if per_head else [(D,), (D,)]
-        yield (torch.randn(B, T, H, D, device=device, dtype=dtype), random_weight(shapes[0], device, dtype),
-               torch.randn(B, T, Hkv, D, device=device, dtype=dtype), random_weight(shapes[1], device, dtype), 1e-5)
+# Which of FoX Pro's input steps an attention_inputs case runs: (q/k norms, k shift, v shift, a previous token)
+INPUT_STEPS = [(True, True, True, False), (True, True, True, True), (True, False, False, False),
+               (False, True, True, True), (False, True, False, False), (False, False, True, True),
+               (True, True, False, False), (True, False, True, True)]
 
 
-def ref_rms_norm_pair(x, weight, x2, weight2, eps):
-    return ref_rms_norm(x, weight, eps), ref_rms_norm(x2, weight2, eps)
+def attention_inputs_cases(device, dtype, sizes=((2, 7, 3, 1, 20, True), (1, 13, 4, 2, 48, False),
+                                                 (3, 5, 2, 5, 16, True))):
+    """(q, k, v, q_weight, k_weight, k_shift_logits, v_shift_logits, k_previous, v_previous) for attention_inputs:
+    every combination of steps a config can ask for (INPUT_STEPS), per-head and shared weights, odd sizes, k and v
+    with fewer heads than q (grouped-query) or more."""
+    for B, T, H, Hkv, D, per_head in sizes:
+        for norm, shift_k, shift_v, previous in INPUT_STEPS:
+            weights = [(H, D), (Hkv, D)] if per_head else [(D,), (D,)]
+            yield (torch.randn(B, T, H, D, device=device, dtype=dtype),
+                   *(torch.randn(B, T, Hkv, D, device=device, dtype=dtype) for _ in "kv"),
+                   *(random_weight(shape, device, dtype) if norm else None for shape in weights),
+                   *(torch.randn(B, T, Hkv, device=device, dtype=dtype) * 2 if on else None for on in (shift_k, shift_v)),
+                   *(torch.randn(B, 1, Hkv, D, device=device, dtype=dtype) if previous and on else None
+                     for on in (shift_k, shift_v)))
 
 
-def token_shift_pair_cases(device, dtype):
-    """(k, previous_k, a_k, v, previous_v, a_v) for token_shift_pair."""
-    for first, second in zip(token_shift_cases(device, dtype), token_shift_cases(device, dtype)):
-        yield *first, *second
+def attention_inputs_op(q, k, v, q_weight, k_weight, k_shift_logits, v_shift_logits, k_previous, v_previous):
+    return fused.attention_inputs(q, k, v, q_weight=q_weight, k_weight=k_weight, eps=1e-5,
+                                  k_shift_logits=k_shift_logits, v_shift_logits=v_shift_logits, k_previous=k_previous,
+                                  v_previous=v_previous)
 
 
-def ref_token_shift_pair(k, previous_k, a_k, v, previous_v, a_v):
-    return ref_token_shift(k, previous_k, a_k), ref_token_shift(v, previous_v, a_v)
+def ref_attention_inputs(q, k, v, q_weight, k_weight, k_shift_logits, v_shift_logits, k_previous, v_previous):
+    """The unfused order: shift k and v, then normalize q and k."""
+    if k_shift_logits is not None:
+        k = ref_token_shift(k, k_previous, k_shift_logits)
+    if v_shift_logits is not None:
+        v = ref_token_shift(v, v_previous, v_shift_logits)
+    if q_weight is not None:
+        q, k = ref_rms_norm(q, q_weight, 1e-5), ref_rms_norm(k, k_weight, 1e-5)
+    return q, k, v
 
 
 def rms_norm_op(x, w, eps, residual=None, gate=None):
@@ -152,8 +168,8 @@ def from_column_slices(fn, *groups):
 
 
 def column_slice_cases(device, dtype):
-    """(op, reference, tensors) for the norms and shifts on column slices of wide tensors: FoX Pro's q, k (and k, v)
-    and output gate cut from one projection output, its shift logits from another; odd sizes, a shared-weight norm
+    """(op, reference, tensors) for the norms and shifts on column slices of wide tensors: FoX Pro's q, k, v and
+    output gate cut from one projection output, its shift logits from another; odd sizes, a shared-weight norm
     whose rows are not one stride apart (copied), and a gate 2 columns out of step with x."""
     B, T, H, Hkv, D = 2, 7, 3, 1, 20
 
@@ -161,6 +177,11 @@ def column_slice_cases(device, dtype):
         return torch.randn(B, T, width + 3, device=device, dtype=dtype)
 
     head, kv = (H, D), (Hkv, D)
+
+    def sliced(op):  # q, k, v and the output gate cut from one wide tensor, the two shift logits from another
+        return from_column_slices(lambda q, k, v, _, a_k, a_v, wq, wk, p_k, p_v: op(q, k, v, wq, wk, a_k, a_v, p_k, p_v),
+                                  [head, kv, kv, head], [(Hkv,), (Hkv,)])
+
     norm_gate = from_column_slices(lambda x, g, w, eps: fused.rms_norm(x, w, eps, gate=g), [head, head])
     ref_norm_gate = from_column_slices(lambda x, g, w, eps: ref_rms_norm(x, w, eps, gate=g), [head, head])
     yield norm_gate, ref_norm_gate, (wide(2 * H * D), random_weight(head, device, dtype), 1e-5)
@@ -170,16 +191,11 @@ def column_slice_cases(device, dtype):
     shared = from_column_slices(lambda x, w, eps: fused.rms_norm(x, w, eps), [head])
     yield shared, from_column_slices(lambda x, w, eps: ref_rms_norm(x, w, eps), [head]), (
         wide(H * D), random_weight(D, device, dtype), 1e-5)
-    pair = from_column_slices(lambda q, k, w, w2, eps: fused.rms_norm_pair(q, w, k, w2, eps), [head, kv])
-    yield pair, from_column_slices(lambda q, k, w, w2, eps: ref_rms_norm_pair(q, w, k, w2, eps), [head, kv]), (
-        wide((H + Hkv) * D), random_weight(head, device, dtype), random_weight(kv, device, dtype), 1e-5)
     for with_previous in (False, True):
         previous = [torch.randn(B, 1, Hkv, D, device=device, dtype=dtype) if with_previous else None for _ in "kv"]
-        shift = from_column_slices(lambda k, v, a_k, a_v, p_k, p_v: fused.token_shift_pair(k, p_k, a_k, v, p_v, a_v),
-                                   [kv, kv], [(Hkv,), (Hkv,)])
-        ref_shift = from_column_slices(lambda k, v, a_k, a_v, p_k, p_v: ref_token_shift_pair(k, p_k, a_k, v, p_v, a_v),
-                                       [kv, kv], [(Hkv,), (Hkv,)])
-        yield shift, ref_shift, (wide(2 * Hkv * D), wide(2 * Hkv) * 2, *previous)
+        yield sliced(attention_inputs_op), sliced(ref_attention_inputs), (
+            wide(2 * (H + Hkv) * D), wide(2 * Hkv) * 2, random_weight(head, device, dtype),
+            random_weight(kv, device, dtype), *previous)
         one = from_column_slices(lambda _, x, a, p: fused.token_shift(x, p, a), [(1,), kv], [(Hkv,)])
         ref_one = from_column_slices(lambda _, x, a, p: ref_token_shift(x, p, a), [(1,), kv], [(Hkv,)])
         yield one, ref_one, (wide(Hkv * D + 1), wide(Hkv) * 2, previous[0])

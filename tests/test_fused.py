@@ -156,11 +156,15 @@ def test_bad_inputs_name_the_argument():
         fused.rms_norm(torch.ones(2, 8, dtype=torch.long), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="weight must have shape"):
         fused.rms_norm(torch.randn(2, 3, 8), torch.ones(2, 8), 1e-6)  # per-head weights: (3, 8) for 3 heads
+    q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 2, 8)
     with pytest.raises(ValueError, match="must both be"):
-        fused.rms_norm_pair(torch.randn(2, 3, 8), torch.ones(8), torch.randn(2, 3, 8), torch.ones(3, 8), 1e-6)
-    with pytest.raises(ValueError, match="v must have the shape and dtype of k"):
-        fused.token_shift_pair(torch.randn(1, 3, 2, 4), None, torch.randn(1, 3, 2), torch.randn(1, 3, 2, 5), None,
-                               torch.randn(1, 3, 2))
+        fused.attention_inputs(q, k, None, q_weight=torch.ones(8), k_weight=torch.ones(2, 8))
+    with pytest.raises(ValueError, match="q_weight and k_weight come together"):
+        fused.attention_inputs(q, k, None, q_weight=torch.ones(4, 8))
+    with pytest.raises(ValueError, match=r"v must have shape \(2, 3, 2, 8\)"):
+        fused.attention_inputs(q, k, torch.randn(2, 3, 2, 5), v_shift_logits=torch.randn(2, 3, 2))
+    with pytest.raises(ValueError, match=r"k_previous must have shape \(2, 1, 2, 8\)"):
+        fused.attention_inputs(q, k, None, k_shift_logits=torch.randn(2, 3, 2), k_previous=torch.randn(2, 2, 2, 8))
     with pytest.raises(ValueError, match="up must have the shape of gate"):
         fused.swiglu(x, torch.randn(2, 9))
     with pytest.raises(ValueError, match="a_logits must have shape"):

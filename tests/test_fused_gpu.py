@@ -9,9 +9,9 @@ import torch
 
 from conftest import VARIANTS, tiny_model
 from fused_cases import (
-    column_slice_cases, compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_rms_norm_pair, ref_swiglu,
-    ref_token_shift, ref_token_shift_pair, rms_norm_cases, rms_norm_op, rms_norm_pair_cases, token_shift_cases,
-    token_shift_pair_cases,
+    attention_inputs_cases, attention_inputs_op, column_slice_cases, compare, cross_entropy_cases,
+    ref_attention_inputs, ref_linear_cross_entropy, ref_rms_norm, ref_swiglu, ref_token_shift, rms_norm_cases,
+    rms_norm_op, token_shift_cases,
 )
 
 from foxlab import fused
@@ -39,15 +39,14 @@ def test_rms_norm(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rms_norm_pair(dtype):
-    cases = [*rms_norm_pair_cases("cuda", dtype)]
-    q = torch.randn(4, 512, 12, 64, device="cuda", dtype=dtype)
-    k = torch.randn(4, 512, 4, 64, device="cuda", dtype=dtype)
-    cases.append((q, torch.rand(12, 64, device="cuda", dtype=dtype) + 0.5, k,
-                  torch.rand(4, 64, device="cuda", dtype=dtype) + 0.5, 1e-5))  # fox-pro-125m's heads, grouped k
+def test_attention_inputs(dtype):
+    # fox-pro-125m's heads (12 of 64), and 12 query heads on 4 key/value heads; the small odd cases
+    cases = [*attention_inputs_cases("cuda", dtype, sizes=[(4, 512, 12, 12, 64, True), (2, 300, 12, 4, 64, False)]),
+             *attention_inputs_cases("cuda", dtype)]
     for tensors in cases:
-        report(f"rms_norm_pair {tuple(tensors[0].shape)} {tuple(tensors[2].shape)} weights {tuple(tensors[1].shape)}",
-               compare(fused.rms_norm_pair, ref_rms_norm_pair, tensors, TOL[dtype]))
+        steps = [name for name, t in zip(("q/k norm", "k shift", "v shift", "previous"), tensors[4:8]) if t is not None]
+        report(f"attention_inputs q {tuple(tensors[0].shape)} k {tuple(tensors[1].shape)} {', '.join(steps)}",
+               compare(attention_inputs_op, ref_attention_inputs, tensors, TOL[dtype]))
 
 
 def test_rms_norm_block_case_bf16_branch_fp32_stream():
@@ -73,17 +72,6 @@ def test_token_shift(dtype):
                                                         None, torch.randn(2, 300, 12, device="cuda", dtype=dtype))]:
         errors = compare(fused.token_shift, ref_token_shift, tensors, TOL[dtype])
         report(f"token_shift {tuple(tensors[0].shape)}", errors)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_token_shift_pair(dtype):
-    cases = [*token_shift_pair_cases("cuda", dtype)]
-    big = [torch.randn(2, 300, 12, 64, device="cuda", dtype=dtype), None,
-           torch.randn(2, 300, 12, device="cuda", dtype=dtype)]
-    cases.append((*big, *(t.clone() if t is not None else None for t in big)))
-    for tensors in cases:
-        report(f"token_shift_pair {tuple(tensors[0].shape)}",
-               compare(fused.token_shift_pair, ref_token_shift_pair, tensors, TOL[dtype]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

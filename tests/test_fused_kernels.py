@@ -18,9 +18,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from conftest import VARIANTS, tiny_model  # noqa: E402
 from fused_cases import (  # noqa: E402
-    column_slice_cases, compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm, ref_rms_norm_pair, ref_swiglu,
-    ref_token_shift, ref_token_shift_pair, rms_norm_cases, rms_norm_op, rms_norm_pair_cases, token_shift_cases,
-    token_shift_pair_cases,
+    attention_inputs_cases, attention_inputs_op, column_slice_cases, compare, cross_entropy_cases,
+    ref_attention_inputs, ref_linear_cross_entropy, ref_rms_norm, ref_swiglu, ref_token_shift, rms_norm_cases,
+    rms_norm_op, token_shift_cases,
 )
 
 from foxlab import fused  # noqa: E402
@@ -41,22 +41,23 @@ def test_rms_norm(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_rms_norm_pair(dtype):
-    for tensors in rms_norm_pair_cases("cpu", dtype):
-        compare(fused.rms_norm_pair, ref_rms_norm_pair, tensors, TOL[dtype])
+def test_attention_inputs(dtype):
+    for tensors in attention_inputs_cases("cpu", dtype):
+        compare(attention_inputs_op, ref_attention_inputs, tensors, TOL[dtype])
 
 
-def test_rms_norm_pair_with_one_output_unused():
-    """Only q's norm reaches the loss: k's gradients are zeros, q's those of rms_norm alone (float64, exact)."""
-    x, x2 = torch.randn(2, 5, 3, 16, dtype=torch.float64), torch.randn(2, 5, 1, 16, dtype=torch.float64)
-    w, w2 = (torch.randn(shape, dtype=torch.float64).requires_grad_() for shape in [(3, 16), (1, 16)])
-    x.requires_grad_(), x2.requires_grad_()
-    y, _ = fused.rms_norm_pair(x, w, x2, w2, 1e-5)
+def test_attention_inputs_with_one_output_unused():
+    """Only q reaches the loss: k's and v's gradients are zeros, q's those of its norm alone (float64, exact)."""
+    q, k, v, wq, wk, a_k, a_v = (torch.randn(shape, dtype=torch.float64).requires_grad_() for shape in
+                                 [(2, 5, 3, 16), (2, 5, 1, 16), (2, 5, 1, 16), (3, 16), (1, 16), (2, 5, 1), (2, 5, 1)])
+    y, _, _ = fused.attention_inputs(q, k, v, q_weight=wq, k_weight=wk, eps=1e-5, k_shift_logits=a_k,
+                                     v_shift_logits=a_v)
     cotangent = torch.randn_like(y)
     torch.autograd.backward(y, cotangent)
-    expected = torch.autograd.grad(ref_rms_norm(x, w, 1e-5), (x, w), cotangent)
-    torch.testing.assert_close((x.grad, w.grad), expected, rtol=0, atol=1e-12)
-    assert not x2.grad.any() and not w2.grad.any()
+    expected = torch.autograd.grad(ref_rms_norm(q, wq, 1e-5), (q, wq), cotangent)
+    torch.testing.assert_close((q.grad, wq.grad), expected, rtol=0, atol=1e-12)
+    for t in (k, v, wk, a_k, a_v):
+        assert not t.grad.any()
 
 
 def test_rms_norm_residual_in_float32_branch_in_float64():
@@ -78,12 +79,6 @@ def test_swiglu(dtype):
 def test_token_shift(dtype):
     for tensors in token_shift_cases("cpu", dtype):
         compare(fused.token_shift, ref_token_shift, tensors, TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_token_shift_pair(dtype):
-    for tensors in token_shift_pair_cases("cpu", dtype):
-        compare(fused.token_shift_pair, ref_token_shift_pair, tensors, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
