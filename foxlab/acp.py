@@ -145,13 +145,13 @@ def record_attention_inputs(model):
         raise ValueError(f"{type(model).__name__} has no ForgettingAttention layers (not a foxlab model?)")
 
     def recorder(module):
-        def attend(q, k, v, gate, seq_start):
+        def attend(q, k, v, gate, seq_start, *output_norm):
             log_f = gate.get("log_fgate")
             if log_f is None:  # a cache passes the prefix sums c (from 0): log f_t = c_t - c_{t-1}
                 c = gate["log_fgate_cumsum"]
                 log_f = torch.diff(c, dim=1, prepend=torch.zeros_like(c[:, :1]))
             records.setdefault(module.layer_idx, []).append((q.detach(), k.detach(), log_f.detach(), seq_start))
-            return type(module).attend(module, q, k, v, gate, seq_start)
+            return type(module).attend(module, q, k, v, gate, seq_start, *output_norm)
         return attend
 
     for m in modules:

@@ -222,8 +222,41 @@ def _forgetting_attention_chunked(q, k, v, c, scale, seq_start, cu_seqlens, thre
 # --------------------------------------------------------------------------------------------------
 
 
+def output_norm(o: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """FoX Pro's output norm in plain PyTorch: y = o / sqrt(mean(o^2) + eps) * weight (* sigmoid(gate)), the mean over
+    each head's D features. o, gate (B, T, H, D); weight (H, D) (one vector per head) or (D,) (shared). Computed in
+    float32 (float64 for float64 o), returned in o's dtype."""
+    acc = _accumulation_dtype(o)
+    y = F.rms_norm(o.to(acc), (o.shape[-1],), eps=eps) * weight.to(acc)
+    if gate is not None:
+        y = y * torch.sigmoid(gate.to(acc))
+    return y.to(o.dtype)
+
+
+def _check_output_norm(q, weight, gate, eps) -> None:
+    if weight is None:
+        if gate is not None:
+            raise ValueError("output_gate needs output_norm_weight (the gate multiplies the output norm's result)")
+        return
+    H, D = q.shape[2:]
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or tuple(weight.shape) not in (
+            (H, D), (D,)):
+        raise ValueError(f"output_norm_weight must be a floating-point tensor of shape ({H}, {D}) (one vector per head) "
+                         f"or ({D},), got {tuple(weight.shape) if isinstance(weight, torch.Tensor) else weight!r}")
+    if gate is not None and (not isinstance(gate, torch.Tensor) or tuple(gate.shape) != tuple(q.shape)
+                             or not gate.is_floating_point()):
+        raise ValueError(f"output_gate must be a floating-point tensor of q's shape {tuple(q.shape)}, got "
+                         f"{tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__}")
+    for name, t in (("output_norm_weight", weight), ("output_gate", gate)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"output_norm_eps must be a non-negative number, got {eps!r}")
+
+
 def forgetting_attention(q, k, v, log_fgate=None, *, log_fgate_cumsum=None, sm_scale=None, seq_start=None,
-                         cu_seqlens=None, adaptive_threshold=None, log_eps=acp.DEFAULT_LOG_EPS, backend="auto"):
+                         cu_seqlens=None, adaptive_threshold=None, log_eps=acp.DEFAULT_LOG_EPS, backend="auto",
+                         output_norm_weight=None, output_gate=None, output_norm_eps=1e-6):
     """Forgetting attention, O = softmax(s q k^T + D) v with D_ij = c_i - c_j (module docstring).
 
     Args:
@@ -243,25 +276,36 @@ def forgetting_attention(q, k, v, log_fgate=None, *, log_fgate_cumsum=None, sm_s
         log_eps: for "auto", the log of the largest attention weight a query may lose (default -10).
         backend: "auto" (Triton on CUDA for float16/bfloat16/float32 and head dims <= 256, else "torch"),
             "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" or "reference".
+        output_norm_weight: FoX Pro's output norm, applied to O before it is returned (`output_norm`): (H, D) or
+            (D,) weights; the Triton backend computes it in the attention kernels' forward and backward.
+        output_gate: with output_norm_weight, the output gate's logits (B, Tq, H, D): the norm's result times
+            sigmoid(output_gate). output_norm_eps: the norm's eps.
     Returns:
         (B, Tq, H, D) in q's dtype.
     """
     gate_name, gate, is_cumsum = _gate_input(log_fgate, log_fgate_cumsum)
     scale = _check_inputs(q, k, v, gate_name, gate, sm_scale, seq_start, cu_seqlens, backend)
+    _check_output_norm(q, output_norm_weight, output_gate, output_norm_eps)
     if adaptive_threshold is not None and backend == "reference":
         raise ValueError("backend='reference' is exact and never prunes: drop adaptive_threshold or pick another "
                          "backend")
     if backend == "auto":
         backend = "triton" if q.is_cuda and triton_unavailable_reason(q) is None else "torch"
+    if backend == "triton":
+        norm = None
+        if output_norm_weight is not None:
+            out_gate = output_gate if output_gate is None or output_gate.stride(-1) == 1 else output_gate.contiguous()
+            norm = (output_norm_weight.contiguous(), out_gate, float(output_norm_eps))
+        return forgetting_attention_triton(q, k, v, gate, is_cumsum, scale, seq_start, cu_seqlens, adaptive_threshold,
+                                           log_eps, norm)
     if backend == "reference":
-        return forgetting_attention_reference(q, k, v, log_fgate, log_fgate_cumsum=log_fgate_cumsum, sm_scale=scale,
-                                              seq_start=seq_start, cu_seqlens=cu_seqlens)
-    if backend == "torch":
+        o = forgetting_attention_reference(q, k, v, log_fgate, log_fgate_cumsum=log_fgate_cumsum, sm_scale=scale,
+                                           seq_start=seq_start, cu_seqlens=cu_seqlens)
+    else:
         threshold = acp.threshold(q, k, adaptive_threshold, log_eps=log_eps, sm_scale=scale)
         c = _prefix_sums(gate, is_cumsum, _accumulation_dtype(q))
-        return _forgetting_attention_chunked(q, k, v, c, scale, seq_start, cu_seqlens, threshold)
-    return forgetting_attention_triton(q, k, v, gate, is_cumsum, scale, seq_start, cu_seqlens, adaptive_threshold,
-                                       log_eps)
+        o = _forgetting_attention_chunked(q, k, v, c, scale, seq_start, cu_seqlens, threshold)
+    return o if output_norm_weight is None else output_norm(o, output_norm_weight, output_norm_eps, output_gate)
 
 
 def log_forget_gate(logits: torch.Tensor) -> torch.Tensor:

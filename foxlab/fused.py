@@ -294,29 +294,36 @@ def _weight_grads(dw_partial: torch.Tensor, *weights: torch.Tensor) -> list[torc
     return grads
 
 
+def _rms_norm_launch(x, weight, eps, out_dtype, residual=None, gate=None):
+    """The norm's forward kernel: (y, s, rstd (rows, groups), stride_s, gate, stride_gate), s the sum x + residual
+    (x itself without one) and gate as the kernel read them (in place where their rows are one stride apart)."""
+    rows, groups = _norm_rows(x, weight)
+    row_size = groups * weight.shape[-1]
+    x, stride_x = _row_strided(x, row_size)  # x and gate are read in place, the outputs written contiguous
+    gate, stride_gate = _row_strided(gate, row_size) if gate is not None else (None, 0)
+    acc = _acc_dtype(x, weight)
+    meta = _norm_meta(groups, weight.shape[-1], acc)
+    y = x.new_empty(x.shape, dtype=out_dtype)
+    rstd = x.new_empty((rows, groups), dtype=acc)
+    s, stride_s = x, stride_x
+    if residual is not None:
+        residual = residual.contiguous()
+        s, stride_s = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype)), row_size
+    if rows:
+        _rms_norm_fwd_kernel[(_cdiv(rows, meta["BLOCK_M"]),)](
+            x, stride_x, x if residual is None else residual, x if gate is None else gate, stride_gate, weight, y,
+            s, rstd, rows, groups, weight.shape[-1], eps, HAS_RESIDUAL=residual is not None,
+            HAS_GATE=gate is not None, **meta)
+    return y, s, rstd, stride_s, gate, stride_gate
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """One norm, optionally with the residual add before it and the gate after it. Outputs y, or (y, s) with a
     residual."""
 
     @staticmethod
     def forward(ctx, x, weight, residual, gate, eps, out_dtype):
-        rows, groups = _norm_rows(x, weight)
-        row_size = groups * weight.shape[-1]
-        x, stride_x = _row_strided(x, row_size)  # x and gate are read in place, the outputs written contiguous
-        gate, stride_gate = _row_strided(gate, row_size) if gate is not None else (None, 0)
-        acc = _acc_dtype(x, weight)
-        meta = _norm_meta(groups, weight.shape[-1], acc)
-        y = x.new_empty(x.shape, dtype=out_dtype)
-        rstd = x.new_empty((rows, groups), dtype=acc)
-        s, stride_s = x, stride_x
-        if residual is not None:
-            residual = residual.contiguous()
-            s, stride_s = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype)), row_size
-        if rows:
-            _rms_norm_fwd_kernel[(_cdiv(rows, meta["BLOCK_M"]),)](
-                x, stride_x, x if residual is None else residual, x if gate is None else gate, stride_gate, weight, y,
-                s, rstd, rows, groups, weight.shape[-1], eps, HAS_RESIDUAL=residual is not None,
-                HAS_GATE=gate is not None, **meta)
+        y, s, rstd, stride_s, gate, stride_gate = _rms_norm_launch(x, weight, eps, out_dtype, residual, gate)
         ctx.save_for_backward(s, weight, gate, rstd)
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
         ctx.strides = (stride_s, stride_gate)

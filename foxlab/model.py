@@ -13,7 +13,8 @@ ForgettingAttention (per head; shapes B batch, T tokens, H query heads, Hkv key/
     log f_t  = logsigmoid(w_f . x_t + b_f)          (B, T, H), float32; 0 for fgate_type="none"
     o        = forgetting_attention(q, k, v, log f) (attention.py: softmax(s q k^T + c_i - c_j) v; with a cache,
                from the cached prefix sums c instead of log f)
-    o        <- per-head RMSNorm (optional), then o * sigmoid(W_g x) (optional output gate)
+    o        <- per-head RMSNorm (optional), then o * sigmoid(W_g x) (optional output gate); with fuse_norm the
+               attention kernels apply both to their output (forgetting_attention's output_norm_weight)
     out      = W_o o
 """
 
@@ -35,7 +36,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from . import fused as fused_ops
 from .checkpoints import check_loading_info, prepare_from_pretrained
 from .config import ForgettingTransformerConfig
-from .attention import forgetting_attention, forgetting_attention_reference, log_forget_gate
+from .attention import forgetting_attention, forgetting_attention_reference, log_forget_gate, output_norm
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` in 5.2x;
 # the model accepts both names and returns the one this version's generation loop reads.
@@ -242,10 +243,7 @@ class HeadRMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         if self.fused and fused_ops.triton_wanted(x):
             return fused_ops.rms_norm(x, self.head_weights(), self.eps, gate=gate)
-        y = F.rms_norm(x, (self.head_dim,), eps=self.eps) * self.head_weights()
-        if gate is not None:
-            y = y * torch.sigmoid(gate)
-        return y.to(x.dtype)  # float32 weights must not promote bf16 q/k/o (attention wants q, k, v in one dtype)
+        return output_norm(x, self.head_weights(), self.eps, gate)  # x's dtype: q, k, v must share one
 
     def head_weights(self) -> torch.Tensor:
         """The weights as (H, D), one row per head."""
@@ -362,26 +360,32 @@ class ForgettingAttention(nn.Module):
         else:
             gate = dict(log_fgate=log_f)
 
-        probs = None
+        probs, out_gate = None, proj.get("g")
+        # with fuse_norm, the output norm and gate run inside the attention's own kernels
+        in_attention = self.o_norm is not None and self.config.fuse_norm and not output_attentions
         if output_attentions:
             o, probs = forgetting_attention_reference(q, k, v, seq_start=seq_start, return_probs=True, **gate)
         else:
-            o = self.attend(q, k, v, gate, seq_start)
-        gate = proj.get("g")
-        if self.o_norm is not None:
-            o = self.o_norm(o, gate=gate)  # the gate multiplies after the norm, in the same kernel when fused
-        elif gate is not None:
-            o = o * torch.sigmoid(gate)
+            o = self.attend(q, k, v, gate, seq_start, out_gate if in_attention else None, in_attention)
+        if self.o_norm is not None and not in_attention:
+            o = self.o_norm(o, gate=out_gate)  # the gate multiplies after the norm, in the same kernel when fused
+        elif self.o_norm is None and out_gate is not None:
+            o = o * torch.sigmoid(out_gate)
         return self.o_proj(o.reshape(B, T, -1)), probs, log_f
 
 
-    def attend(self, q, k, v, gate, seq_start):
+    def attend(self, q, k, v, gate, seq_start, out_gate=None, with_output_norm=False):
         """The attention kernel call, pruned when the config sets ``acp_log_tolerance`` (acp.py); ``gate``: the
-        keyword of the gate's form, {"log_fgate": log f} or {"log_fgate_cumsum": c}."""
+        keyword of the gate's form, {"log_fgate": log f} or {"log_fgate_cumsum": c}. ``with_output_norm``: o_norm
+        (and the output gate's logits ``out_gate``) applied inside the call."""
         tolerance, backend = self.config.acp_log_tolerance, self.config.attn_backend
-        pruning = {} if tolerance is None or backend == "reference" else dict(adaptive_threshold="auto",
+        options = {} if tolerance is None or backend == "reference" else dict(adaptive_threshold="auto",
                                                                                log_eps=tolerance)
-        return forgetting_attention(q, k, v, seq_start=seq_start, backend=backend, **gate, **pruning)
+        if with_output_norm:
+            norm = self.o_norm
+            options.update(output_norm_weight=norm.head_weights() if isinstance(norm, HeadRMSNorm) else norm.weight,
+                           output_gate=out_gate, output_norm_eps=norm.eps)
+        return forgetting_attention(q, k, v, seq_start=seq_start, backend=backend, **gate, **options)
 
 
 class SwiGLU(nn.Module):

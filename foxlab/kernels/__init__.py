@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .. import acp
+from .. import acp, fused
 from . import blocked, pruning, split
 from .common import LOG2E, triton
 
@@ -30,6 +30,8 @@ from .common import LOG2E, triton
 #              O = softmax(s q k^T + D) v, lse per row     `_fwd_kernel`; decoding (Tq x GROUP <= 64 rows) and
 #                                                         short chunked prefill: `_fwd_split_kernel`
 #   backward   delta_i = sum_d O_id dO_id                  `_bwd_delta_kernel`
+# FoX Pro's output norm (and gate) of O can ride along: the forward's epilogue also writes Y = norm(O) (* sigmoid
+# gate) and its rstd, and the delta kernel first takes dY back through the norm to dO (the formulas of fused.py).
 #              P = softmax(...), dS = P * (dO v^T - delta)
 #              dK = s dS^T q, dV = P^T dO (summed over the GROUP heads), colsum(dS)   `_bwd_dkdv_kernel`
 #              dQ = s dS k, rowsum(dS)                                               `_bwd_dq_kernel`
@@ -77,10 +79,12 @@ from .common import LOG2E, triton
 class _TritonForgettingAttention(torch.autograd.Function):
     """O = forgetting attention of (q, k, v, gate), the gate float32 (B, Tk, H): the log gates log f, or with
     ``is_cumsum`` their prefix sums c; gradients for all four. Pruning: a base-2 threshold (B, H), or with
-    ``auto_log_eps`` the "auto" one, computed here once c is known."""
+    ``auto_log_eps`` the "auto" one, computed here once c is known. With ``out_weight``, FoX Pro's output norm
+    (and gate) of O in the same kernels (blocked.py), returning its output instead; gradients for both."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gate, is_cumsum, scale, key_lo, query_hi, threshold2, auto_log_eps):
+    def forward(ctx, q, k, v, gate, is_cumsum, scale, key_lo, query_hi, threshold2, auto_log_eps, out_weight,
+                out_gate, out_eps):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         split_keys = split._split_wanted(q, k)
         # The split kernel reads c in place (no scan, no copy); the blocked kernels want c2 = log2(e) c, (B, H, Tk).
@@ -88,23 +92,32 @@ class _TritonForgettingAttention(torch.autograd.Function):
         c, c_scale = (gate, LOG2E) if c2 is None else (c2.transpose(1, 2), 1.0)
         if auto_log_eps is not None:
             threshold2 = pruning._auto_threshold2(q, k, c, c_scale, scale, auto_log_eps)
+        out_norm = (out_weight, out_gate, out_eps) if out_weight is not None else None
         ctx.query_bounds = None  # the blocked forward's pruning bounds, which the dQ kernel can reuse
         if split_keys:
             o, lse = split._split_forward(q, k, v, c, c_scale, key_lo, threshold2, scale)
+            y = rstd = None
+            if out_norm is not None:  # decoding: the norm's own kernel, after the merge of the splits
+                y, _, rstd, *_ = fused._rms_norm_launch(o, out_weight, out_eps, o.dtype, gate=out_gate)
+                rstd = rstd.view(o.shape[:3])
         else:
-            o, lse, ctx.query_bounds = blocked._triton_forward(q, k, v, c2, key_lo, threshold2, scale)
-        ctx.save_for_backward(q, k, v, gate if c2 is None else c2, o, lse, key_lo, query_hi, threshold2)
-        ctx.scale, ctx.is_cumsum, ctx.saved_c2 = scale, is_cumsum, c2 is not None
-        return o
+            o, lse, ctx.query_bounds, y, rstd = blocked._triton_forward(q, k, v, c2, key_lo, threshold2, scale,
+                                                                       out_norm)
+        ctx.save_for_backward(q, k, v, gate if c2 is None else c2, o, lse, key_lo, query_hi, threshold2, out_weight,
+                              out_gate, rstd)
+        ctx.scale, ctx.is_cumsum, ctx.saved_c2, ctx.out_eps = scale, is_cumsum, c2 is not None, out_eps
+        return o if y is None else y
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, c2, o, lse, key_lo, query_hi, threshold2 = ctx.saved_tensors
+        q, k, v, c2, o, lse, key_lo, query_hi, threshold2, out_weight, out_gate, rstd = ctx.saved_tensors
         if not ctx.saved_c2:  # the forward read c in place; the backward kernels want c2
             c2 = blocked._base2_prefix_sums(c2, True)
-        dq, dk, dv, dgate = blocked._triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, ctx.scale,
-                                                     ctx.is_cumsum, ctx.query_bounds)
-        return dq, dk, dv, dgate, None, None, None, None, None, None
+        out_norm = (out_weight, out_gate, ctx.out_eps) if out_weight is not None else None
+        dq, dk, dv, dgate, dweight, dout_gate = blocked._triton_backward(
+            do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, ctx.scale, ctx.is_cumsum, ctx.query_bounds,
+            out_norm, rstd)
+        return dq, dk, dv, dgate, None, None, None, None, None, None, dweight, dout_gate, None
 
 
 def _visibility_bounds(q, k, seq_start, cu_seqlens):
@@ -135,8 +148,10 @@ def triton_unavailable_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def forgetting_attention_triton(q, k, v, gate, is_cumsum, scale, seq_start, cu_seqlens, adaptive_threshold, log_eps):
-    """forgetting_attention on the Triton kernels; ``gate``: log f (B, Tk, H), or with ``is_cumsum`` its prefix sums."""
+def forgetting_attention_triton(q, k, v, gate, is_cumsum, scale, seq_start, cu_seqlens, adaptive_threshold, log_eps,
+                                output_norm=None):
+    """forgetting_attention on the Triton kernels; ``gate``: log f (B, Tk, H), or with ``is_cumsum`` its prefix sums;
+    ``output_norm``: (weight, gate or None, eps) of FoX Pro's output norm, applied in the same kernels, or None."""
     reason = triton_unavailable_reason(q)
     if reason is not None:
         raise ValueError(f"backend='triton': {reason}")
@@ -147,5 +162,6 @@ def forgetting_attention_triton(q, k, v, gate, is_cumsum, scale, seq_start, cu_s
         auto_log_eps = log_eps
     elif adaptive_threshold is not None:
         threshold2 = acp.threshold(q, k, adaptive_threshold, log_eps=log_eps, sm_scale=scale) * LOG2E
+    out_weight, out_gate, out_eps = output_norm if output_norm is not None else (None, None, 0.0)
     return _TritonForgettingAttention.apply(q, k, v, gate.float(), is_cumsum, scale, key_lo, query_hi, threshold2,
-                                            auto_log_eps)
+                                            auto_log_eps, out_weight, out_gate, out_eps)

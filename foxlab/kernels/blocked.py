@@ -8,6 +8,7 @@ import torch
 from .common import LOG2E, _common_meta, _initial_max, _jit, _key_block_query_range, _launch, _load_tile, _load_vec, \
     _mask_scores, _online_softmax_step, _or, _query_block_rows, _strides, tl, triton
 from .pruning import _pruning_bounds, _query_block_pruning
+from ..fused import _rms_norm_input_grad, _rms_normalize, _sigmoid
 
 # Positions per step of the gate's prefix sums (one program per batch row and head).
 _GATE_BLOCK = 1024
@@ -50,14 +51,28 @@ def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, 
 
 
 @_jit
-def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE,
+def _output_norm_tile(o, w, gate, eps, HEAD_DIM: tl.constexpr, OUT_GATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """FoX Pro's output norm of one tile of O rows (BLOCK_M, BLOCK_D) float32, as stored (rounded): y = o / rms(o)
+    * w (* sigmoid(gate)), w (BLOCK_D,) the head's weights; returns (y, rstd (BLOCK_M,)). fused.py's formula."""
+    y, rstd = _rms_normalize(o[:, None, :], w[None, :], eps, HEAD_DIM)
+    y = tl.reshape(y, (BLOCK_M, BLOCK_D))
+    if OUT_GATE:
+        y = y * _sigmoid(gate)
+    return y, tl.reshape(rstd, (BLOCK_M,))
+
+
+@_jit
+def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE, W_OUT, GATE, Y, RSTD_OUT,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lob, stride_lot,
-                H, Tq, Tk, qk_scale,
+                stride_gb, stride_gt, stride_gh, w_out_stride, out_eps, H, Tq, Tk, qk_scale,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """One program: BLOCK_M query rows of one (batch, head). Writes O and the base-2 log-sum-exp.
+                DOT_PRECISION: tl.constexpr, OUT_NORM: tl.constexpr, OUT_GATE: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head). Writes O and the base-2 log-sum-exp; with OUT_NORM also
+    Y = the output norm of O (`_output_norm_tile`: head h's weights at W_OUT + h * w_out_stride, the gate logits
+    GATE (B, Tq, H, D) at its strides with OUT_GATE; Y laid out as O) and its RSTD_OUT (B, Tq, H).
 
     Key blocks: the diagonal [mid, end) first (its range needs no load, so its tiles stream in while the
     pruning bounds arrive), then [band, mid) plain and (PRUNE only) [start, band) pruned in part.
@@ -100,9 +115,19 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE,
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
     o_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
-    O += b * stride_ob + h * stride_oh
-    tl.store(O + rows[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty), mask=o_mask)
+    o_offs = b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :]
+    o = o.to(O.dtype.element_ty)
+    tl.store(O + o_offs, o, mask=o_mask)
     tl.store(LSE + bh * Tq + rows, m_i + tl.log2(l_safe), mask=rows < Tq)
+    if OUT_NORM:
+        w = tl.load(W_OUT + h * w_out_stride + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
+        gate = o
+        if OUT_GATE:
+            gate = tl.load(GATE + b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + offs_d[None, :],
+                           mask=o_mask, other=0.0).to(tl.float32)
+        y, rstd = _output_norm_tile(o.to(tl.float32), w, gate, out_eps, HEAD_DIM, OUT_GATE, BLOCK_M, BLOCK_D)
+        tl.store(Y + o_offs, y.to(Y.dtype.element_ty), mask=o_mask)
+        tl.store(RSTD_OUT + (b * Tq + rows) * H + h, rstd, mask=rows < Tq)
 
 
 @_jit
@@ -126,19 +151,49 @@ def _gate_grad_kernel(DC_COL, DC_ROW, DLOG_F, stride_gb, stride_gt, stride_gh, H
 
 
 @_jit
-def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
-                      H, Tq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta_i = sum_d O_id dO_id in float32, laid out (B, H, Tq) like the lse."""
+def _bwd_delta_kernel(O, DO, DELTA, W_OUT, GATE, RSTD_OUT, DY, DGATE, DW_PARTIAL, stride_ob, stride_ot, stride_oh,
+                      stride_dob, stride_dot, stride_doh, stride_gb, stride_gt, stride_gh, stride_yb, stride_yt,
+                      stride_yh, w_out_stride, H, Tq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, OUT_NORM: tl.constexpr, OUT_GATE: tl.constexpr):
+    """delta_i = sum_d O_id dO_id in float32, laid out (B, H, Tq) like the lse.
+
+    With OUT_NORM (the forward's output norm, `_fwd_kernel`) DY is the gradient of its output Y, and this kernel
+    first takes it back through the norm (and gate) to dO, which it writes to DO for the other backward kernels
+    (fused.py's backward: DGATE (B, Tq, H, D) contiguous; each program's partial dW, row (program, b, h) of
+    DW_PARTIAL).
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     b = bh // H
     h = bh % H
     o = _load_tile(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
-                   rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
-                    rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+                   rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :]
+    if OUT_NORM:
+        mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+        dy = _load_tile(DY + b * stride_yb + h * stride_yh + rows[:, None] * stride_yt + offs_d[None, :],
+                        rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+        rstd = tl.load(RSTD_OUT + (b * Tq + rows) * H + h, mask=rows < Tq, other=0.0)
+        w = tl.load(W_OUT + h * w_out_stride + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
+        o_hat = o * rstd[:, None]
+        if OUT_GATE:
+            gate = tl.load(GATE + b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + offs_d[None, :],
+                           mask=mask, other=0.0).to(tl.float32)
+            sig = _sigmoid(gate)
+            dgate = dy * o_hat * w[None, :] * sig * (1.0 - sig)
+            tl.store(DGATE + ((b * Tq + rows[:, None]) * H + h) * HEAD_DIM + offs_d[None, :],
+                     dgate.to(DGATE.dtype.element_ty), mask=mask)
+            dy = dy * sig
+        dw = tl.sum(dy * o_hat, 0)
+        tl.store(DW_PARTIAL + (tl.program_id(0) * tl.num_programs(1) + bh) * HEAD_DIM + offs_d, dw,
+                 mask=offs_d < HEAD_DIM)
+        do = _rms_norm_input_grad((dy * w[None, :])[:, None, :], o_hat[:, None, :], rstd[:, None], HEAD_DIM)
+        do = tl.reshape(do, (BLOCK_M, BLOCK_D)).to(DO.dtype.element_ty)
+        tl.store(do_ptrs, do, mask=mask)
+    else:
+        do = _load_tile(do_ptrs, rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o * do.to(tl.float32), 1)
     tl.store(DELTA + bh * Tq + rows, delta, mask=rows < Tq)
 
 
@@ -345,9 +400,11 @@ def _base2_prefix_sums(gate, is_cumsum):
     return c2
 
 
-def _triton_forward(q, k, v, c2, key_lo, threshold2, scale):
+def _triton_forward(q, k, v, c2, key_lo, threshold2, scale, out_norm=None):
     """O (B, Tq, H, D) in q's dtype, the base-2 lse (B, H, Tq) in float32, and the query-block pruning bounds it
-    used, {(block_m, block_n): bounds}, for a dQ kernel of the same tiles.
+    used, {(block_m, block_n): bounds}, for a dQ kernel of the same tiles. With ``out_norm`` = (weight (H, D) or
+    (D,), gate (B, Tq, H, D) or None, eps) also Y, the output norm of O, and its rstd (B, Tq, H): (o, lse, bounds, y,
+    rstd); else y and rstd are None.
 
     threshold2: the pruning threshold in base 2 (B, H), or None. Optional tensors that are absent are passed
     as c2: the kernels do not read them when their flag is off.
@@ -358,33 +415,68 @@ def _triton_forward(q, k, v, c2, key_lo, threshold2, scale):
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     args = (q, k, v, c2, _or(key_lo, c2), _or(threshold2, c2))
+    weight, gate, eps = out_norm if out_norm is not None else (None, None, 0.0)
+    y = torch.empty_like(o) if out_norm is not None else None
+    rstd = torch.empty(B, Tq, H, dtype=torch.float32, device=q.device) if out_norm is not None else None
+    out_args = (_or(weight, c2), _or(gate, c2), _or(y, c2), _or(rstd, c2))
     strides = (*_strides(q), *_strides(k), *_strides(v))
+    norm_meta = dict(OUT_NORM=out_norm is not None, OUT_GATE=gate is not None)
     query_bounds = {}
 
     def launch(cfg):
         bounds = _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg)
         query_bounds[(cfg.block_m, cfg.block_n)] = bounds
         _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-            *args, bounds, o, lse, *strides, *o.stride()[:3], *_strides(key_lo, 2), H, Tq, Tk, scale * LOG2E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.options(q.device, meta["PRUNE"]), **meta)
+            *args, bounds, o, lse, *out_args, *strides, *o.stride()[:3], *_strides(key_lo, 2), *_strides(gate),
+            _head_stride(weight), eps, H, Tq, Tk, scale * LOG2E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            **cfg.options(q.device, meta["PRUNE"]), **meta, **norm_meta)
 
     _launch("fwd", q, meta["BLOCK_D"], launch, grid_rows=(Tq, B * H))
-    return o, lse, query_bounds
+    return o, lse, query_bounds, y, rstd
+
+
+def _head_stride(weight) -> int:
+    """Elements between two heads' output-norm weights: D for (H, D), 0 for one vector (D,) shared (or none)."""
+    return weight.shape[-1] if weight is not None and weight.dim() == 2 else 0
+
+
+def _delta(do, o, out_norm=None, rstd=None):
+    """`_bwd_delta_kernel`: (dO, delta (B, H, Tq), dweight, dgate). Without ``out_norm`` dO is ``do`` itself and the
+    last two are None; with it (the forward's (weight, gate, eps) and its rstd) ``do`` is the gradient of the norm's
+    output, and dO, in o's dtype, the gradient of O; dweight in the weight's shape, dgate None without a gate."""
+    B, Tq, H, D = o.shape
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = torch.empty(B, H, Tq, dtype=torch.float32, device=o.device)
+    grid = (triton.cdiv(Tq, 64), B * H)
+    weight, gate, _ = out_norm if out_norm is not None else (None, None, None)
+    dy, dgate, dw_partial = do, None, None
+    if out_norm is not None:
+        do = torch.empty_like(o)
+        dgate = torch.empty(o.shape, dtype=gate.dtype, device=o.device) if gate is not None else None
+        dw_partial = torch.empty(*grid, D, dtype=torch.float32, device=o.device)
+    _bwd_delta_kernel[grid](o, do, delta, _or(weight, delta), _or(gate, delta), _or(rstd, delta), dy,
+                            _or(dgate, delta), _or(dw_partial, delta), *o.stride()[:3], *do.stride()[:3],
+                            *_strides(gate), *dy.stride()[:3], _head_stride(weight), H, Tq, HEAD_DIM=D,
+                            BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=64, OUT_NORM=out_norm is not None,
+                            OUT_GATE=gate is not None)
+    dweight = None
+    if out_norm is not None:
+        dweight = dw_partial.view(grid[0], B, H, D).sum(dim=(0, 1))
+        dweight = (dweight if weight.dim() == 2 else dweight.sum(dim=0)).to(weight.dtype)
+    return do, delta, dweight, dgate
 
 
 def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scale, gate_is_cumsum=False,
-                     query_bounds=None):
-    """dq, dk, dv in their inputs' dtypes and dlog f (B, Tk, H) in float32 (with ``gate_is_cumsum``, dc instead).
+                     query_bounds=None, out_norm=None, rstd=None):
+    """dq, dk, dv in their inputs' dtypes, dlog f (B, Tk, H) in float32 (with ``gate_is_cumsum``, dc instead), and
+    the output norm's dweight and dgate (`_delta`; None without ``out_norm``, whose do is then dO itself).
 
     query_bounds: the forward's pruning bounds by tile shape (`_triton_forward`), reused when dQ's tiles match.
     """
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     meta = _common_meta(q, k, key_lo, threshold2)
-    do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq,
-                                                    HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
+    do, delta, dweight, dgate = _delta(do, o, out_norm, rstd)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
@@ -411,7 +503,7 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
     if gate_is_cumsum:  # dc_t = rowsum(dS) of the query at t - colsum(dS)_t (why the row sums stay: __init__.py)
         dc = dc_col.neg_()
         dc[:, :, Tk - Tq:] += dc_row
-        return dq, dk, dv, dc.transpose(1, 2)
+        return dq, dk, dv, dc.transpose(1, 2), dweight, dgate
     dlog_f = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
     _gate_grad_kernel[(B * H,)](dc_col, dc_row, dlog_f, *dlog_f.stride(), H, Tq, Tk, BLOCK_T=_GATE_BLOCK)
-    return dq, dk, dv, dlog_f
+    return dq, dk, dv, dlog_f, dweight, dgate
