@@ -10,8 +10,9 @@
 
 A step is forward, backward and a fused AdamW update (torch.optim.AdamW(fused=True) on CUDA) under bf16
 autocast with float32 weights, on random tokens (labels = inputs). Each row builds its model on the GPU,
-runs --warmup steps (Triton compiles its kernels there), then times --steps steps between two synchronizes.
-tokens/s = steps x batch x seq / seconds; peak = torch.cuda.max_memory_allocated over the whole row (weights,
+runs --warmup steps (Triton compiles its kernels there), then times --steps steps, each on its own (no synchronize
+between them). tokens/s = batch x seq / the median step time (a shared host that slows down for a few steps moves
+the mean, not the median); host CPU ms: the process's CPU time per step, all threads; peak = torch.cuda.max_memory_allocated over the whole row (weights,
 optimizer state, activations), in GiB. --gpu-time adds the kernel time of one step (torch.profiler): far below the
 step time, the step waits on the host (Python, kernel launches), and --cuda-graph shows the step without that.
 fla's ForgettingTransformer (flash-linear-attention, an optional benchmark-only import, never one of foxlab's) runs
@@ -211,18 +212,27 @@ def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext
             row["warmup_s"] = round(time.perf_counter() - start, 1)
             if cuda:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            # each step's own wall time (no sync between steps; the last one waits for the GPU): their median
+            # is robust to a host that slows down now and then, as shared machines do
+            times, cpu_start = [], time.process_time()
+            start = last = time.perf_counter()
             for _ in range(steps):
                 step()
+                now = time.perf_counter()
+                times.append(now - last)
+                last = now
             if cuda:
                 torch.cuda.synchronize()
+            times[-1] += time.perf_counter() - last
             seconds = time.perf_counter() - start
+            row["host_cpu_ms"] = round((time.process_time() - cpu_start) / steps * 1e3, 2)
             if cuda and gpu_time:
                 row["gpu_busy_ms"] = round(gpu_busy_ms(step), 2)
             if cuda and host_ops:
                 row["host_top"] = host_top(step, host_ops)
-        row["tokens_per_s"] = round(steps * batch * seq / seconds)
-        row["step_ms"] = round(seconds / steps * 1e3, 2)
+        row["tokens_per_s"] = round(batch * seq / statistics.median(times))
+        row["step_ms"] = round(statistics.median(times) * 1e3, 2)
+        row["mean_step_ms"] = round(seconds / steps * 1e3, 2)
         if cuda:
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
@@ -355,11 +365,13 @@ def main(argv=None):
                                nullcontext if graph else context, args.gpu_time and not graph, graph,
                                0 if graph else args.host_profile))
     meta["fp32_out_matmul"] = fused._FP32_OUT_MATMUL  # whether the chunked loss summed dW with addmm(out_dtype)
-    print("\n| model | tokens/s | peak GiB | step ms | GPU busy ms | tokens/s at GPU busy |\n|---|---|---|---|---|---|")
+    print("\n| model | tokens/s | peak GiB | step ms, median (mean) | host CPU ms | GPU busy ms | tokens/s at GPU busy |"
+          "\n|---|---|---|---|---|---|---|")
     for r in results:
         at_busy = round(r["batch"] * r["seq"] / r["gpu_busy_ms"] * 1e3) if r.get("gpu_busy_ms") else "-"
         print(f"| {r['model']} | {r.get('tokens_per_s', r.get('error', r.get('skipped')))} | {r.get('peak_gib', '-')} "
-              f"| {r.get('step_ms', '-')} | {r.get('gpu_busy_ms', '-')} | {at_busy} |")
+              f"| {r.get('step_ms', '-')} ({r.get('mean_step_ms', '-')}) | {r.get('host_cpu_ms', '-')} "
+              f"| {r.get('gpu_busy_ms', '-')} | {at_busy} |")
     print_targets(results, args.preset_size)
     if args.json:
         args.json.write_text(json.dumps(dict(meta, results=results), indent=1))

@@ -259,19 +259,25 @@ def head_norm(num_heads: int, head_dim: int, eps: float, shared: bool, fused: bo
     return fused_ops.RMSNorm(head_dim, eps=eps, fused=fused) if shared else HeadRMSNorm(num_heads, head_dim, eps, fused)
 
 
-def stacked_linear(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
+def stacked_linear(x: torch.Tensor, linears: list[nn.Linear], align: int = 1) -> list[torch.Tensor]:
     """``[linear(x) for linear in linears]`` (bias-free Linears) as one matmul with their weights stacked.
 
     The same math in fewer launches: each Linear costs a matmul forward and two backward, plus an add into x's
     gradient, and a training step pays host time for every launch. The outputs are column slices of one tensor;
-    the fused kernels and the attention kernels read such slices in place. Without autograd (inference, decoding)
-    the Linears run one by one: there the stacking would copy every weight on each call, and decoding a token is
+    the fused kernels and the attention kernels read such slices in place. ``align``: rows of zeros are stacked
+    under the weights until the output's row stride is a multiple of it (the attention kernels vectorize their
+    loads only on rows 16 elements apart); their columns are dropped. Without autograd (inference, decoding) the
+    Linears run one by one: there the stacking would copy every weight on each call, and decoding a token is
     bound by reading the weights.
     """
     if len(linears) == 1 or not torch.is_grad_enabled():
         return [linear(x) for linear in linears]
-    weight = torch.cat([linear.weight for linear in linears])
-    return list(F.linear(x, weight).split([linear.out_features for linear in linears], dim=-1))
+    weights = [linear.weight for linear in linears]
+    sizes = [linear.out_features for linear in linears]
+    padding = -sum(sizes) % align
+    if padding:
+        weights.append(weights[0].new_zeros(padding, weights[0].shape[1]))
+    return list(F.linear(x, torch.cat(weights)).split(sizes + [padding], dim=-1)[:len(linears)])
 
 
 class ForgettingAttention(nn.Module):
@@ -297,18 +303,17 @@ class ForgettingAttention(nn.Module):
                                      (("k", config.use_k_shift), ("v", config.use_v_shift)) if on})
 
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x (B, T, C) through every input projection, in two matmuls (stacked_linear): "q" (B, T, H, D), "k" and "v"
-        (B, T, Hkv, D), "g" (B, T, H, D) the output gate's logits; then the per-head scalars "f" (B, T, H) the forget
+        """x (B, T, C) through every input projection, in one matmul (stacked_linear): "q" (B, T, H, D), "k" and "v"
+        (B, T, Hkv, D), "g" (B, T, H, D) the output gate's logits, then the per-head scalars "f" (B, T, H) the forget
         gate's w_f . x and "shift_k" / "shift_v" (B, T, Hkv) the KV-shift logits, each where the config has it."""
-        wide = {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj}
-        if self.g_proj is not None:
-            wide["g"] = self.g_proj
-        per_head = {"f": self.fgate.proj} if self.fgate is not None and self.fgate.proj is not None else {}
-        per_head.update({"shift_" + name: shift.proj for name, shift in self.shifts.items()})
-        out = {name: y.unflatten(-1, (-1, self.head_dim))
-               for name, y in zip(wide, stacked_linear(x, list(wide.values())))}
-        if per_head:
-            out.update(zip(per_head, stacked_linear(x, list(per_head.values()))))
+        linears = {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj, "g": self.g_proj,
+                   "f": self.fgate.proj if self.fgate is not None else None,
+                   **{"shift_" + name: shift.proj for name, shift in self.shifts.items()}}
+        linears = {name: linear for name, linear in linears.items() if linear is not None}
+        out = dict(zip(linears, stacked_linear(x, list(linears.values()), align=16)))
+        for name in ("q", "k", "v", "g"):
+            if name in out:
+                out[name] = out[name].unflatten(-1, (-1, self.head_dim))
         return out
 
     def prepare_inputs(self, proj, layer_cache, token_mask):

@@ -6,7 +6,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 import foxlab
 from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM, ForgettingTransformerModel
 from foxlab.attention import forgetting_attention_reference
-from foxlab.model import gate_bias_for_timescales
+from foxlab.model import gate_bias_for_timescales, stacked_linear
 
 from conftest import VARIANTS, tiny_model
 
@@ -146,6 +146,22 @@ def test_inputs_the_model_cannot_take_are_explained(inputs, error, message):
         model(**inputs)
     with pytest.raises(error, match=message):
         model.model(**inputs)  # the backbone alone too
+
+
+def test_stacked_linear_is_the_linears_one_by_one():
+    """One matmul over the stacked weights (with zero rows up to an aligned width) gives each Linear's output and
+    gradients, float64 exact; the outputs are column slices of one tensor whose rows are 16 elements apart."""
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(24, n, bias=False, dtype=torch.float64) for n in (32, 8, 8, 3, 2)]
+    x = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
+    stacked = stacked_linear(x, linears, align=16)
+    assert all(y.stride(-2) == 64 for y in stacked)  # 53 columns, padded to 64
+    cotangents = [torch.randn_like(y) for y in stacked]
+    grads = torch.autograd.grad(stacked, [x, *(lin.weight for lin in linears)], cotangents)
+    plain = [lin(x) for lin in linears]
+    expected = torch.autograd.grad(plain, [x, *(lin.weight for lin in linears)], cotangents)
+    torch.testing.assert_close(stacked, plain, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads, expected, rtol=0, atol=1e-12)
 
 
 def test_version_is_exported():
