@@ -174,6 +174,22 @@ def _rms_norm_input_grad(dn, s_hat, rstd, group_size):
 
 
 @_jit
+def _group_tile(n_groups, group_size, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The layout of one row of n_groups groups of group_size features (heads of D): (groups (BLOCK_G,), cols
+    (BLOCK_D,), in_row: the real features (BLOCK_G, BLOCK_D), offs: their offsets within the row)."""
+    groups, cols = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+    in_row = (groups[:, None] < n_groups) & (cols[None, :] < group_size)
+    return groups, cols, in_row, groups[:, None] * group_size + cols[None, :]
+
+
+@_jit
+def _program_rows(program, rows_per_program, n_rows):
+    """[begin, end): the rows a program of a persistent backward kernel owns (it also sums their dW)."""
+    begin = program * rows_per_program
+    return begin, tl.minimum(begin + rows_per_program, n_rows)
+
+
+@_jit
 def _rms_norm_fwd_rows(X, stride_x, R, GATE, stride_gate, W, Y, S, RSTD, tile, n_rows, n_groups, group_size, eps,
                        HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -181,10 +197,7 @@ def _rms_norm_fwd_rows(X, stride_x, R, GATE, stride_gate, W, Y, S, RSTD, tile, n
     S = X + R, Y = S * RSTD * W (* sigmoid(GATE)), RSTD (n_rows, n_groups) one per group. Rows of X and GATE are
     ``stride_x`` / ``stride_gate`` elements apart, R, Y and S contiguous."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    groups = tl.arange(0, BLOCK_G)
-    cols = tl.arange(0, BLOCK_D)
-    in_row = (groups[:, None] < n_groups) & (cols[None, :] < group_size)
-    w_offs = groups[:, None] * group_size + cols[None, :]
+    groups, _, in_row, w_offs = _group_tile(n_groups, group_size, BLOCK_G, BLOCK_D)
     mask = (rows < n_rows)[:, None, None] & in_row[None, :, :]
     offs = rows[:, None, None] * (n_groups * group_size) + w_offs[None, :, :]
     s = tl.load(X + rows[:, None, None] * stride_x + w_offs[None, :, :], mask=mask, other=0.0).to(ACC)
@@ -220,14 +233,10 @@ def _rms_norm_bwd_rows(S, stride_s, W, GATE, stride_gate, RSTD, DY, DS, DX, DR, 
     the module docstring's backward per group; its partial sum of dW goes to row ``program`` of DW_PARTIAL (rows
     ``dw_stride`` apart, n_groups x group_size of them used; zeros when it owns no rows). Rows of S and GATE are
     ``stride_s`` / ``stride_gate`` elements apart, the other tensors contiguous."""
-    groups = tl.arange(0, BLOCK_G)
-    cols = tl.arange(0, BLOCK_D)
-    in_row = (groups[:, None] < n_groups) & (cols[None, :] < group_size)
-    w_offs = groups[:, None] * group_size + cols[None, :]
+    groups, _, in_row, w_offs = _group_tile(n_groups, group_size, BLOCK_G, BLOCK_D)
     w = tl.load(W + w_offs, mask=in_row, other=0.0).to(ACC)
     dw = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
-    row_begin = program * rows_per_program
-    row_end = tl.minimum(row_begin + rows_per_program, n_rows)
+    row_begin, row_end = _program_rows(program, rows_per_program, n_rows)
     for start in range(row_begin, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
@@ -498,9 +507,7 @@ def _input_fwd_rows(X, stride_x, P, A, stride_a, W, w_stride, Y, RSTD, tile, n_r
     with W (group g's weights at g * w_stride: 0 for one vector shared by all groups) and RSTD stored (NORM)."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    groups, cols = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
-    in_row = (groups[:, None] < n_groups) & (cols[None, :] < group_size)
-    offs = groups[:, None] * group_size + cols[None, :]
+    groups, cols, in_row, offs = _group_tile(n_groups, group_size, BLOCK_G, BLOCK_D)
     y, _, _, _ = _input_value(X, stride_x, P, A, stride_a, rows, row_ok, groups, offs, in_row, T, n_groups,
                               group_size, SHIFT, HAS_PREV, ACC)
     if NORM:
@@ -558,16 +565,13 @@ def _input_bwd_rows(X, stride_x, P, A, stride_a, W, w_stride, RSTD, DY, DX, DA, 
     """Backward of `_input_fwd_rows` over the token rows ``program`` owns: the norm's, then the shift's (module
     docstring), whose dx_t needs ds_{t+1}, recomputed from row t + 1. Writes DX (contiguous); with SHIFT, DA and
     (HAS_PREV) DP, the gradient of P, from the rows at t = 0; with NORM the program's partial dW to DW."""
-    groups, cols = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+    groups, cols, in_row, offs = _group_tile(n_groups, group_size, BLOCK_G, BLOCK_D)
     group_ok = groups < n_groups
-    in_row = group_ok[:, None] & (cols[None, :] < group_size)
-    offs = groups[:, None] * group_size + cols[None, :]
     w = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
     if NORM:
         w = tl.load(W + groups[:, None] * w_stride + cols[None, :], mask=in_row, other=0.0).to(ACC)
     dw = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
-    row_begin = program * rows_per_program
-    row_end = tl.minimum(row_begin + rows_per_program, n_rows)
+    row_begin, row_end = _program_rows(program, rows_per_program, n_rows)
     for start in range(row_begin, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from foxlab import fused
+from foxlab.attention import forgetting_attention
 
 
 def ref_rms_norm(x, weight, eps, residual=None, gate=None):
@@ -28,6 +29,15 @@ def ref_token_shift(x, previous, a_logits):
     before = torch.cat([previous if previous is not None else torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
     a = torch.sigmoid(a_logits)[..., None]
     return a * before + (1 - a) * x
+
+
+def attention_with_output_norm(backend):
+    """forgetting_attention on ``backend`` with FoX Pro's output norm and gate, as compare() calls it: (q, k, v,
+    log_f, weight, gate or None)."""
+    def run(q, k, v, log_f, weight, gate):
+        return forgetting_attention(q, k, v, log_f, backend=backend, output_norm_weight=weight, output_gate=gate,
+                                    output_norm_eps=1e-5)
+    return run
 
 
 def ref_linear_cross_entropy(hidden, weight, targets, **kwargs):

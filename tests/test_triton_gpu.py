@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fused_cases import attention_with_output_norm, compare
+
 from foxlab.attention import forgetting_attention, forgetting_attention_reference
 
 pytestmark = [
@@ -168,25 +170,8 @@ def test_pruning_bf16(B, T, H, Hkv, D):
 def test_output_norm_in_the_kernels(Tq, Tk, H, Hkv, D, per_head, with_gate):
     """FoX Pro's output norm (and gate) inside the attention kernels, bf16, against the float64 reference followed by
     the plain norm: the output and all six gradients."""
-    q, k, v, log_f = make_inputs(2, Tq, Tk, H, Hkv, D, torch.bfloat16)
     weight = 1 + 0.5 * torch.randn((H, D) if per_head else (D,), device="cuda")
     gate = torch.randn(2, Tq, H, D, device="cuda", dtype=torch.bfloat16) * 2 if with_gate else None
-    inputs = [t for t in (q, k, v, log_f, weight, gate) if t is not None]
-
-    def run(tensors, backend):
-        q, k, v, log_f, weight, *gate = tensors
-        return forgetting_attention(q, k, v, log_f, backend=backend, output_norm_weight=weight,
-                                    output_gate=gate[0] if gate else None, output_norm_eps=1e-5)
-
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    out = run(leaves, "triton")
-    d_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, d_out)
-    ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
-    ref = run(ref_leaves, "reference")
-    ref_grads = torch.autograd.grad(ref, ref_leaves, d_out.double())
-    for name, a, b in zip(("out", "dq", "dk", "dv", "dlog_f", "dweight", "dgate"), (out, *grads), (ref, *ref_grads)):
-        err = rel_err(a, b)
-        print(f"{name} {err:.1e}", end="  ")
-        assert a.shape == b.shape and torch.isfinite(a).all() and err <= 1e-2, f"{name}: relative error {err:.2e}"
-    print()
+    errors = compare(attention_with_output_norm("triton"), attention_with_output_norm("reference"),
+                     (*make_inputs(2, Tq, Tk, H, Hkv, D, torch.bfloat16), weight, gate), 1e-2)
+    print(" ".join(f"{name} {err:.1e}" for name, err in errors.items()))

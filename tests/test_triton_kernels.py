@@ -18,6 +18,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 set before Triton is imported: run `make test-interpret`",
                 allow_module_level=True)
 
+from fused_cases import attention_with_output_norm, compare  # noqa: E402
+
 from foxlab import kernels  # noqa: E402
 from foxlab.attention import forgetting_attention, forgetting_attention_reference  # noqa: E402
 
@@ -233,31 +235,6 @@ def test_short_grids_take_narrow_forward_tiles(monkeypatch):
     assert common._candidate_configs("fwd", 64, torch.bfloat16, cuda, grid_rows=(512, 16))[0].block_m == 64
 
 
-def run_with_output_norm(B, Tq, Tk, H, Hkv, D, per_head=True, with_gate=True, **kw):
-    """Triton with FoX Pro's output norm (and gate) in its kernels against the float64 reference followed by the
-    plain norm: the output and all gradients (q, k, v, log f, the norm's weight, the gate)."""
-    q, k, v, log_f = make_inputs(B, Tq, Tk, H, Hkv, D)
-    weight = 1 + 0.5 * torch.randn((H, D) if per_head else (D,))
-    gate = torch.randn(B, Tq, H, D) * 2 if with_gate else None
-    inputs = [t for t in (q, k, v, log_f, weight, gate) if t is not None]
-
-    def run(tensors, backend):
-        q, k, v, log_f, weight, *gate = tensors
-        return forgetting_attention(q, k, v, log_f, backend=backend, output_norm_weight=weight,
-                                    output_gate=gate[0] if gate else None, output_norm_eps=1e-5, **kw)
-
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    out = run(leaves, "triton")
-    d_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, d_out)
-    ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
-    ref = run(ref_leaves, "reference")
-    ref_grads = torch.autograd.grad(ref, ref_leaves, d_out.double())
-    for name, a, b in zip(("out", "dq", "dk", "dv", "dlog_f", "dweight", "dgate"), (out, *grads), (ref, *ref_grads)):
-        assert a.shape == b.shape and torch.isfinite(a).all(), name
-        assert rel_err(a, b) <= 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
-
-
 @pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,per_head,with_gate", [
     (2, 33, 33, 2, 2, 32, True, True),     # blocked kernels, per-head weights and the gate
     (1, 70, 70, 4, 2, 24, False, True),    # GQA, a shared weight vector, an odd head dim
@@ -265,4 +242,9 @@ def run_with_output_norm(B, Tq, Tk, H, Hkv, D, per_head=True, with_gate=True, **
     (2, 1, 40, 4, 2, 32, True, True),      # decoding: the split kernel, then the norm's own kernel
 ])
 def test_output_norm_in_the_kernels(B, Tq, Tk, H, Hkv, D, per_head, with_gate):
-    run_with_output_norm(B, Tq, Tk, H, Hkv, D, per_head, with_gate)
+    """The Triton kernels with FoX Pro's output norm (and gate) inside against the float64 reference followed by the
+    plain norm: the output and all gradients (q, k, v, log f, the norm's weight, the gate)."""
+    weight = 1 + 0.5 * torch.randn((H, D) if per_head else (D,))
+    gate = torch.randn(B, Tq, H, D) * 2 if with_gate else None
+    compare(attention_with_output_norm("triton"), attention_with_output_norm("reference"),
+            (*make_inputs(B, Tq, Tk, H, Hkv, D), weight, gate), 1e-4)
