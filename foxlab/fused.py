@@ -773,6 +773,8 @@ def attention_inputs(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | 
     for name, a_logits, previous in (("k", k_shift_logits, k_previous), ("v", v_shift_logits, v_previous)):
         if a_logits is not None:
             _check_shift_args(k, "k", a_logits, f"{name}_shift_logits", previous, f"{name}_previous")
+        elif previous is not None:
+            raise ValueError(f"{name}_previous is the token before a shifted chunk: it needs {name}_shift_logits")
     if not norm_qk and k_shift_logits is None and v_shift_logits is None:
         return q, k, v
     _check_triton(k, "attention_inputs")
@@ -782,10 +784,6 @@ def attention_inputs(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | 
                              f"{t.dtype}")
     if (k_previous is None) != (v_previous is None) and k_shift_logits is not None and v_shift_logits is not None:
         k_previous, v_previous = (p if p is not None else torch.zeros_like(k[:, :1]) for p in (k_previous, v_previous))
-    if k_shift_logits is None:
-        k_previous = None
-    if v_shift_logits is None:
-        v_previous = None
     out_dtype = out_dtype or _autocast_or(k, k.dtype)
     yq, yk, yv = _AttentionInputsFunction.apply(
         q if norm_qk else None, q_weight.contiguous() if norm_qk else None, k, k_previous, k_shift_logits,

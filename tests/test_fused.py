@@ -163,6 +163,8 @@ def test_bad_inputs_name_the_argument():
         fused.attention_inputs(q, k, None, q_weight=torch.ones(4, 8))
     with pytest.raises(ValueError, match=r"v must have shape \(2, 3, 2, 8\)"):
         fused.attention_inputs(q, k, torch.randn(2, 3, 2, 5), v_shift_logits=torch.randn(2, 3, 2))
+    with pytest.raises(ValueError, match="v_previous is the token before a shifted chunk"):
+        fused.attention_inputs(q, k, None, v_previous=torch.randn(2, 1, 2, 8))
     with pytest.raises(ValueError, match=r"k_previous must have shape \(2, 1, 2, 8\)"):
         fused.attention_inputs(q, k, None, k_shift_logits=torch.randn(2, 3, 2), k_previous=torch.randn(2, 2, 2, 8))
     with pytest.raises(ValueError, match="up must have the shape of gate"):
