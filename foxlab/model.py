@@ -316,7 +316,7 @@ class ForgettingAttention(nn.Module):
                 out[name] = out[name].unflatten(-1, (-1, self.head_dim))
         return out
 
-    def prepare_inputs(self, proj, layer_cache, token_mask):
+    def shift_and_norm(self, proj, layer_cache, token_mask):
         """(q, k, v) from the outputs of ``project``, after KV-shift and the q/k norms where the config has them: one
         fused launch (fused.attention_inputs) with ``fuse_norm`` on CUDA, else the modules one by one."""
         q, k, v = proj["q"], proj["k"], proj["v"]
@@ -348,7 +348,7 @@ class ForgettingAttention(nn.Module):
         B, T, _ = x.shape
         proj = self.project(x)
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
-        q, k, v = self.prepare_inputs(proj, layer_cache, token_mask)
+        q, k, v = self.shift_and_norm(proj, layer_cache, token_mask)
         if self.config.use_rope:
             q, k = apply_rope(q, positions, self.config.rope_theta), apply_rope(k, positions, self.config.rope_theta)
             v = v.contiguous()  # q and k are rotated copies now: v alone must not keep the projections' output alive
