@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from foxlab import fused  # noqa: E402
+from foxlab import fused, fused_inputs  # noqa: E402
 
 try:
     from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
@@ -167,14 +167,14 @@ def op_cases(tokens, hidden, inter, heads, head_dim, vocab, device, chunks):
         glu: {"eager": lambda g, u: F.silu(g) * u, "ours": fused.swiglu},
         head_norm: {"eager": plain_head_norm, "ours": lambda t, w: fused.rms_norm(t, w, EPS)},
         gate_norm: {"eager": plain_gate_norm, "ours": lambda o, g, w: fused.rms_norm(o, w, EPS, gate=g)},
-        shift: {"eager": plain_shift, "ours": lambda x, a: fused.token_shift(x, None, a)},
+        shift: {"eager": plain_shift, "ours": lambda x, a: fused_inputs.token_shift(x, None, a)},
         inputs_step: {"eager": lambda q, k, v, ak, av, wq, wk: (plain_head_norm(q, wq),
                                                                  plain_head_norm(plain_shift(k, ak), wk),
                                                                  plain_shift(v, av)),
                       "ours, four calls": lambda q, k, v, ak, av, wq, wk: (
-                          fused.rms_norm(q, wq, EPS), fused.rms_norm(fused.token_shift(k, None, ak), wk, EPS),
-                          fused.token_shift(v, None, av)),
-                      "ours, one launch": lambda q, k, v, ak, av, wq, wk: fused.attention_inputs(
+                          fused.rms_norm(q, wq, EPS), fused.rms_norm(fused_inputs.token_shift(k, None, ak), wk, EPS),
+                          fused_inputs.token_shift(v, None, av)),
+                      "ours, one launch": lambda q, k, v, ak, av, wq, wk: fused_inputs.attention_inputs(
                           q, k, v, q_weight=wq, k_weight=wk, eps=EPS, k_shift_logits=ak, v_shift_logits=av)},
         ce: {"eager": plain_ce, **{f"ours chunk {c}": ours_ce(c) for c in chunks}},
     }

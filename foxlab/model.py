@@ -34,6 +34,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from . import fused as fused_ops
+from . import fused_inputs
 from .checkpoints import check_loading_info, prepare_from_pretrained
 from .config import ForgettingTransformerConfig
 from .attention import forgetting_attention, forgetting_attention_reference, log_forget_gate, output_norm
@@ -214,7 +215,7 @@ class TokenShift(nn.Module):
     """KV-shift: x'_t = a_t x_{t-1} + (1 - a_t) x_t, with a per-head a_t = sigmoid(w . h_t) from the block input h.
 
     ``proj`` holds w; the attention computes w . h_t together with its other per-head projections and passes the
-    result in. With ``fuse_norm`` on CUDA the attention runs the shift in fused.attention_inputs instead.
+    result in. With ``fuse_norm`` on CUDA the attention runs the shift in fused_inputs.attention_inputs instead.
     """
 
     def __init__(self, hidden_size: int, num_heads: int):
@@ -318,7 +319,7 @@ class ForgettingAttention(nn.Module):
 
     def shift_and_norm(self, proj, layer_cache, token_mask):
         """(q, k, v) from the outputs of ``project``, after KV-shift and the q/k norms where the config has them: one
-        fused launch (fused.attention_inputs) with ``fuse_norm`` on CUDA, else the modules one by one."""
+        fused launch (fused_inputs.attention_inputs) with ``fuse_norm`` on CUDA, else the modules one by one."""
         q, k, v = proj["q"], proj["k"], proj["v"]
         if not self.shifts and self.q_norm is None:
             return q, k, v
@@ -333,10 +334,10 @@ class ForgettingAttention(nn.Module):
         if self.config.fuse_norm and fused_ops.triton_wanted(q):
             weights = [norm.head_weights() if isinstance(norm, HeadRMSNorm) else norm.weight
                        for norm in (self.q_norm, self.k_norm)] if self.q_norm is not None else [None, None]
-            return fused_ops.attention_inputs(q, raw["k"], raw["v"], q_weight=weights[0], k_weight=weights[1],
-                                              eps=self.config.qk_norm_eps, k_shift_logits=logits.get("k"),
-                                              v_shift_logits=logits.get("v"), k_previous=previous.get("k"),
-                                              v_previous=previous.get("v"))
+            return fused_inputs.attention_inputs(q, raw["k"], raw["v"], q_weight=weights[0], k_weight=weights[1],
+                                                 eps=self.config.qk_norm_eps, k_shift_logits=logits.get("k"),
+                                                 v_shift_logits=logits.get("v"), k_previous=previous.get("k"),
+                                                 v_previous=previous.get("v"))
         k, v = (self.shifts[name](raw[name], previous[name], logits[name]) if name in self.shifts else raw[name]
                 for name in "kv")
         if self.q_norm is not None:

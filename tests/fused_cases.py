@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from foxlab import fused
+from foxlab import fused, fused_inputs
 from foxlab.attention import forgetting_attention
 
 
@@ -125,7 +125,7 @@ def attention_inputs_cases(device, dtype, sizes=((2, 7, 3, 1, 20, True), (1, 13,
 
 
 def attention_inputs_op(q, k, v, q_weight, k_weight, k_shift_logits, v_shift_logits, k_previous, v_previous):
-    return fused.attention_inputs(q, k, v, q_weight=q_weight, k_weight=k_weight, eps=1e-5,
+    return fused_inputs.attention_inputs(q, k, v, q_weight=q_weight, k_weight=k_weight, eps=1e-5,
                                   k_shift_logits=k_shift_logits, v_shift_logits=v_shift_logits, k_previous=k_previous,
                                   v_previous=v_previous)
 
@@ -206,6 +206,6 @@ def column_slice_cases(device, dtype):
         yield sliced(attention_inputs_op), sliced(ref_attention_inputs), (
             wide(2 * (H + Hkv) * D), wide(2 * Hkv) * 2, random_weight(head, device, dtype),
             random_weight(kv, device, dtype), *previous)
-        one = from_column_slices(lambda _, x, a, p: fused.token_shift(x, p, a), [(1,), kv], [(Hkv,)])
+        one = from_column_slices(lambda _, x, a, p: fused_inputs.token_shift(x, p, a), [(1,), kv], [(Hkv,)])
         ref_one = from_column_slices(lambda _, x, a, p: ref_token_shift(x, p, a), [(1,), kv], [(Hkv,)])
         yield one, ref_one, (wide(Hkv * D + 1), wide(Hkv) * 2, previous[0])

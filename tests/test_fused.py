@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from conftest import VARIANTS, tiny_model
 from fused_cases import compare, cross_entropy_cases, ref_linear_cross_entropy, ref_rms_norm
 
-from foxlab import ForgettingTransformerConfig, fused
+from foxlab import ForgettingTransformerConfig, fused, fused_inputs
 
 SWITCHES = ("fuse_norm", "fuse_swiglu", "fuse_cross_entropy")
 
@@ -158,19 +158,19 @@ def test_bad_inputs_name_the_argument():
         fused.rms_norm(torch.randn(2, 3, 8), torch.ones(2, 8), 1e-6)  # per-head weights: (3, 8) for 3 heads
     q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 2, 8)
     with pytest.raises(ValueError, match="must both be"):
-        fused.attention_inputs(q, k, None, q_weight=torch.ones(8), k_weight=torch.ones(2, 8))
+        fused_inputs.attention_inputs(q, k, None, q_weight=torch.ones(8), k_weight=torch.ones(2, 8))
     with pytest.raises(ValueError, match="q_weight and k_weight come together"):
-        fused.attention_inputs(q, k, None, q_weight=torch.ones(4, 8))
+        fused_inputs.attention_inputs(q, k, None, q_weight=torch.ones(4, 8))
     with pytest.raises(ValueError, match=r"v must have shape \(2, 3, 2, 8\)"):
-        fused.attention_inputs(q, k, torch.randn(2, 3, 2, 5), v_shift_logits=torch.randn(2, 3, 2))
+        fused_inputs.attention_inputs(q, k, torch.randn(2, 3, 2, 5), v_shift_logits=torch.randn(2, 3, 2))
     with pytest.raises(ValueError, match="v_previous is the token before a shifted chunk"):
-        fused.attention_inputs(q, k, None, v_previous=torch.randn(2, 1, 2, 8))
+        fused_inputs.attention_inputs(q, k, None, v_previous=torch.randn(2, 1, 2, 8))
     with pytest.raises(ValueError, match=r"k_previous must have shape \(2, 1, 2, 8\)"):
-        fused.attention_inputs(q, k, None, k_shift_logits=torch.randn(2, 3, 2), k_previous=torch.randn(2, 2, 2, 8))
+        fused_inputs.attention_inputs(q, k, None, k_shift_logits=torch.randn(2, 3, 2), k_previous=torch.randn(2, 2, 2, 8))
     with pytest.raises(ValueError, match="up must have the shape of gate"):
         fused.swiglu(x, torch.randn(2, 9))
     with pytest.raises(ValueError, match="a_logits must have shape"):
-        fused.token_shift(torch.randn(1, 3, 2, 4), None, torch.randn(1, 3, 3))
+        fused_inputs.token_shift(torch.randn(1, 3, 2, 4), None, torch.randn(1, 3, 3))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA tensors"):
             fused.swiglu(x, x)

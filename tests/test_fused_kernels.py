@@ -23,7 +23,7 @@ from fused_cases import (  # noqa: E402
     rms_norm_op, token_shift_cases,
 )
 
-from foxlab import fused  # noqa: E402
+from foxlab import fused, fused_inputs  # noqa: E402
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -50,7 +50,7 @@ def test_attention_inputs_with_one_output_unused():
     """Only q reaches the loss: k's and v's gradients are zeros, q's those of its norm alone (float64, exact)."""
     q, k, v, wq, wk, a_k, a_v = (torch.randn(shape, dtype=torch.float64).requires_grad_() for shape in
                                  [(2, 5, 3, 16), (2, 5, 1, 16), (2, 5, 1, 16), (3, 16), (1, 16), (2, 5, 1), (2, 5, 1)])
-    y, _, _ = fused.attention_inputs(q, k, v, q_weight=wq, k_weight=wk, eps=1e-5, k_shift_logits=a_k,
+    y, _, _ = fused_inputs.attention_inputs(q, k, v, q_weight=wq, k_weight=wk, eps=1e-5, k_shift_logits=a_k,
                                      v_shift_logits=a_v)
     cotangent = torch.randn_like(y)
     torch.autograd.backward(y, cotangent)
@@ -78,7 +78,7 @@ def test_swiglu(dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_token_shift(dtype):
     for tensors in token_shift_cases("cpu", dtype):
-        compare(fused.token_shift, ref_token_shift, tensors, TOL[dtype])
+        compare(fused_inputs.token_shift, ref_token_shift, tensors, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -8,7 +8,7 @@ import torch
 from .common import LOG2E, _common_meta, _initial_max, _jit, _key_block_query_range, _launch, _load_tile, _load_vec, \
     _mask_scores, _online_softmax_step, _or, _query_block_rows, _strides, tl, triton
 from .pruning import _pruning_bounds, _query_block_pruning
-from ..fused import _rms_norm_input_grad, _rms_normalize, _sigmoid
+from ..fused import _rms_norm_input_grad, _rms_normalize, _sigmoid, _weight_stride
 
 # Positions per step of the gate's prefix sums (one program per batch row and head).
 _GATE_BLOCK = 1024
@@ -428,16 +428,11 @@ def _triton_forward(q, k, v, c2, key_lo, threshold2, scale, out_norm=None):
         query_bounds[(cfg.block_m, cfg.block_n)] = bounds
         _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
             *args, bounds, o, lse, *out_args, *strides, *o.stride()[:3], *_strides(key_lo, 2), *_strides(gate),
-            _head_stride(weight), eps, H, Tq, Tk, scale * LOG2E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            _weight_stride(weight), eps, H, Tq, Tk, scale * LOG2E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             **cfg.options(q.device, meta["PRUNE"]), **meta, **norm_meta)
 
     _launch("fwd", q, meta["BLOCK_D"], launch, grid_rows=(Tq, B * H))
     return o, lse, query_bounds, y, rstd
-
-
-def _head_stride(weight) -> int:
-    """Elements between two heads' output-norm weights: D for (H, D), 0 for one vector (D,) shared (or none)."""
-    return weight.shape[-1] if weight is not None and weight.dim() == 2 else 0
 
 
 def _delta(do, o, out_norm=None, rstd=None):
@@ -456,7 +451,7 @@ def _delta(do, o, out_norm=None, rstd=None):
         dw_partial = torch.empty(*grid, D, dtype=torch.float32, device=o.device)
     _bwd_delta_kernel[grid](o, do, delta, _or(weight, delta), _or(gate, delta), _or(rstd, delta), dy,
                             _or(dgate, delta), _or(dw_partial, delta), *o.stride()[:3], *do.stride()[:3],
-                            *_strides(gate), *dy.stride()[:3], _head_stride(weight), H, Tq, HEAD_DIM=D,
+                            *_strides(gate), *dy.stride()[:3], _weight_stride(weight), H, Tq, HEAD_DIM=D,
                             BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=64, OUT_NORM=out_norm is not None,
                             OUT_GATE=gate is not None)
     dweight = None
