@@ -100,18 +100,20 @@ def test_cross_entropy_kernel_flags_out_of_range_targets_with_nan(triton_on_cpu)
     assert torch.isnan(loss)
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per-head-norms", "shared-norms"])
-def test_model_with_fused_kernels_matches_plain_model(shared, triton_on_cpu, one_thread):
+def test_model_with_fused_kernels_matches_plain_model(shared, backend, triton_on_cpu, one_thread):
     """FoX Pro (every fused op has a use in it), its q/k/o norms with per-head or shared weights: loss and every
-    parameter gradient, switches on (Triton kernels) vs off (PyTorch ops), float32. tests/test_fused_gpu.py runs all
-    variants on a GPU."""
+    parameter gradient, switches on (Triton kernels) vs off (PyTorch ops), float32. With the Triton attention backend
+    the output norm and gate run inside the attention kernels. tests/test_fused_gpu.py runs all variants on a GPU."""
     ids = torch.randint(4, 260, (2, 13))
     labels = ids.clone()
     labels[0, :3] = -100
     results = {}
     for on in (True, False):
         model = tiny_model(seed=3, fuse_norm=on, fuse_swiglu=on, fuse_cross_entropy=on, **VARIANTS["fox-pro"],
-                           qk_norm_share_param_across_head=shared, output_norm_share_param_across_head=shared).train()
+                           qk_norm_share_param_across_head=shared, output_norm_share_param_across_head=shared,
+                           attn_backend=backend if on else "auto").train()
         with torch.no_grad():  # norm weights away from their initial ones, so a wrong head's weight shows
             for name, p in model.named_parameters():
                 if "norm" in name:
@@ -125,11 +127,14 @@ def test_model_with_fused_kernels_matches_plain_model(shared, triton_on_cpu, one
         torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fused_kv_shift_decodes_like_plain(triton_on_cpu, one_thread):
-    """Greedy generation of FoX Pro reads the KV-shift's cached last key/value: same tokens with the kernel."""
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_fused_kv_shift_decodes_like_plain(backend, triton_on_cpu, one_thread):
+    """Greedy generation of FoX Pro reads the KV-shift's cached last key/value: same tokens with the kernels (with
+    the Triton backend, decoding's split kernel and then the output norm's own kernel)."""
     ids = torch.randint(4, 260, (2, 6))
     tokens = {}
     for on in (True, False):
-        model = tiny_model(seed=2, fuse_norm=on, fuse_swiglu=on, **VARIANTS["fox-pro"])
+        model = tiny_model(seed=2, fuse_norm=on, fuse_swiglu=on, **VARIANTS["fox-pro"],
+                           attn_backend=backend if on else "auto")
         tokens[on] = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(tokens[True], tokens[False])
