@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import importlib.metadata
 import inspect
@@ -144,11 +145,19 @@ def host_top(step, top: int) -> list[dict]:
     return [dict(op=e.key[:60], calls=e.count, self_host_ms=round(e.self_cpu_time_total / 1e3, 2)) for e in events]
 
 
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: int) -> torch.cuda.Stream:
+    """One warm-up stream per GPU for all graph rows. A new stream per row would get a cuBLAS workspace of its own
+    each time, which stays allocated and counts in every later row's peak (the suspected cause of run K's peaks
+    growing by 0.1-0.2 GiB per repeat after the graph rows; not yet checked on the GPU)."""
+    return torch.cuda.Stream(device)
+
+
 def cuda_graph_step(train_step, optimizer):
     """Capture one whole training step (forward, backward, optimizer update) in a CUDA graph and return its replay:
     the same step without Python or launch overhead (PyTorch's whole-network capture recipe). train_step must not
     zero the gradients: the graph writes them in place each replay."""
-    side = torch.cuda.Stream()
+    side = _side_stream(torch.cuda.current_device())
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
