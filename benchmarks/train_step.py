@@ -175,6 +175,23 @@ def cuda_graph_step(train_step, optimizer):
     return replay
 
 
+def time_steps(step, steps: int, cuda: bool) -> tuple[list[float], float]:
+    """(each step's wall seconds, the process's CPU ms per step) over ``steps`` calls of ``step``. No synchronize
+    between steps (the last one waits for the GPU): their median is robust to a host that slows down now and then,
+    as shared machines do."""
+    times, cpu_start = [], time.process_time()
+    last = time.perf_counter()
+    for _ in range(steps):
+        step()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    if cuda:
+        torch.cuda.synchronize()
+    times[-1] += time.perf_counter() - last
+    return times, round((time.process_time() - cpu_start) / steps * 1e3, 2)
+
+
 def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext, gpu_time=False,
             graph=False, host_ops=0) -> dict:
     """Build a model, train it for warmup + steps steps on random tokens; tokens/s and peak memory. With ``graph``
@@ -221,27 +238,14 @@ def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext
             row["warmup_s"] = round(time.perf_counter() - start, 1)
             if cuda:
                 torch.cuda.synchronize()
-            # each step's own wall time (no sync between steps; the last one waits for the GPU): their median
-            # is robust to a host that slows down now and then, as shared machines do
-            times, cpu_start = [], time.process_time()
-            start = last = time.perf_counter()
-            for _ in range(steps):
-                step()
-                now = time.perf_counter()
-                times.append(now - last)
-                last = now
-            if cuda:
-                torch.cuda.synchronize()
-            times[-1] += time.perf_counter() - last
-            seconds = time.perf_counter() - start
-            row["host_cpu_ms"] = round((time.process_time() - cpu_start) / steps * 1e3, 2)
+            times, row["host_cpu_ms"] = time_steps(step, steps, cuda)
             if cuda and gpu_time:
                 row["gpu_busy_ms"] = round(gpu_busy_ms(step), 2)
             if cuda and host_ops:
                 row["host_top"] = host_top(step, host_ops)
         row["tokens_per_s"] = round(batch * seq / statistics.median(times))
         row["step_ms"] = round(statistics.median(times) * 1e3, 2)
-        row["mean_step_ms"] = round(seconds / steps * 1e3, 2)
+        row["mean_step_ms"] = round(sum(times) / steps * 1e3, 2)
         if cuda:
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
