@@ -294,14 +294,12 @@ def _rows_per_program(rows: int, programs: int, block_m: int) -> int:
     return _cdiv(_cdiv(rows, programs), block_m) * block_m
 
 
-def _weight_grads(dw_partial: torch.Tensor, *weights: torch.Tensor) -> list[torch.Tensor]:
-    """Each weight's gradient from the partial sums (programs, sum of the weights' sizes): one reduction for all."""
-    dw = dw_partial.sum(dim=0)
-    grads, start = [], 0
-    for w in weights:
-        grads.append(dw[start:start + w.numel()].view(w.shape).to(w.dtype))
-        start += w.numel()
-    return grads
+def _weight_grad(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """weight's gradient from its partial dW already summed over the programs, one row of D per group it was
+    computed for: as it is for per-group weights (G, D) (or a vector (D,) that ran as one group), summed over the
+    groups for one vector (D,) that all of them share."""
+    dw = dw.view(-1, weight.shape[-1])
+    return (dw.sum(dim=0) if weight.dim() == 1 and dw.shape[0] > 1 else dw.view(weight.shape)).to(weight.dtype)
 
 
 def _rms_norm_launch(x, weight, eps, out_dtype, residual=None, gate=None):
@@ -363,7 +361,7 @@ class _RMSNormFunction(torch.autograd.Function):
                 s if dgate is None else dgate, dw_partial, rows, _rows_per_program(rows, programs, meta["BLOCK_M"]),
                 groups, weight.shape[-1],
                 HAS_RESIDUAL=has_residual, HAS_GATE=gate is not None, **meta)
-        return dx, _weight_grads(dw_partial, weight)[0], dr if has_residual else None, dgate, None, None
+        return dx, _weight_grad(dw_partial.sum(dim=0), weight), dr if has_residual else None, dgate, None, None
 
 
 def _check_norm_input(x, weight, eps, x_name: str = "x", w_name: str = "weight") -> None:

@@ -26,7 +26,7 @@ import torch
 
 from .fused import (_acc_dtype, _autocast_or, _cdiv, _check_float_tensor, _check_norm_input, _check_triton,
                     _group_tile, _jit, _norm_meta, _program_rows, _programs, _rms_norm_input_grad, _rms_normalize,
-                    _row_strided, _rows_per_program, _sigmoid, _stand_in, _weight_stride)
+                    _row_strided, _rows_per_program, _sigmoid, _stand_in, _weight_grad, _weight_stride)
 
 try:
     import triton.language as tl
@@ -225,15 +225,14 @@ class _AttentionInputsFunction(torch.autograd.Function):
                 k, stride_k, pk, ak, stride_ak, *_stand_in(k, wk), _weight_stride(wk), *_stand_in(k, yk), rstd_k,
                 v, stride_v, pv, av, stride_av, *_stand_in(k, yv), Hkv, rows, T, D, eps, **meta)
         ctx.save_for_backward(q, wq, rstd_q, k, pk, ak, wk, rstd_k, v, pv, av)
-        ctx.layout = (stride_q, stride_k, stride_ak, stride_v, stride_av, H, n_roles, meta, norm_qk, shift_k, shift_v,
-                      wk is not None and wk.dim() == 1)
+        ctx.layout = (stride_q, stride_k, stride_ak, stride_v, stride_av, H, n_roles, meta)
         return yq, yk, yv
 
     @staticmethod
     def backward(ctx, dyq, dyk, dyv):
         q, wq, rstd_q, k, pk, ak, wk, rstd_k, v, pv, av = ctx.saved_tensors
-        stride_q, stride_k, stride_ak, stride_v, stride_av, H, n_roles, meta, norm_qk, shift_k, shift_v, shared = \
-            ctx.layout
+        stride_q, stride_k, stride_ak, stride_v, stride_av, H, n_roles, meta = ctx.layout
+        norm_qk, shift_k, shift_v = meta["NORM_QK"], meta["SHIFT_K"], meta["SHIFT_V"]
         B, T, Hkv, D = k.shape
         rows = B * T
         # an output that did not reach the loss has no gradient: zeros (its rows still run, for their partial dW)
@@ -257,12 +256,9 @@ class _AttentionInputsFunction(torch.autograd.Function):
                 dyk, *_stand_in(k, dk, dak, dpk), v, stride_v, pv, av, stride_av, dyv, *_stand_in(k, dv, dav, dpv), Hkv,
                 dw_partial, n_w, rows, _rows_per_program(rows, programs, meta["BLOCK_M"]), T, D, **meta)
         dwq = dwk = None
-        if norm_qk:
+        if norm_qk:  # one reduction for both weights: q's per-head partials, then k's
             dw = dw_partial.sum(dim=0)
-            dwq, dwk = dw[:H * D].view(H, D), dw[H * D:].view(Hkv, D)
-            if shared:  # one weight vector for all heads: the sum over heads
-                dwq, dwk = dwq.sum(dim=0), dwk.sum(dim=0)
-            dwq, dwk = dwq.to(wq.dtype), dwk.to(wk.dtype)
+            dwq, dwk = _weight_grad(dw[:H * D], wq), _weight_grad(dw[H * D:], wk)
         return dq, dwq, dk, dpk, dak, dwk, dv, dpv, dav, None, None
 
 

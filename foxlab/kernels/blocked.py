@@ -8,7 +8,7 @@ import torch
 from .common import LOG2E, _common_meta, _initial_max, _jit, _key_block_query_range, _launch, _load_tile, _load_vec, \
     _mask_scores, _online_softmax_step, _or, _query_block_rows, _strides, tl, triton
 from .pruning import _pruning_bounds, _query_block_pruning
-from ..fused import _rms_norm_input_grad, _rms_normalize, _sigmoid, _weight_stride
+from ..fused import _rms_norm_input_grad, _rms_normalize, _sigmoid, _weight_grad, _weight_stride
 
 # Positions per step of the gate's prefix sums (one program per batch row and head).
 _GATE_BLOCK = 1024
@@ -454,10 +454,7 @@ def _delta(do, o, out_norm=None, rstd=None):
                             *_strides(gate), *dy.stride()[:3], _weight_stride(weight), H, Tq, HEAD_DIM=D,
                             BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=64, OUT_NORM=out_norm is not None,
                             OUT_GATE=gate is not None)
-    dweight = None
-    if out_norm is not None:
-        dweight = dw_partial.view(grid[0], B, H, D).sum(dim=(0, 1))
-        dweight = (dweight if weight.dim() == 2 else dweight.sum(dim=0)).to(weight.dtype)
+    dweight = _weight_grad(dw_partial.view(-1, H * D).sum(dim=0), weight) if out_norm is not None else None
     return do, delta, dweight, dgate
 
 
