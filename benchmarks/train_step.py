@@ -14,7 +14,8 @@ runs --warmup steps (Triton compiles its kernels there), then times --steps step
 between them). tokens/s = batch x seq / the median step time (a shared host that slows down for a few steps moves
 the mean, not the median); host CPU ms: the process's CPU time per step, all threads; peak = torch.cuda.max_memory_allocated over the whole row (weights,
 optimizer state, activations), in GiB. --gpu-time adds the kernel time of one step (torch.profiler): far below the
-step time, the step waits on the host (Python, kernel launches), and --cuda-graph shows the step without that.
+step time, the step waits on the host (Python, kernel launches), and --cuda-graph shows the step without that
+(foxlab.cuda_graph.GraphedStep, what ``train(cuda_graph=True)`` runs).
 fla's ForgettingTransformer (flash-linear-attention, an optional benchmark-only import, never one of foxlab's) runs
 at fox-125m's size with its fused ops on, when it is installed; otherwise its rows are skipped with the reason, and
 the closing summary checks issue 12's targets against fla's earlier measurement (FLA_TOKENS_PER_S) instead.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import gc
 import importlib.metadata
 import inspect
@@ -40,6 +40,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM, fused  # noqa: E402
+from foxlab.cuda_graph import GraphedStep  # noqa: E402
 
 SWITCHES = ("fuse_norm", "fuse_swiglu", "fuse_cross_entropy")
 FLA_TOKENS_PER_S = 243.6e3  # fla's ForgettingTransformer, fused ops on, same setting (H200, measured earlier)
@@ -145,36 +146,6 @@ def host_top(step, top: int) -> list[dict]:
     return [dict(op=e.key[:60], calls=e.count, self_host_ms=round(e.self_cpu_time_total / 1e3, 2)) for e in events]
 
 
-@functools.lru_cache(maxsize=None)
-def _side_stream(device: int) -> torch.cuda.Stream:
-    """One warm-up stream per GPU for all graph rows. A new stream per row would get a cuBLAS workspace of its own
-    each time, which stays allocated and counts in every later row's peak (the suspected cause of run K's peaks
-    growing by 0.1-0.2 GiB per repeat after the graph rows; not yet checked on the GPU)."""
-    return torch.cuda.Stream(device)
-
-
-def cuda_graph_step(train_step, optimizer):
-    """Capture one whole training step (forward, backward, optimizer update) in a CUDA graph and return its replay:
-    the same step without Python or launch overhead (PyTorch's whole-network capture recipe). train_step must not
-    zero the gradients: the graph writes them in place each replay."""
-    side = _side_stream(torch.cuda.current_device())
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            optimizer.zero_grad(set_to_none=True)
-            train_step()
-    torch.cuda.current_stream().wait_stream(side)
-    optimizer.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = train_step()
-
-    def replay():
-        graph.replay()
-        return loss
-    return replay
-
-
 def time_steps(step, steps: int, cuda: bool) -> tuple[list[float], float]:
     """(each step's wall seconds, the process's CPU ms per step) over ``steps`` calls of ``step``. No synchronize
     between steps (the last one waits for the GPU): their median is robust to a host that slows down now and then,
@@ -227,8 +198,9 @@ def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext
                 optimizer.zero_grad(set_to_none=True)
                 return loss
 
-            if graph:
-                step = cuda_graph_step(train_step, optimizer)
+            if graph:  # its first calls are eager, then one captures: all of them within the warm-up
+                step = GraphedStep(train_step, optimizer)
+                warmup = max(warmup, step.warmup + 1)
 
             start = time.perf_counter()
             for i in range(warmup):

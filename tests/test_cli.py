@@ -79,6 +79,8 @@ BASE = ["train", "--steps", "3", "--out", "{tmp}/a"]
     (BASE + ["--text-file", "{tmp}/file"], "--text-file is only for --task text"),
     (BASE + ["--bogus"], "unrecognized arguments: --bogus"),
     (BASE + ["--parallel", "zero3"], "argument --parallel: must be one of"),
+    (BASE + ["--cuda-graph", "--device", "cpu"], "--cuda-graph: cuda_graph=True needs one process on a CUDA device, "
+                                                 "got device cpu"),
     (["demo", "--out", "{tmp}/file"], "cannot write to"),
     (["demo", "--out", "{tmp}/a", "--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
     (["demo", "--out", "{tmp}/a", "--device", "gpu"], "argument --device: must be a torch device"),

@@ -321,6 +321,8 @@ def test_boundary_forget_ratio_finds_the_forgetting_head():
     (dict(task="segment"), r"task must be one of 'segments', 'recall', 'text' or a Task, got 'segment'"),
     (dict(device="gpu"), r"device must be a torch device such as 'cpu'"),
     (dict(callback=3), r"callback must be a function callback\(step, loss\)"),
+    (dict(cuda_graph=1), r"cuda_graph must be True or False"),
+    (dict(cuda_graph=True), r"cuda_graph=True needs one process on a CUDA device, got device cpu"),
     (dict(overrides=dict(num_layers=3)), r"unknown setting 'num_layers'; did you mean 'num_hidden_layers'"),
     (dict(warmup=3), r"train\(\): unknown setting 'warmup'; did you mean 'warmup_steps'"),
     (dict(save_every=2), r"save_every needs an output folder"),
