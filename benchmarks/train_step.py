@@ -6,6 +6,7 @@
     python benchmarks/train_step.py --long --acp-log-tolerance TOL # + the same with adaptive computation pruning
     python benchmarks/train_step.py --gpu-time --cuda-graph  # + kernel time per step; + fused rows as CUDA graphs
     python benchmarks/train_step.py --repeat 3           # every row three times, interleaved; targets from medians
+    python benchmarks/train_step.py --trainer            # + foxlab's train() itself, eager and with cuda_graph=True
     python benchmarks/train_step.py --device cpu --preset-size tiny --batch 2 --seq 64   # a smoke run
 
 A step is forward, backward and a fused AdamW update (torch.optim.AdamW(fused=True) on CUDA) under bf16
@@ -191,7 +192,7 @@ def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 loss.backward()
                 optimizer.step()
-                return loss
+                return loss.detach()  # the step's autograd graph must not outlive it
 
             def step():
                 loss = train_step()
@@ -278,6 +279,32 @@ def rows(args):
     return specs
 
 
+def run_trainer_row(preset: str, graph: bool, batch: int, seq: int, steps: int, warmup: int, device) -> dict:
+    """``foxlab.train.train`` itself on the recall task (its batches cost ~1 ms of host time), eagerly or with
+    ``cuda_graph``: the median time between two steps' callbacks over the last ``steps`` steps."""
+    from foxlab.train import train
+
+    label = f"foxlab train(), {preset}" + (", cuda_graph=True" if graph else "")
+    row, stamps = dict(model=label, batch=batch, seq=seq), []
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        train(preset=preset, task="recall", seq_len=seq, batch_size=batch, steps=warmup + steps + 1, lr=3e-4,
+              eval_batches=1, device=str(device), cuda_graph=graph, progress=False,
+              callback=lambda step, loss: stamps.append(time.perf_counter()))
+        times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+        row.update(tokens_per_s=round(batch * seq / statistics.median(times)),
+                   step_ms=round(statistics.median(times) * 1e3, 2), mean_step_ms=round(sum(times) / steps * 1e3, 2))
+        if device.type == "cuda":
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def print_targets(results, size: str) -> None:
     """Issue 12's speed targets from the fused rows: wall clock, GPU busy time, and CUDA-graph replay."""
     def speed(label, key):
@@ -324,6 +351,8 @@ def main(argv=None):
                         help="add fox at 1 x (batch x seq) tokens with adaptive computation pruning at this tolerance")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="add each foxlab row again with the whole step captured in a CUDA graph")
+    parser.add_argument("--trainer", action="store_true",
+                        help="add foxlab's train() itself for fox and fox-pro, eager and with cuda_graph=True")
     parser.add_argument("--rows", default="", help="run only the rows whose label contains one of these (separated by |)")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="skip the rows left after this long")
     parser.add_argument("--repeat", type=int, default=1,
@@ -349,6 +378,13 @@ def main(argv=None):
         results.append(run_row(label, build, batch, seq, args.steps, args.warmup, device,
                                nullcontext if graph else context, args.gpu_time and not graph, graph,
                                0 if graph else args.host_profile))
+    if args.trainer and args.preset_size == "tiny":
+        print("note: --trainer runs the fox and fox-pro presets, which have no tiny size; skipped")
+    elif args.trainer:
+        for _ in range(args.repeat):
+            results += [run_trainer_row(f"{model}-{args.preset_size}", graph, args.batch, args.seq, args.steps,
+                                        args.warmup, device)
+                        for model in ("fox", "fox-pro") for graph in (False, True)]
     meta["fp32_out_matmul"] = fused._FP32_OUT_MATMUL  # whether the chunked loss summed dW with addmm(out_dtype)
     print("\n| model | tokens/s | peak GiB | step ms, median (mean) | host CPU ms | GPU busy ms | tokens/s at GPU busy |"
           "\n|---|---|---|---|---|---|---|")

@@ -632,7 +632,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     targets = targets.contiguous()
     acc = _acc_dtype(hidden, weight)
     count = (targets != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
-    scale = (1.0 / torch.as_tensor(count, device=hidden.device).to(acc)).reshape(())
+    if isinstance(count, torch.Tensor):
+        scale = (1.0 / count.to(hidden.device, acc)).reshape(())
+    else:  # filled on the device, not copied there: a CUDA graph can capture it
+        scale = torch.full((), 1.0 / count if count else float("inf"), dtype=acc, device=hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropyFunction.apply(hidden, weight, targets, scale, ignore_index, chunk_size)
     return _chunked_loss(hidden, weight, targets, scale, ignore_index, chunk_size, compute_grad=False)[0]

@@ -596,6 +596,7 @@ class _Session:
         # A CUDA graph replays the whole step (foxlab.cuda_graph): its batch goes into fixed tensors (``inputs``)
         self.graphed = GraphedStep(self._graph_update, self.optimizer) if cuda_graph else None
         self.inputs: dict[str, torch.Tensor] | None = None
+        self.next_batch: tuple[int, dict] | None = None  # (step, batch), made ahead of its step
         if cuda_graph:
             make_capturable(self.optimizer)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph)
@@ -658,7 +659,7 @@ class _Session:
     def step(self) -> tuple[float, float]:
         """One optimizer step on the next global batch: (mean loss per scored token, the learning rate used)."""
         r, world, dev = self.result, self.world, self.dev
-        batch = self.task.batch(r.step * self.run["batch_size"] + self.rank * self.per_rank, self.per_rank)
+        batch = self._batch(r.step)
         scheduler = self.scheduler
         lr_now = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)  # param_groups' lr, as a float
         if self.graphed is not None:
@@ -672,6 +673,8 @@ class _Session:
             loss_sum = self._loss_and_grads(ids, labels, count)
             self.in_update = True
             self.optimizer.step()
+        if r.step + 1 < self.run["steps"]:  # built while the GPU runs this step (reading the loss waits for it)
+            self.next_batch = (r.step + 1, self._batch(r.step + 1))
         loss = float(_all_reduce(loss_sum, world) / count.clamp(min=1))
         scheduler.step()
         r.step += 1
@@ -679,6 +682,12 @@ class _Session:
         r.lrs.append(lr_now)
         self.in_update = False
         return loss, lr_now
+
+    def _batch(self, step: int) -> dict[str, torch.Tensor]:
+        """This process's part of the global batch of ``step`` (a pure function of the step)."""
+        if self.next_batch is not None and self.next_batch[0] == step:
+            return self.next_batch[1]
+        return self.task.batch(step * self.run["batch_size"] + self.rank * self.per_rank, self.per_rank)
 
     def _loss_and_grads(self, ids, labels, count) -> torch.Tensor:
         """Forward and backward of this process's batch, gradients clipped; returns its summed loss (detached)."""
