@@ -2,7 +2,8 @@
 
 ``train(...)`` runs AdamW (betas 0.9, 0.95; weight decay on matrices only), linear warmup then cosine decay to
 ``min_lr_ratio * lr``, gradient clipping, bf16 autocast on CUDA, periodic evaluation and a ``tqdm.auto`` progress
-bar, and returns a ``TrainResult`` (model, tokenizer, per-step losses and learning rates, evaluations).
+bar, and returns a ``TrainResult`` (model, tokenizer, per-step losses and learning rates, evaluations). With
+``cuda_graph=True`` each step after the third is one CUDA graph replay (``foxlab.cuda_graph``).
 
 With ``out``, it writes ``out/metrics.json`` (``losses``: one per step, all steps so far) and checkpoints to
 ``out/checkpoint/``: ``save_pretrained`` (config + weights), the tokenizer, and ``training_state.pt`` (optimizer,
