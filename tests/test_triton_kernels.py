@@ -124,6 +124,34 @@ def test_strided_inputs():
     assert max(rel_err(a, b) for a, b in zip(ours, ref)) <= 1e-4
 
 
+@pytest.mark.parametrize("loads", ["tma", "pointers"])
+@pytest.mark.parametrize("case", [dict(Tq=65, H=4, Hkv=2), dict(Tq=40, Tk=65, H=4, Hkv=1),
+                                  dict(Tq=65, seq_start=torch.tensor([0, 40])),
+                                  dict(B=1, Tq=50, H=4, Hkv=2, cu_seqlens=torch.tensor([0, 7, 30, 50]))],
+                         ids=["gqa", "prefill", "left-padding", "varlen"])
+def test_forward_loads_tiles_through_tma_or_pointers(monkeypatch, loads, case):
+    """The blocked forward's and dQ's two ways of loading tiles give the reference: TMA descriptors (tiles may reach
+    into the next sequence's rows, which the masks drop) and pointers."""
+    monkeypatch.setattr(kernels.common, "_TMA_LOADS", {"fwd": loads == "tma", "dq": loads == "tma"})
+    made, describe = [], kernels.blocked._tma_descriptor
+    monkeypatch.setattr(kernels.blocked, "_tma_descriptor", lambda t, rows: made.append(rows) or describe(t, rows))
+    check(D=32, **case)
+    assert len(made) == (5 if loads == "tma" else 0)  # q, k and v for the forward, k and v for dQ
+
+
+def test_tma_only_where_a_descriptor_can_read_the_layout():
+    q = torch.randn(2, 33, 4, 32)
+    assert kernels.common._tma_wanted("fwd", q, q, q)
+    stacked = torch.randn(2, 33, 400)  # the stacked projections: column slices, rows 400 floats apart
+    k, v = (stacked[..., i * 128:(i + 1) * 128].unflatten(-1, (4, 32)) for i in (1, 2))
+    assert kernels.common._tma_wanted("fwd", q, k, v)
+    assert not kernels.common._tma_wanted("dq", *(torch.randn(2, 33, 4, 48) for _ in range(3)))  # D not a power of 2
+    cache = torch.randn(2, 64, 4, 32)[:, :33]  # a cache's first 33 of 64 positions: batch rows 64 positions apart
+    assert not kernels.common._tma_wanted("fwd", q, cache, cache)
+    rows_8_bytes_off = torch.randn(2, 33, 130)[..., :128].unflatten(-1, (4, 32))  # rows 520 bytes apart
+    assert not kernels.common._tma_wanted("fwd", q, rows_8_bytes_off, k)
+
+
 def test_float16():
     check(Tq=33, D=48, dtype=torch.float16, tol=1e-2)
 

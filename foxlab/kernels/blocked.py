@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import LOG2E, _common_meta, _initial_max, _jit, _key_block_query_range, _launch, _load_tile, _load_vec, \
-    _mask_scores, _online_softmax_step, _or, _query_block_rows, _strides, tl, triton
+from .common import LOG2E, _common_meta, _initial_max, _jit, _key_block_query_range, _launch, _load_rows, _load_tile, \
+    _load_vec, _mask_scores, _online_softmax_step, _or, _query_block_rows, _strides, _tma_descriptor, _tma_wanted, tl, \
+    triton
 from .pruning import _pruning_bounds, _query_block_pruning
 from ..fused import _rms_norm_input_grad, _rms_normalize, _sigmoid, _weight_grad, _weight_stride
 
@@ -29,23 +30,24 @@ def _gate_cumsum_kernel(LOG_F, C2, stride_fb, stride_ft, stride_fh, H, T, BLOCK_
 
 
 @_jit
-def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk, qk_scale,
-               start, end, offs_n, offs_d,
+def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, kv_row0, kv_col, Tk,
+               qk_scale, start, end, offs_n, offs_d,
                CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Online softmax over key blocks [start, end). Only causal (diagonal) blocks can run past Tk.
 
-    delta: the pruning threshold per row (read only with PRUNE).
+    delta: the pruning threshold per row (read only with PRUNE). K, V: the head's pointers, or with TMA
+    descriptors whose row kv_row0 is the sequence's first key and column kv_col the head's first feature.
     """
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
-        k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        k = _load_rows(K, kv_row0 + n0, kv_col, keys, stride_kt, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL, TMA)
         c_k = _load_vec(C + n0 + offs_n, keys, Tk, 0.0, CAUSAL)
         decay = c_q[:, None] - c_k[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + decay
         s = _mask_scores(s, decay, delta[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO,
                          PRUNE)
-        v = _load_tile(V + keys[:, None] * stride_vt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        v = _load_rows(V, kv_row0 + n0, kv_col, keys, stride_vt, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL, TMA)
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
     return acc, l_i, m_i
 
@@ -69,13 +71,14 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE, W_OUT, GATE, Y, RSTD_
                 stride_gb, stride_gt, stride_gh, w_out_stride, out_eps, H, Tq, Tk, qk_scale,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, OUT_NORM: tl.constexpr, OUT_GATE: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, OUT_NORM: tl.constexpr, OUT_GATE: tl.constexpr, TMA: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head). Writes O and the base-2 log-sum-exp; with OUT_NORM also
     Y = the output norm of O (`_output_norm_tile`: head h's weights at W_OUT + h * w_out_stride, the gate logits
     GATE (B, Tq, H, D) at its strides with OUT_GATE; Y laid out as O) and its RSTD_OUT (B, Tq, H).
 
     Key blocks: the diagonal [mid, end) first (its range needs no load, so its tiles stream in while the
     pruning bounds arrive), then [band, mid) plain and (PRUNE only) [start, band) pruned in part.
+    With TMA, Q, K and V are tensor descriptors over (B * T, heads * D) (`_tma_descriptor`) instead of pointers.
     """
     # Latest query blocks first: they have the most keys, and the short ones fill the tail of the grid.
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -86,12 +89,16 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE, W_OUT, GATE, Y, RSTD_
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + (h // GROUP) * stride_kh
-    V += b * stride_vb + (h // GROUP) * stride_vh
     C += bh * Tk
+    # The rows of this sequence's first query and key, and the head's first feature, in the TMA descriptors.
+    q_row0, kv_row0 = (b * Tq + m0).to(tl.int32), (b * Tk).to(tl.int32)
+    q_col, kv_col = (h * HEAD_DIM).to(tl.int32), ((h // GROUP) * HEAD_DIM).to(tl.int32)
+    if not TMA:
+        Q += b * stride_qb + h * stride_qh
+        K += b * stride_kb + (h // GROUP) * stride_kh
+        V += b * stride_vb + (h // GROUP) * stride_vh
 
-    q = _load_tile(Q + rows[:, None] * stride_qt + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    q = _load_rows(Q, q_row0, q_col, rows, stride_qt, Tq, offs_d, HEAD_DIM, BLOCK_D, True, TMA)
     q_pos, c_q, key_lo, start, mid, end = _query_block_rows(C, KEY_LO, b, m0, rows, offset, Tq, Tk, stride_lob,
                                                             stride_lot, MASK_LO, BLOCK_M, BLOCK_N)
     delta, start, band = _query_block_pruning(BOUNDS, DELTA, bh, m0 // BLOCK_M, tl.num_programs(0), start, PRUNE,
@@ -100,16 +107,16 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE, W_OUT, GATE, Y, RSTD_
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = _initial_max(BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
-                               qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D, BLOCK_N,
-                               DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
-                               qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D, BLOCK_N,
-                               DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, kv_row0,
+                               kv_col, Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, DOT_PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, kv_row0,
+                               kv_col, Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM,
+                               BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
     if PRUNE and start < band:  # a loop of its own, entered only when needed (header of kernels/__init__.py)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, Tk,
-                                   qk_scale, start, band, offs_n, offs_d, False, MASK_LO, True, HEAD_DIM, BLOCK_D,
-                                   BLOCK_N, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt,
+                                   kv_row0, kv_col, Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO, True,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
 
     # A row with no visible key has l = 0: it returns 0, and a finite lse keeps its backward at 0 too.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -310,15 +317,16 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BO
 
 
 @_jit
-def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt, Tk,
-                  qk_scale, start, end, offs_n, offs_d,
+def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt, kv_row0,
+                  kv_col, Tk, qk_scale, start, end, offs_n, offs_d,
                   CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dQ and the row sums of dS of one query block over key blocks [start, end)."""
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Accumulate dQ and the row sums of dS of one query block over key blocks [start, end) (K, V as in
+    `_fwd_inner`)."""
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
-        k = _load_tile(K + keys[:, None] * stride_kt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
-        v = _load_tile(V + keys[:, None] * stride_vt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
+        k = _load_rows(K, kv_row0 + n0, kv_col, keys, stride_kt, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL, TMA)
+        v = _load_rows(V, kv_row0 + n0, kv_col, keys, stride_vt, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL, TMA)
         c_k = _load_vec(C + n0 + offs_n, keys, Tk, 0.0, CAUSAL)
         decay = c_q[:, None] - c_k[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + decay
@@ -340,10 +348,11 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ, DC
                    H, Tq, Tk, sm_scale, qk_scale,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head). dQ = s dS K; row sums of dS go to DC_ROW.
 
     Key blocks as in the forward: the diagonal [mid, end), then [band, mid) plain and [start, band) pruned in part.
+    With TMA, K and V are tensor descriptors, as in `_fwd_kernel` (Q and dO, loaded once, stay pointers).
     """
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -353,8 +362,10 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ, DC
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    K += b * stride_kb + (h // GROUP) * stride_kh
-    V += b * stride_vb + (h // GROUP) * stride_vh
+    kv_row0, kv_col = (b * Tk).to(tl.int32), ((h // GROUP) * HEAD_DIM).to(tl.int32)  # with TMA
+    if not TMA:
+        K += b * stride_kb + (h // GROUP) * stride_kh
+        V += b * stride_vb + (h // GROUP) * stride_vh
     C += bh * Tk
 
     q = _load_tile(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
@@ -372,15 +383,15 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ, DC
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dc = tl.zeros([BLOCK_M], dtype=tl.float32)
     dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
-                           Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D, BLOCK_N,
-                           DOT_PRECISION)
+                           kv_row0, kv_col, Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM,
+                           BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
     dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
-                           Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM, BLOCK_D, BLOCK_N,
-                           DOT_PRECISION)
+                           kv_row0, kv_col, Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM,
+                           BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
     if PRUNE and start < band:
         dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt,
-                               stride_vt, Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO, True, HEAD_DIM,
-                               BLOCK_D, BLOCK_N, DOT_PRECISION)
+                               stride_vt, kv_row0, kv_col, Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO,
+                               True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
 
     dq_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
@@ -423,15 +434,19 @@ def _triton_forward(q, k, v, c2, key_lo, threshold2, scale, out_norm=None):
     norm_meta = dict(OUT_NORM=out_norm is not None, OUT_GATE=gate is not None)
     query_bounds = {}
 
+    tma = _tma_wanted("fwd", q, k, v)
+
     def launch(cfg):
         bounds = _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg)
         query_bounds[(cfg.block_m, cfg.block_n)] = bounds
+        qkv = ((_tma_descriptor(q, cfg.block_m), _tma_descriptor(k, cfg.block_n), _tma_descriptor(v, cfg.block_n))
+               if tma else (q, k, v))
         _fwd_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-            *args, bounds, o, lse, *out_args, *strides, *o.stride()[:3], *_strides(key_lo, 2), *_strides(gate),
-            _weight_stride(weight), eps, H, Tq, Tk, scale * LOG2E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            **cfg.options(q.device, meta["PRUNE"]), **meta, **norm_meta)
+            *qkv, *args[3:], bounds, o, lse, *out_args, *strides, *o.stride()[:3], *_strides(key_lo, 2),
+            *_strides(gate), _weight_stride(weight), eps, H, Tq, Tk, scale * LOG2E, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, TMA=tma, **cfg.options(q.device, meta["PRUNE"]), **meta, **norm_meta)
 
-    _launch("fwd", q, meta["BLOCK_D"], launch, grid_rows=(Tq, B * H))
+    _launch("fwd_tma" if tma else "fwd", q, meta["BLOCK_D"], launch, grid_rows=(Tq, B * H))
     return o, lse, query_bounds, y, rstd
 
 
@@ -488,10 +503,15 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
         reused = (query_bounds or {}).get((cfg.block_m, cfg.block_n))
         return reused if reused is not None else _pruning_bounds("query", c2, key_lo, threshold2, Tq, cfg)
 
+    tma = _tma_wanted("dq", q, k, v)
+
+    def key_values(cfg):  # TMA descriptors over k and v, or the tensors
+        return (_tma_descriptor(k, cfg.block_n), _tma_descriptor(v, cfg.block_n)) if tma else (k, v)
+
     _launch("dq", q, meta["BLOCK_D"], lambda cfg: _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-        q, k, v, c2, do, lse, delta, lo, thr, dq_bounds(cfg), dq, dc_row, *strides, *dq.stride()[:3],
+        q, *key_values(cfg), c2, do, lse, delta, lo, thr, dq_bounds(cfg), dq, dc_row, *strides, *dq.stride()[:3],
         *_strides(key_lo, 2), H, Tq, Tk, scale, qk_scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.options(q.device, meta["PRUNE"]), **meta))
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **cfg.options(q.device, meta["PRUNE"]), **meta))
     if gate_is_cumsum:  # dc_t = rowsum(dS) of the query at t - colsum(dS)_t (why the row sums stay: __init__.py)
         dc = dc_col.neg_()
         dc[:, :, Tk - Tq:] += dc_row

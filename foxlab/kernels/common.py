@@ -12,6 +12,10 @@ try:
     import triton.language as tl
 except ImportError:  # no Triton on this platform: the torch backends still work
     triton = None
+try:  # Triton >= 3.4: tiles loaded by the Hopper tensor memory accelerator (TMA)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 # Without Triton the kernels stay plain (never called) functions, so the module still imports.
@@ -36,6 +40,21 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
         tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     else:
         tile = tl.load(ptrs)
+    return tile
+
+
+@_jit
+def _load_rows(X, row0, col, rows, stride, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr, TMA: tl.constexpr):
+    """Rows ``rows`` (BLOCK,) of one head's (n_rows, HEAD_DIM) matrix, a (BLOCK, BLOCK_D) tile. With TMA, X is a
+    tensor descriptor (`_tma_descriptor`) and the tile its block at (row0, col): rows past the end of the tensor
+    come as zeros, rows past this head's sequence as the next sequence's (masks drop them). Else X points at the
+    head's row 0, its rows ``stride`` apart (`_load_tile`)."""
+    if TMA:
+        tile = X.load([row0, col])
+    else:
+        tile = _load_tile(X + rows[:, None] * stride + offs_d[None, :], rows, n_rows, offs_d, HEAD_DIM, BLOCK_D,
+                          CHECK_ROWS)
     return tile
 
 
@@ -151,6 +170,12 @@ _GPU_CONFIGS = {
     ("fwd", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
     ("fwd", 128): _KernelConfig(128, 64, 8, 3),
     ("fwd", 256): _KernelConfig(64, 32, 4, 2),
+    # TMA loads: 64-row tiles of 4 warps won at both head dims (3-9% over the pointer loads' best, NOTES.md)
+    ("fwd_tma", 16): _KernelConfig(64, 64, 4, 3),
+    ("fwd_tma", 32): _KernelConfig(64, 64, 4, 3),
+    ("fwd_tma", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
+    ("fwd_tma", 128): _KernelConfig(64, 64, 4, 3),
+    ("fwd_tma", 256): _KernelConfig(64, 32, 4, 2),
     ("dkdv", 16): _KernelConfig(64, 64, 4, 3),
     ("dkdv", 32): _KernelConfig(64, 64, 4, 3),
     ("dkdv", 64): _KernelConfig(64, 64, 4, 3),
@@ -171,6 +196,7 @@ _FALLBACK_CONFIGS = (_KernelConfig(64, 64, 4, 2), _KernelConfig(32, 32, 4, 1), _
 # Under TRITON_INTERPRET: small tiles, unequal so that tests cross block edges both ways.
 _INTERPRET_CONFIGS = {
     "fwd": _KernelConfig(32, 16, 1, 1),
+    "fwd_tma": _KernelConfig(32, 16, 1, 1),
     "dkdv": _KernelConfig(16, 32, 1, 1),
     "dq": _KernelConfig(32, 16, 1, 1),
     "decode": _KernelConfig(16, 16, 1, 1),
@@ -208,8 +234,9 @@ def _launch(kind: str, q: torch.Tensor, block_d: int, launch, grid_rows: tuple[i
     The last one that fitted is tried first next time for the same first choice (decoding tiles grow with
     Tq x GROUP, so it may not fit every call). grid_rows: see `_candidate_configs`.
     """
-    if kind in _CONFIG_OVERRIDES:
-        return launch(_CONFIG_OVERRIDES[kind])
+    pinned = _CONFIG_OVERRIDES.get(kind, _CONFIG_OVERRIDES.get(kind.split("_")[0]))  # "fwd" pins "fwd_tma" too
+    if pinned is not None:
+        return launch(pinned)
     configs = _candidate_configs(kind, block_d, q.dtype, q.device, grid_rows)
     key = (kind, block_d, q.dtype, q.device, configs[0])
     if key in _CONFIG_CHOSEN:
@@ -229,6 +256,34 @@ def _common_meta(q: torch.Tensor, k: torch.Tensor, key_lo, threshold2) -> dict:
     return dict(GROUP=q.shape[2] // k.shape[2], HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
                 MASK_LO=key_lo is not None, PRUNE=threshold2 is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _tma_wanted(kind: str, *tensors: torch.Tensor) -> bool:
+    """Whether kernel ``kind`` ("fwd" or "dq") loads its key/value tiles from these (B, T, heads, D) tensors through
+    TMA descriptors: on a Hopper or newer GPU (or under the interpreter), with Triton >= 3.4, when each is one
+    (B * T, heads * D) matrix whose rows are a multiple of 16 bytes apart and D a power of two (a block then holds
+    exactly one head's features). TMA tiles made the forward 3-9% faster on an H200 (benchmarks/NOTES.md);
+    anything else takes the pointer loads."""
+    q = tensors[0]
+    if TensorDescriptor is None or not _TMA_LOADS[kind]:
+        return False
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):
+        return False
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1):
+        return False
+    return all(t.stride(3) == 1 and t.stride(2) == D and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
+               and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _tma_descriptor(t: torch.Tensor, block_rows: int):
+    """t (B, T, heads, D) as the (B * T, heads * D) matrix that `_tma_wanted` checked, read in (block_rows, D) tiles."""
+    B, T, heads, D = t.shape
+    return TensorDescriptor(t, [B * T, heads * D], [t.stride(1), 1], [block_rows, D])
+
+
+# Which kernels may use TMA loads; tests turn them off to check the pointer loads on the same inputs.
+_TMA_LOADS = {"fwd": True, "dq": True}
 
 
 def _or(t, placeholder):
