@@ -508,7 +508,7 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
     def key_values(cfg):  # TMA descriptors over k and v, or the tensors
         return (_tma_descriptor(k, cfg.block_n), _tma_descriptor(v, cfg.block_n)) if tma else (k, v)
 
-    _launch("dq", q, meta["BLOCK_D"], lambda cfg: _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
+    _launch("dq_tma" if tma else "dq", q, meta["BLOCK_D"], lambda cfg: _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
         q, *key_values(cfg), c2, do, lse, delta, lo, thr, dq_bounds(cfg), dq, dc_row, *strides, *dq.stride()[:3],
         *_strides(key_lo, 2), H, Tq, Tk, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **cfg.options(q.device, meta["PRUNE"]), **meta))

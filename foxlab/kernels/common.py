@@ -186,6 +186,12 @@ _GPU_CONFIGS = {
     ("dq", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
     ("dq", 128): _KernelConfig(128, 64, 8, 2),
     ("dq", 256): _KernelConfig(128, 32, 8, 2),
+    # TMA loads of k and v: one more stage paid at head dim 128 (2-5% on the whole backward, NOTES.md)
+    ("dq_tma", 16): _KernelConfig(64, 64, 4, 3),
+    ("dq_tma", 32): _KernelConfig(64, 64, 4, 3),
+    ("dq_tma", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
+    ("dq_tma", 128): _KernelConfig(128, 64, 8, 3),
+    ("dq_tma", 256): _KernelConfig(128, 32, 8, 2),
     ("decode", 16): _KernelConfig(16, 128, 4, 3),
     ("decode", 32): _KernelConfig(16, 128, 4, 3),
     ("decode", 64): _KernelConfig(16, 128, 4, 3),
@@ -199,6 +205,7 @@ _INTERPRET_CONFIGS = {
     "fwd_tma": _KernelConfig(32, 16, 1, 1),
     "dkdv": _KernelConfig(16, 32, 1, 1),
     "dq": _KernelConfig(32, 16, 1, 1),
+    "dq_tma": _KernelConfig(32, 16, 1, 1),
     "decode": _KernelConfig(16, 16, 1, 1),
 }
 # A first choice of 128-row tiles (one 8-warp program per SM) leaves SMs idle when its grid fills fewer waves of the
