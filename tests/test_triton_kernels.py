@@ -129,14 +129,14 @@ def test_strided_inputs():
                                   dict(Tq=65, seq_start=torch.tensor([0, 40])),
                                   dict(B=1, Tq=50, H=4, Hkv=2, cu_seqlens=torch.tensor([0, 7, 30, 50]))],
                          ids=["gqa", "prefill", "left-padding", "varlen"])
-def test_blocked_kernels_load_tiles_through_tma_or_pointers(monkeypatch, loads, case):
-    """The blocked kernels' two ways of loading tiles give the reference: TMA descriptors (tiles may reach into the
-    next sequence's rows, which the masks drop) and pointers."""
-    monkeypatch.setattr(kernels.common, "_TMA_LOADS", dict.fromkeys(("fwd", "dq", "dkdv"), loads == "tma"))
+def test_forward_loads_tiles_through_tma_or_pointers(monkeypatch, loads, case):
+    """The blocked forward's and dQ's two ways of loading tiles give the reference: TMA descriptors (tiles may reach
+    into the next sequence's rows, which the masks drop) and pointers."""
+    monkeypatch.setattr(kernels.common, "_TMA_LOADS", {"fwd": loads == "tma", "dq": loads == "tma"})
     made, describe = [], kernels.blocked._tma_descriptor
     monkeypatch.setattr(kernels.blocked, "_tma_descriptor", lambda t, rows: made.append(rows) or describe(t, rows))
     check(D=32, **case)
-    assert len(made) == (7 if loads == "tma" else 0)  # the forward's q, k, v; dK/dV's q, dO; dQ's k, v
+    assert len(made) == (5 if loads == "tma" else 0)  # q, k and v for the forward, k and v for dQ
 
 
 def test_tma_only_where_a_descriptor_can_read_the_layout():

@@ -206,20 +206,19 @@ def _bwd_delta_kernel(O, DO, DELTA, W_OUT, GATE, RSTD_OUT, DY, DGATE, DW_PARTIAL
 
 @_jit
 def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, threshold, stride_qt, stride_dot,
-                    stride_lot, q_row0, q_col, offset, Tq, qk_scale, start, end, offs_m, offs_d,
+                    stride_lot, offset, Tq, qk_scale, start, end, offs_m, offs_d,
                     CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV and the column sums of dS of one key block over query blocks [start, end).
 
     Works on transposed scores (keys x queries) so that dK and dV come straight out of tl.dot.
-    Rows past Tq load lse = +inf, which makes their P exactly 0 (whatever their q and dO: with TMA, the next
-    sequence's rows). Q, DO: the head's pointers, or with TMA descriptors (row q_row0 the sequence's first query,
-    column q_col the head's first feature).
+    Rows past Tq load lse = +inf, which makes their P exactly 0.
     """
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + offs_m
-        q = _load_rows(Q, q_row0 + m0, q_col, rows, stride_qt, Tq, offs_d, HEAD_DIM, BLOCK_D, not EVEN_M, TMA)
+        q = _load_tile(Q + rows[:, None] * stride_qt + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D,
+                       not EVEN_M)
         lse = _load_vec(LSE + rows, rows, Tq, float("inf"), not EVEN_M)
         c_q = _load_vec(C + offset + rows, rows, Tq, 0.0, not EVEN_M)
         decay_t = c_q[None, :] - c_k[:, None]
@@ -231,7 +230,8 @@ def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, t
         s_t = _mask_scores(s_t, decay_t, threshold, (offset + rows)[None, :], keys[:, None], key_lo[None, :], CAUSAL,
                            MASK_LO, PRUNE)
         p_t = tl.exp2(s_t - lse[None, :])
-        do = _load_rows(DO, q_row0 + m0, q_col, rows, stride_dot, Tq, offs_d, HEAD_DIM, BLOCK_D, not EVEN_M, TMA)
+        do = _load_tile(DO + rows[:, None] * stride_dot + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D,
+                        not EVEN_M)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         delta = _load_vec(DELTA + rows, rows, Tq, 0.0, not EVEN_M)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -250,13 +250,12 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BO
                      H, Tq, Tk, sm_scale, qk_scale,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
-                     EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+                     EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads that share them.
 
     dK = s dS^T Q and dV = P^T dO are summed over the group in registers; the column sums of dS (one
     vector per query head) go to DC_COL (B, H, Tk). Query blocks: [start, mid) the diagonal, [mid, band)
     plain, then (PRUNE) [band, stop) pruned in part; later rows prune the whole key block.
-    With TMA, Q and DO are tensor descriptors, as in `_fwd_kernel` (K and V, loaded once, stay pointers).
     """
     n0 = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
@@ -283,11 +282,8 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BO
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        q_row0, q_col = (b * Tq).to(tl.int32), (h * HEAD_DIM).to(tl.int32)  # with TMA
-        if TMA:
-            Qh, DOh = Q, DO
-        else:
-            Qh, DOh = Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_dob + h * stride_doh
         c_k = tl.load(C + bh * Tk + keys, mask=keys < Tk, other=0.0)
         if PRUNE:
             threshold = tl.load(THRESHOLD + bh)
@@ -300,18 +296,17 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BO
         dc = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
                                      C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
-                                     stride_lot, q_row0, q_col, offset, Tq, qk_scale, start, mid, offs_m, offs_d,
-                                     True, MASK_LO, PRUNE, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, TMA)
+                                     stride_lot, offset, Tq, qk_scale, start, mid, offs_m, offs_d,
+                                     True, MASK_LO, PRUNE, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
                                      C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
-                                     stride_lot, q_row0, q_col, offset, Tq, qk_scale, mid, band, offs_m, offs_d,
-                                     False, MASK_LO, False, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, TMA)
+                                     stride_lot, offset, Tq, qk_scale, mid, band, offs_m, offs_d,
+                                     False, MASK_LO, False, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         if PRUNE and band < stop:
             dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
                                          C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
-                                         stride_lot, q_row0, q_col, offset, Tq, qk_scale, band, stop, offs_m,
-                                         offs_d, False, MASK_LO, True, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                         DOT_PRECISION, TMA)
+                                         stride_lot, offset, Tq, qk_scale, band, stop, offs_m, offs_d,
+                                         False, MASK_LO, True, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         tl.store(DC_COL + bh * Tk + keys, dc, mask=keys < Tk)
 
     kv_mask = (keys[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
@@ -497,17 +492,12 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
     lo, hi, thr = _or(key_lo, c2), _or(query_hi, c2), _or(threshold2, c2)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     qk_scale = scale * LOG2E
-    tma_dkdv = _tma_wanted("dkdv", q, do)
-
-    def dkdv(cfg):
-        qs, dos = (_tma_descriptor(q, cfg.block_m), _tma_descriptor(do, cfg.block_m)) if tma_dkdv else (q, do)
-        _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * Hkv)](
-            qs, k, v, c2, dos, lse, delta, lo, hi, thr, _pruning_bounds("key", c2, query_hi, threshold2, Tq, cfg), dk,
-            dv, dc_col, *strides, *dk.stride()[:3], *dv.stride()[:3], *_strides(key_lo, 2), *_strides(query_hi, 2), H,
-            Tq, Tk, scale, qk_scale, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_M=Tq % cfg.block_m == 0,
-            TMA=tma_dkdv, **cfg.options(q.device, meta["PRUNE"]), **meta)
-
-    _launch("dkdv_tma" if tma_dkdv else "dkdv", q, meta["BLOCK_D"], dkdv)
+    _launch("dkdv", q, meta["BLOCK_D"], lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * Hkv)](
+        q, k, v, c2, do, lse, delta, lo, hi, thr, _pruning_bounds("key", c2, query_hi, threshold2, Tq, cfg), dk, dv,
+        dc_col, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        *_strides(key_lo, 2), *_strides(query_hi, 2), H, Tq, Tk, scale, qk_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_M=Tq % cfg.block_m == 0,
+        **cfg.options(q.device, meta["PRUNE"]), **meta))
 
     def dq_bounds(cfg):
         reused = (query_bounds or {}).get((cfg.block_m, cfg.block_n))

@@ -181,11 +181,6 @@ _GPU_CONFIGS = {
     ("dkdv", 64): _KernelConfig(64, 64, 4, 3),
     ("dkdv", 128): _KernelConfig(32, 64, 4, 3),
     ("dkdv", 256): _KernelConfig(64, 32, 8, 2),
-    ("dkdv_tma", 16): _KernelConfig(64, 64, 4, 3),
-    ("dkdv_tma", 32): _KernelConfig(64, 64, 4, 3),
-    ("dkdv_tma", 64): _KernelConfig(64, 64, 4, 3),
-    ("dkdv_tma", 128): _KernelConfig(32, 64, 4, 3),
-    ("dkdv_tma", 256): _KernelConfig(64, 32, 8, 2),
     ("dq", 16): _KernelConfig(64, 64, 4, 3),
     ("dq", 32): _KernelConfig(64, 64, 4, 3),
     ("dq", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
@@ -209,7 +204,6 @@ _INTERPRET_CONFIGS = {
     "fwd": _KernelConfig(32, 16, 1, 1),
     "fwd_tma": _KernelConfig(32, 16, 1, 1),
     "dkdv": _KernelConfig(16, 32, 1, 1),
-    "dkdv_tma": _KernelConfig(16, 32, 1, 1),
     "dq": _KernelConfig(32, 16, 1, 1),
     "dq_tma": _KernelConfig(32, 16, 1, 1),
     "decode": _KernelConfig(16, 16, 1, 1),
@@ -272,7 +266,7 @@ def _common_meta(q: torch.Tensor, k: torch.Tensor, key_lo, threshold2) -> dict:
 
 
 def _tma_wanted(kind: str, *tensors: torch.Tensor) -> bool:
-    """Whether kernel ``kind`` ("fwd", "dq", "dkdv") loads its row tiles from these (B, T, heads, D) tensors through
+    """Whether kernel ``kind`` ("fwd" or "dq") loads its key/value tiles from these (B, T, heads, D) tensors through
     TMA descriptors: on a Hopper or newer GPU (or under the interpreter), with Triton >= 3.4, when each is one
     (B * T, heads * D) matrix whose rows are a multiple of 16 bytes apart and D a power of two (a block then holds
     exactly one head's features). TMA tiles made the forward 3-9% faster on an H200 (benchmarks/NOTES.md);
@@ -296,7 +290,7 @@ def _tma_descriptor(t: torch.Tensor, block_rows: int):
 
 
 # Which kernels may use TMA loads; tests turn them off to check the pointer loads on the same inputs.
-_TMA_LOADS = {"fwd": True, "dq": True, "dkdv": True}
+_TMA_LOADS = {"fwd": True, "dq": True}
 
 
 def _or(t, placeholder):
