@@ -42,6 +42,11 @@ from .common import LOG2E, triton
 # the same error inside the column sums, which would otherwise bias dlog f at every key before the first query.
 # P is never stored: both backward kernels recompute it from q, k, c and the forward's lse.
 #
+# Tile loads: on Hopper GPUs (Triton >= 3.4) the forward and the dQ kernel load their key/value tiles (the forward
+# its query tile too) through TMA tensor descriptors, which view a (B, T, heads, D) tensor as one (B * T, heads * D)
+# matrix; a tile that runs past its sequence then holds the next sequence's first rows, which the masks drop.
+# Other layouts, head dims that are not powers of two and older GPUs load through pointers (`_tma_wanted`).
+#
 # Everything below works in base 2: the wrapper stores c2 = log2(e) * c once, and the kernels scale
 # q k^T by qk_scale = log2(e) * sm_scale, so a logit in base 2 is
 #     s2_ij = qk_scale * q_i . k_j + (c2_{p_i} - c2_j)      and   P_ij = exp2(s2_ij - lse2_i).
