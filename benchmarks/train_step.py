@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --liger --ablation   # + fox-125m on Liger Kernel's ops, + one switch at a time
     python benchmarks/train_step.py --long               # + fox-125m at 1 x 16384 tokens
     python benchmarks/train_step.py --long --acp-log-tolerance TOL # + the same with adaptive computation pruning
-    python benchmarks/train_step.py --gpu-time --cuda-graph  # + kernel time per step; + fused rows as CUDA graphs
+    python benchmarks/train_step.py --gpu-time           # + kernel time per step (--no-cuda-graph: no graph rows)
     python benchmarks/train_step.py --repeat 3           # every row three times, interleaved; targets from medians
     python benchmarks/train_step.py --trainer            # + foxlab's train() itself, eager and with cuda_graph=True
     python benchmarks/train_step.py --device cpu --preset-size tiny --batch 2 --seq 64   # a smoke run
@@ -15,8 +15,8 @@ runs --warmup steps (Triton compiles its kernels there), then times --steps step
 between them). tokens/s = batch x seq / the median step time (a shared host that slows down for a few steps moves
 the mean, not the median); host CPU ms: the process's CPU time per step, all threads; peak = torch.cuda.max_memory_allocated over the whole row (weights,
 optimizer state, activations), in GiB. --gpu-time adds the kernel time of one step (torch.profiler): far below the
-step time, the step waits on the host (Python, kernel launches), and --cuda-graph shows the step without that
-(foxlab.cuda_graph.GraphedStep, what ``train(cuda_graph=True)`` runs).
+step time, the step waits on the host (Python, kernel launches), and the CUDA-graph rows (on CUDA, unless
+--no-cuda-graph) show the step without that (foxlab.cuda_graph.GraphedStep, what ``train(cuda_graph=True)`` runs).
 fla's ForgettingTransformer (flash-linear-attention, an optional benchmark-only import, never one of foxlab's) runs
 at fox-125m's size with its fused ops on, when it is installed; otherwise its rows are skipped with the reason, and
 the closing summary checks issue 12's targets against fla's earlier measurement (FLA_TOKENS_PER_S) instead.
@@ -263,7 +263,7 @@ def rows(args):
         table += [(f"foxlab fox-{size}, only {switch}", build(fox, **{**off, switch: True}), nullcontext)
                   for switch in SWITCHES]
     specs = [(label, builder, args.batch, args.seq, context) for label, builder, context in table]
-    if args.cuda_graph:  # the fused rows: the plain ones are GPU-bound already (--gpu-time shows it)
+    if args.cuda_graph and args.device.startswith("cuda"):  # fused rows: the plain ones are GPU-bound already
         specs += [(f"{label}, CUDA graph", builder, args.batch, args.seq, "graph") for label, builder, context in table
                   if context is nullcontext and label.endswith(", fused")]
     if args.long or args.acp_log_tolerance is not None:
@@ -349,8 +349,9 @@ def main(argv=None):
     parser.add_argument("--long", action="store_true", help="add fox at 1 x (batch x seq) tokens")
     parser.add_argument("--acp-log-tolerance", type=float, default=None,
                         help="add fox at 1 x (batch x seq) tokens with adaptive computation pruning at this tolerance")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="add each foxlab row again with the whole step captured in a CUDA graph")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                        help="add each fused foxlab row again with the whole step replayed as a CUDA graph, as "
+                             "train(cuda_graph=True) runs it (default: on, CUDA only)")
     parser.add_argument("--trainer", action="store_true",
                         help="add foxlab's train() itself for fox and fox-pro, eager and with cuda_graph=True")
     parser.add_argument("--rows", default="", help="run only the rows whose label contains one of these (separated by |)")
