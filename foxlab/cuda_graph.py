@@ -48,12 +48,15 @@ class GraphedStep:
     step: runs forward, backward and the optimizer update, reading its inputs from tensors the caller refills in
     place before each call, and returns what the caller reads afterwards (the loss). It must not zero the
     gradients: this class sets them to None before each eager step and before the capture.
+    device: the GPU the step runs on (default: the current one).
     """
 
-    def __init__(self, step: Callable[[], object], optimizer: torch.optim.Optimizer, warmup: int = WARMUP_STEPS):
+    def __init__(self, step: Callable[[], object], optimizer: torch.optim.Optimizer, warmup: int = WARMUP_STEPS,
+                 device: torch.device | str | None = None):
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an integer >= 1 (eager steps before the capture), got {warmup!r}")
         self.step, self.optimizer, self.warmup = step, optimizer, warmup
+        self.device = torch.device(device) if device is not None else None
         self.eager_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs = None
@@ -62,6 +65,11 @@ class GraphedStep:
         if self.graph is not None:
             self.graph.replay()
             return self.outputs
+        index = self.device.index if self.device is not None else None  # None: the current device
+        with torch.cuda.device(torch.cuda.current_device() if index is None else index):
+            return self._warm_up_or_capture()
+
+    def _warm_up_or_capture(self):
         self.optimizer.zero_grad(set_to_none=True)
         if self.eager_steps < self.warmup:
             self.eager_steps += 1

@@ -595,7 +595,7 @@ class _Session:
         if state is not None:
             self._restore(state)
         # A CUDA graph replays the whole step (foxlab.cuda_graph): its batch goes into fixed tensors (``inputs``)
-        self.graphed = GraphedStep(self._graph_update, self.optimizer) if cuda_graph else None
+        self.graphed = GraphedStep(self._graph_update, self.optimizer, device=dev) if cuda_graph else None
         self.inputs: dict[str, torch.Tensor] | None = None
         self.next_batch: tuple[int, dict] | None = None  # (step, batch), made ahead of its step
         if cuda_graph:
