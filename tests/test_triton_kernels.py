@@ -146,6 +146,7 @@ def test_tma_only_where_a_descriptor_can_read_the_layout():
     k, v = (stacked[..., i * 128:(i + 1) * 128].unflatten(-1, (4, 32)) for i in (1, 2))
     assert kernels.common._tma_wanted("fwd", q, k, v)
     assert not kernels.common._tma_wanted("dq", *(torch.randn(2, 33, 4, 48) for _ in range(3)))  # D not a power of 2
+    assert not kernels.common._tma_wanted("fwd", *(torch.randn(1, 8, 1, 256) for _ in range(3)))  # 1 KiB rows of a head
     cache = torch.randn(2, 64, 4, 32)[:, :33]  # a cache's first 33 of 64 positions: batch rows 64 positions apart
     assert not kernels.common._tma_wanted("fwd", q, cache, cache)
     rows_8_bytes_off = torch.randn(2, 33, 130)[..., :128].unflatten(-1, (4, 32))  # rows 520 bytes apart

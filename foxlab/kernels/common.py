@@ -170,7 +170,7 @@ _GPU_CONFIGS = {
     ("fwd", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
     ("fwd", 128): _KernelConfig(128, 64, 8, 3),
     ("fwd", 256): _KernelConfig(64, 32, 4, 2),
-    # TMA loads: 64-row tiles of 4 warps won at both head dims (3-9% over the pointer loads' best, NOTES.md)
+    # TMA loads: 64-row tiles of 4 warps won at both head dims (the forward 1-7% faster than with pointers, NOTES.md)
     ("fwd_tma", 16): _KernelConfig(64, 64, 4, 3),
     ("fwd_tma", 32): _KernelConfig(64, 64, 4, 3),
     ("fwd_tma", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
@@ -268,16 +268,17 @@ def _common_meta(q: torch.Tensor, k: torch.Tensor, key_lo, threshold2) -> dict:
 def _tma_wanted(kind: str, *tensors: torch.Tensor) -> bool:
     """Whether kernel ``kind`` ("fwd" or "dq") loads its key/value tiles from these (B, T, heads, D) tensors through
     TMA descriptors: on a Hopper or newer GPU (or under the interpreter), with Triton >= 3.4, when each is one
-    (B * T, heads * D) matrix whose rows are a multiple of 16 bytes apart and D a power of two (a block then holds
-    exactly one head's features). TMA tiles made the forward 3-9% faster on an H200 (benchmarks/NOTES.md);
-    anything else takes the pointer loads."""
+    (B * T, heads * D) matrix whose rows are a multiple of 16 bytes apart, and D a power of two (a block then holds
+    exactly one head's features) of at most 512 bytes (the widest head tested on a GPU: 256 in 16 bits). TMA tiles
+    made the forward 1-7% and forward + backward 1-5% faster on an H200 (benchmarks/NOTES.md); anything else takes
+    the pointer loads."""
     q = tensors[0]
     if TensorDescriptor is None or not _TMA_LOADS[kind]:
         return False
     if q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):
         return False
     D = q.shape[-1]
-    if D < 16 or D & (D - 1):
+    if D < 16 or D & (D - 1) or D * q.element_size() > 512:
         return False
     return all(t.stride(3) == 1 and t.stride(2) == D and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
                and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
