@@ -41,7 +41,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from foxlab import ForgettingTransformerConfig, ForgettingTransformerForCausalLM, fused  # noqa: E402
-from foxlab.cuda_graph import GraphedStep  # noqa: E402
+from foxlab.cuda_graph import WARMUP_STEPS, GraphedStep  # noqa: E402
 
 SWITCHES = ("fuse_norm", "fuse_swiglu", "fuse_cross_entropy")
 FLA_TOKENS_PER_S = 243.6e3  # fla's ForgettingTransformer, fused ops on, same setting (H200, measured earlier)
@@ -286,6 +286,7 @@ def run_trainer_row(preset: str, graph: bool, batch: int, seq: int, steps: int, 
 
     label = f"foxlab train(), {preset}" + (", cuda_graph=True" if graph else "")
     row, stamps = dict(model=label, batch=batch, seq=seq), []
+    warmup = max(warmup, WARMUP_STEPS) if graph else warmup  # the eager steps and the capture are not timed
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
