@@ -97,7 +97,7 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> None:
     loading a saved state): the scheduler's base rates stay floats and it then refills the tensors in place."""
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         raise TypeError(f"make_capturable takes torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
-    for group in optimizer.param_groups:
+    for group in (group for group in optimizer.param_groups if group["params"]):
         device = group["params"][0].device
         if device.type != "cuda":
             raise ValueError(f"a CUDA graph needs the parameters on a CUDA device, got {device}")
