@@ -1,0 +1,90 @@
+"""Compile a blocked attention kernel for Hopper (sm_90) on the CPU and count what it became: registers, spills
+(stack bytes), shared memory and the SASS instruction mix. No GPU needed; the Triton wheel ships ptxas, cuobjdump and nvdisasm.
+
+    python benchmarks/sass.py                                  # the forward, head dim 128, 64 x 64 tiles, TMA and not
+    python benchmarks/sass.py --kernel dq --head-dim 64 --tile 64,64,4,3
+    PYTHONPATH=/path/to/triton-3.6 python benchmarks/sass.py   # as another Triton compiles it (the device's, say)
+
+The arguments get the attributes a real launch infers (pointers and strides divisible by 16), or the loads would
+not vectorize and the counts would describe another kernel (benchmarks/NOTES.md, "CPU-side compile checks").
+Two kernels that compile to the same SASS run at the same speed: a timing difference between them is outside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from foxlab.kernels import blocked  # noqa: E402
+
+KERNELS = {"fwd": blocked._fwd_kernel, "dq": blocked._bwd_dq_kernel}
+FLOAT_POINTERS = {"C", "KEY_LO", "DELTA", "BOUNDS", "LSE", "W_OUT", "GATE", "Y", "RSTD_OUT", "THRESHOLD", "DC_ROW"}
+TILE_POINTERS = {"Q", "K", "V", "O", "DO", "DQ"}
+WATCHED = ("UTMALDG", "LDGSTS", "LDG", "STG", "HGMMA", "MUFU", "SYNCS")
+
+
+def signature(fn, head_dim: int, tile: tuple[int, int], tma: bool) -> tuple[dict, dict, dict]:
+    """(types, constexprs, attributes) of a bf16, causal, unpadded, unpruned launch of ``fn``."""
+    block_m, block_n = tile
+    described = {"fwd": {"Q": block_m, "K": block_n, "V": block_n}, "dq": {"K": block_n, "V": block_n}}
+    rows = described["fwd" if fn is blocked._fwd_kernel else "dq"] if tma else {}
+    constexprs = dict(GROUP=1, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, MASK_LO=False,
+                      PRUNE=False, DOT_PRECISION="tf32", OUT_NORM=False, OUT_GATE=False, TMA=tma)
+    types, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if i in fn.constexprs:
+            types[name] = "constexpr"
+        elif name in rows:
+            types[name] = f"tensordesc<bf16[{rows[name]}, {head_dim}]>"
+        elif name in TILE_POINTERS or name in FLOAT_POINTERS:
+            types[name] = "*bf16" if name in TILE_POINTERS else "*fp32"
+        else:
+            types[name] = "fp32" if name in ("qk_scale", "sm_scale", "out_eps") else "i32"
+        if types[name].startswith("*") or (name.startswith("stride_") and not name.startswith("stride_lo")):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return types, {k: v for k, v in constexprs.items() if k in fn.arg_names}, attrs
+
+
+def inspect_kernel(fn, head_dim: int, tile, warps: int, stages: int, tma: bool) -> dict:
+    types, constexprs, attrs = signature(fn, head_dim, tile, tma)
+    kernel = triton.compile(ASTSource(fn, types, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=warps, num_stages=stages))
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        Path(cubin).write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([tools / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([tools / "nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
+    ops = Counter(m.group(1).split(".")[0] for m in re.finditer(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+    field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
+    return dict(registers=field("REG"), stack=field("STACK"), shared_kib=round(kernel.metadata.shared / 1024, 1),
+                instructions=sum(ops.values()),
+                **{op: ops[op] for op in WATCHED})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", choices=list(KERNELS), default="fwd")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--tile", default="64,64,4,3", help="block_m,block_n,warps,stages")
+    args = parser.parse_args(argv)
+    block_m, block_n, warps, stages = (int(x) for x in args.tile.split(","))
+    print(f"triton {triton.__version__}, {args.kernel}, head dim {args.head_dim}, tile {args.tile}, bf16, sm_90")
+    for tma in (False, True):
+        row = inspect_kernel(KERNELS[args.kernel], args.head_dim, (block_m, block_n), warps, stages, tma)
+        print(f"  {'TMA' if tma else 'pointers':8} " + ", ".join(f"{k} {v}" for k, v in row.items()))
+
+
+if __name__ == "__main__":
+    main()
