@@ -147,6 +147,19 @@ def host_top(step, top: int) -> list[dict]:
     return [dict(op=e.key[:60], calls=e.count, self_host_ms=round(e.self_cpu_time_total / 1e3, 2)) for e in events]
 
 
+def _fresh_peak(device: torch.device) -> None:
+    """Free what the previous row left and restart the peak count: its model must not count in this row's peak."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _error_text(exc: Exception) -> str:
+    """A failed row's record: the exception's type and first line."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
 def time_steps(step, steps: int, cuda: bool) -> tuple[list[float], float]:
     """(each step's wall seconds, the process's CPU ms per step) over ``steps`` calls of ``step``. No synchronize
     between steps (the last one waits for the GPU): their median is robust to a host that slows down now and then,
@@ -173,10 +186,7 @@ def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext
     model = optimizer = None
     try:
         with context():
-            gc.collect()  # the previous row's model must not count in this row's peak
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+            _fresh_peak(device)
             torch.manual_seed(0)  # the same weights and tokens for a model with its switches on and off
             with torch.device(device):
                 model = build().train()
@@ -201,7 +211,7 @@ def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext
 
             if graph:  # its first calls are eager, then one captures: all of them within the warm-up
                 step = GraphedStep(train_step, optimizer)
-                warmup = max(warmup, step.warmup + 1)
+                warmup = max(warmup, WARMUP_STEPS + 1)
 
             start = time.perf_counter()
             for i in range(warmup):
@@ -223,7 +233,7 @@ def run_row(label, build, batch, seq, steps, warmup, device, context=nullcontext
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     except Exception as exc:  # a failing row is recorded; the others still run
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        row["error"] = _error_text(exc)
     finally:
         del model, optimizer
     print(json.dumps(row), flush=True)
@@ -287,10 +297,7 @@ def run_trainer_row(preset: str, graph: bool, batch: int, seq: int, steps: int, 
     label = f"foxlab train(), {preset}" + (", cuda_graph=True" if graph else "")
     row, stamps = dict(model=label, batch=batch, seq=seq), []
     warmup = max(warmup, WARMUP_STEPS) if graph else warmup  # the eager steps and the capture are not timed
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    _fresh_peak(device)
     try:
         train(preset=preset, task="recall", seq_len=seq, batch_size=batch, steps=warmup + steps + 1, lr=3e-4,
               eval_batches=1, device=str(device), cuda_graph=graph, progress=False,
@@ -301,7 +308,7 @@ def run_trainer_row(preset: str, graph: bool, batch: int, seq: int, steps: int, 
         if device.type == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     except Exception as exc:
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        row["error"] = _error_text(exc)
     print(json.dumps(row), flush=True)
     return row
 
