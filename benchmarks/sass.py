@@ -3,6 +3,7 @@
 
     python benchmarks/sass.py                                  # the forward, head dim 128, 64 x 64 tiles, TMA and not
     python benchmarks/sass.py --kernel dq --head-dim 64 --tile 64,64,4,3
+    python benchmarks/sass.py --kernel dkdv --tile 32,64,4,3   # dK/dV, with dQ through atomic adds and without
     PYTHONPATH=/path/to/triton-3.6 python benchmarks/sass.py   # as another Triton compiles it (the device's, say)
 
 The arguments get the attributes a real launch infers (pointers and strides divisible by 16), or the loads would
@@ -28,19 +29,26 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from foxlab.kernels import blocked  # noqa: E402
 
-KERNELS = {"fwd": blocked._fwd_kernel, "dq": blocked._bwd_dq_kernel}
-FLOAT_POINTERS = {"C", "KEY_LO", "DELTA", "BOUNDS", "LSE", "W_OUT", "GATE", "Y", "RSTD_OUT", "THRESHOLD", "DC_ROW"}
-TILE_POINTERS = {"Q", "K", "V", "O", "DO", "DQ"}
-WATCHED = ("UTMALDG", "LDGSTS", "LDG", "STG", "HGMMA", "MUFU", "SYNCS")
+KERNELS = {"fwd": blocked._fwd_kernel, "dq": blocked._bwd_dq_kernel, "dkdv": blocked._bwd_dkdv_kernel}
+# Each kernel is compiled with its variant flag off and on: TMA loads, or (dK/dV) dQ through atomic adds.
+VARIANT = {"fwd": "TMA", "dq": "TMA", "dkdv": "DQ_ATOMIC"}
+FLOAT_POINTERS = {"C", "KEY_LO", "QUERY_HI", "DELTA", "BOUNDS", "LSE", "W_OUT", "GATE", "Y", "RSTD_OUT", "THRESHOLD",
+                  "DC_ROW", "DC_COL"}
+TILE_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+WATCHED = ("UTMALDG", "LDGSTS", "LDG", "STG", "REDG", "HGMMA", "MUFU", "SYNCS")
 
 
-def signature(fn, head_dim: int, tile: tuple[int, int], tma: bool) -> tuple[dict, dict, dict]:
-    """(types, constexprs, attributes) of a bf16, causal, unpadded, unpruned launch of ``fn``."""
+def signature(kernel: str, head_dim: int, tile: tuple[int, int], variant: bool) -> tuple[dict, dict, dict]:
+    """(types, constexprs, attributes) of a bf16, causal, unpadded, unpruned launch of ``kernel``."""
+    fn = KERNELS[kernel]
     block_m, block_n = tile
-    described = {"fwd": {"Q": block_m, "K": block_n, "V": block_n}, "dq": {"K": block_n, "V": block_n}}
-    rows = described["fwd" if fn is blocked._fwd_kernel else "dq"] if tma else {}
+    described = {"fwd": {"Q": block_m, "K": block_n, "V": block_n}, "dq": {"K": block_n, "V": block_n}, "dkdv": {}}
+    rows = described[kernel] if variant and VARIANT[kernel] == "TMA" else {}
     constexprs = dict(GROUP=1, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, MASK_LO=False,
-                      PRUNE=False, DOT_PRECISION="tf32", OUT_NORM=False, OUT_GATE=False, TMA=tma)
+                      PRUNE=False, DOT_PRECISION="tf32", OUT_NORM=False, OUT_GATE=False, EVEN_M=True, TMA=False,
+                      DQ_ATOMIC=False)
+    constexprs[VARIANT[kernel]] = variant
+    float32_dq = kernel == "dkdv" and variant  # the atomic adds' sums
     types, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if i in fn.constexprs:
@@ -48,7 +56,7 @@ def signature(fn, head_dim: int, tile: tuple[int, int], tma: bool) -> tuple[dict
         elif name in rows:
             types[name] = f"tensordesc<bf16[{rows[name]}, {head_dim}]>"
         elif name in TILE_POINTERS or name in FLOAT_POINTERS:
-            types[name] = "*bf16" if name in TILE_POINTERS else "*fp32"
+            types[name] = "*bf16" if name in TILE_POINTERS and not (float32_dq and name == "DQ") else "*fp32"
         else:
             types[name] = "fp32" if name in ("qk_scale", "sm_scale", "out_eps") else "i32"
         if types[name].startswith("*") or (name.startswith("stride_") and not name.startswith("stride_lo")):
@@ -56,19 +64,21 @@ def signature(fn, head_dim: int, tile: tuple[int, int], tma: bool) -> tuple[dict
     return types, {k: v for k, v in constexprs.items() if k in fn.arg_names}, attrs
 
 
-def inspect_kernel(fn, head_dim: int, tile, warps: int, stages: int, tma: bool) -> dict:
-    types, constexprs, attrs = signature(fn, head_dim, tile, tma)
-    kernel = triton.compile(ASTSource(fn, types, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+def inspect_kernel(kernel: str, head_dim: int, tile, warps: int, stages: int, variant: bool) -> dict:
+    """Registers, stack bytes, shared memory, and the SASS mix of ``kernel`` ("fwd", "dq", "dkdv"), its VARIANT
+    flag set to ``variant``."""
+    types, constexprs, attrs = signature(kernel, head_dim, tile, variant)
+    compiled = triton.compile(ASTSource(KERNELS[kernel], types, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=warps, num_stages=stages))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
-        Path(cubin).write_bytes(kernel.asm["cubin"])
+        Path(cubin).write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([tools / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True).stdout
         sass = subprocess.run([tools / "nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
     ops = Counter(m.group(1).split(".")[0] for m in re.finditer(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
     field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
-    return dict(registers=field("REG"), stack=field("STACK"), shared_kib=round(kernel.metadata.shared / 1024, 1),
+    return dict(registers=field("REG"), stack=field("STACK"), shared_kib=round(compiled.metadata.shared / 1024, 1),
                 instructions=sum(ops.values()),
                 **{op: ops[op] for op in WATCHED})
 
@@ -81,9 +91,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     block_m, block_n, warps, stages = (int(x) for x in args.tile.split(","))
     print(f"triton {triton.__version__}, {args.kernel}, head dim {args.head_dim}, tile {args.tile}, bf16, sm_90")
-    for tma in (False, True):
-        row = inspect_kernel(KERNELS[args.kernel], args.head_dim, (block_m, block_n), warps, stages, tma)
-        print(f"  {'TMA' if tma else 'pointers':8} " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    for variant in (False, True):
+        row = inspect_kernel(args.kernel, args.head_dim, (block_m, block_n), warps, stages, variant)
+        print(f"  {VARIANT[args.kernel]}={variant!s:5} " + ", ".join(f"{k} {v}" for k, v in row.items()))
 
 
 if __name__ == "__main__":

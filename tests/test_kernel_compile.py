@@ -15,7 +15,7 @@ sass = pytest.importorskip("sass")  # needs Triton's NVIDIA backend tools, which
                                                     ("dq", 128, (128, 64, 8, 3))])
 def test_tma_variants_issue_tma_loads_and_nothing_spills(kernel, head_dim, tile):
     block_m, block_n, warps, stages = tile
-    rows = {tma: sass.inspect_kernel(sass.KERNELS[kernel], head_dim, (block_m, block_n), warps, stages, tma)
+    rows = {tma: sass.inspect_kernel(kernel, head_dim, (block_m, block_n), warps, stages, tma)
             for tma in (False, True)}
     print(f"\n{kernel} D{head_dim} {tile}: {rows}")
     assert rows[True]["UTMALDG"] > 0 and rows[False]["UTMALDG"] == 0
