@@ -3,7 +3,7 @@
 
     python benchmarks/sass.py                                  # the forward, head dim 128, 64 x 64 tiles, TMA and not
     python benchmarks/sass.py --kernel dq --head-dim 64 --tile 64,64,4,3
-    python benchmarks/sass.py --kernel dkdv --tile 32,64,4,3   # dK/dV, with dQ through atomic adds and without
+    python benchmarks/sass.py --kernel dkdv --tile 32,64,4,3   # dK/dV (pointer loads only)
     PYTHONPATH=/path/to/triton-3.6 python benchmarks/sass.py   # as another Triton compiles it (the device's, say)
 
 The arguments get the attributes a real launch infers (pointers and strides divisible by 16), or the loads would
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from foxlab.kernels import blocked  # noqa: E402
 
 KERNELS = {"fwd": blocked._fwd_kernel, "dq": blocked._bwd_dq_kernel, "dkdv": blocked._bwd_dkdv_kernel}
-# Each kernel is compiled with its variant flag off and on: TMA loads, or (dK/dV) dQ through atomic adds.
-VARIANT = {"fwd": "TMA", "dq": "TMA", "dkdv": "DQ_ATOMIC"}
+# The flag whose two settings `main` compares (the dK/dV kernel has none: it is compiled once).
+VARIANT = {"fwd": "TMA", "dq": "TMA", "dkdv": None}
 FLOAT_POINTERS = {"C", "KEY_LO", "QUERY_HI", "DELTA", "BOUNDS", "LSE", "W_OUT", "GATE", "Y", "RSTD_OUT", "THRESHOLD",
                   "DC_ROW", "DC_COL"}
 TILE_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
@@ -43,12 +43,9 @@ def signature(kernel: str, head_dim: int, tile: tuple[int, int], variant: bool) 
     fn = KERNELS[kernel]
     block_m, block_n = tile
     described = {"fwd": {"Q": block_m, "K": block_n, "V": block_n}, "dq": {"K": block_n, "V": block_n}, "dkdv": {}}
-    rows = described[kernel] if variant and VARIANT[kernel] == "TMA" else {}
+    rows = described[kernel] if variant else {}
     constexprs = dict(GROUP=1, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, MASK_LO=False,
-                      PRUNE=False, DOT_PRECISION="tf32", OUT_NORM=False, OUT_GATE=False, EVEN_M=True, TMA=False,
-                      DQ_ATOMIC=False)
-    constexprs[VARIANT[kernel]] = variant
-    float32_dq = kernel == "dkdv" and variant  # the atomic adds' sums
+                      PRUNE=False, DOT_PRECISION="tf32", OUT_NORM=False, OUT_GATE=False, EVEN_M=True, TMA=variant)
     types, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if i in fn.constexprs:
@@ -56,7 +53,7 @@ def signature(kernel: str, head_dim: int, tile: tuple[int, int], variant: bool) 
         elif name in rows:
             types[name] = f"tensordesc<bf16[{rows[name]}, {head_dim}]>"
         elif name in TILE_POINTERS or name in FLOAT_POINTERS:
-            types[name] = "*bf16" if name in TILE_POINTERS and not (float32_dq and name == "DQ") else "*fp32"
+            types[name] = "*bf16" if name in TILE_POINTERS else "*fp32"
         else:
             types[name] = "fp32" if name in ("qk_scale", "sm_scale", "out_eps") else "i32"
         if types[name].startswith("*") or (name.startswith("stride_") and not name.startswith("stride_lo")):
@@ -91,9 +88,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     block_m, block_n, warps, stages = (int(x) for x in args.tile.split(","))
     print(f"triton {triton.__version__}, {args.kernel}, head dim {args.head_dim}, tile {args.tile}, bf16, sm_90")
-    for variant in (False, True):
+    for variant in (False, True) if VARIANT[args.kernel] else (False,):
         row = inspect_kernel(args.kernel, args.head_dim, (block_m, block_n), warps, stages, variant)
-        print(f"  {VARIANT[args.kernel]}={variant!s:5} " + ", ".join(f"{k} {v}" for k, v in row.items()))
+        label = f"{VARIANT[args.kernel]}={variant!s:5} " if VARIANT[args.kernel] else ""
+        print(f"  {label}" + ", ".join(f"{k} {v}" for k, v in row.items()))
 
 
 if __name__ == "__main__":

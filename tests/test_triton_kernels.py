@@ -133,33 +133,10 @@ def test_forward_loads_tiles_through_tma_or_pointers(monkeypatch, loads, case):
     """The blocked forward's and dQ's two ways of loading tiles give the reference: TMA descriptors (tiles may reach
     into the next sequence's rows, which the masks drop) and pointers."""
     monkeypatch.setattr(kernels.common, "_TMA_LOADS", {"fwd": loads == "tma", "dq": loads == "tma"})
-    monkeypatch.setattr(kernels.blocked, "_DQ_ATOMIC", False)  # dQ from its own kernel, which loads k and v
     made, describe = [], kernels.blocked._tma_descriptor
     monkeypatch.setattr(kernels.blocked, "_tma_descriptor", lambda t, rows: made.append(rows) or describe(t, rows))
     check(D=32, **case)
     assert len(made) == (5 if loads == "tma" else 0)  # q, k and v for the forward, k and v for dQ
-
-
-@pytest.mark.parametrize("dq_from", ["atomic-adds", "dq-kernel"])
-@pytest.mark.parametrize("case", [dict(Tq=65, H=4, Hkv=2), dict(Tq=40, Tk=65, H=4, Hkv=1, D=48),
-                                  dict(Tq=65, seq_start=torch.tensor([0, 40])),
-                                  dict(B=1, Tq=50, H=4, Hkv=2, cu_seqlens=torch.tensor([0, 7, 30, 50]))],
-                         ids=["gqa", "prefill-d48", "left-padding", "varlen"])
-def test_backward_dq_from_atomic_adds_or_its_own_kernel(monkeypatch, dq_from, case):
-    """The backward's two ways to dQ and the row sums of dS: the dK/dV kernel's atomic adds into float32 sums,
-    or a dQ kernel of its own (what deterministic mode runs, `_dq_atomic_wanted`)."""
-    monkeypatch.setattr(kernels.blocked, "_DQ_ATOMIC", dq_from == "atomic-adds")
-    ran, dq_pass = [], kernels.blocked._dq_pass
-    monkeypatch.setattr(kernels.blocked, "_dq_pass", lambda *args: ran.append(1) or dq_pass(*args))
-    check(**case)
-    assert len(ran) == (dq_from == "dq-kernel")
-
-
-def test_deterministic_mode_takes_the_dq_kernel(monkeypatch):
-    q = torch.randn(1, 8, 2, 16)
-    assert kernels.blocked._dq_atomic_wanted(q)
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert not kernels.blocked._dq_atomic_wanted(q)
 
 
 def test_tma_only_where_a_descriptor_can_read_the_layout():
@@ -199,16 +176,6 @@ def test_other_tile_shapes(monkeypatch, tiles):
     monkeypatch.setattr(kernels.blocked, "_GATE_BLOCK", 16)  # the gate's prefix sums carry across blocks too
     check(Tq=37, Tk=50, H=2, Hkv=1, seq_start=torch.tensor([0, 13]))
     check(B=1, Tq=45, cu_seqlens=torch.tensor([0, 16, 29, 45]))
-
-
-@pytest.mark.parametrize("scans", ["parallel", "parallel-wider-blocks", "serial"])
-def test_gate_scans_across_blocks(monkeypatch, scans):
-    """The gate's prefix sums (forward) and suffix sums (backward) over several blocks of positions: a program per
-    block carrying the sums of the others, blocks that widen when there would be too many, or one serial program."""
-    monkeypatch.setattr(kernels.blocked, "_GATE_BLOCK", 16)
-    monkeypatch.setattr(kernels.blocked, "_GATE_BLOCKS_MAX", 2 if scans == "parallel-wider-blocks" else 32)
-    monkeypatch.setattr(kernels.blocked, "_SERIAL_SCANS", scans == "serial")
-    check(Tq=37, Tk=70, H=2, seq_start=torch.tensor([0, 13]))
 
 
 def run_cumsum_form(q, k, v, log_f, **kw):

@@ -5,44 +5,24 @@ from __future__ import annotations
 
 import torch
 
-from .common import LOG2E, _add_rows, _common_meta, _initial_max, _jit, _key_block_query_range, _launch, _load_rows, \
-    _load_tile, \
+from .common import LOG2E, _common_meta, _initial_max, _jit, _key_block_query_range, _launch, _load_rows, _load_tile, \
     _load_vec, _mask_scores, _online_softmax_step, _or, _query_block_rows, _strides, _tma_descriptor, _tma_wanted, tl, \
     triton
 from .pruning import _pruning_bounds, _query_block_pruning
 from ..fused import _rms_norm_input_grad, _rms_normalize, _sigmoid, _weight_grad, _weight_stride
 
-# The gate's scans (prefix sums forward, suffix sums backward) split each (batch, head)'s sequence into blocks of at
-# least _GATE_BLOCK positions, at most _GATE_BLOCKS_MAX of them, one program each (`_gate_scan_launch`).
+# Positions per step of the gate's prefix sums (one program per batch row and head).
 _GATE_BLOCK = 1024
-_GATE_BLOCKS_MAX = 32
-# Tests and the benchmarks switch the scans back to one serial program per (batch, head), to compare.
-_SERIAL_SCANS = False
-
-
-def _gate_scan_launch(kernel, B, H, T, *args):
-    """Launch a gate scan over (B, H, T): a program per block of T (carrying the sum of the blocks before it, read
-    again) with _SERIAL_SCANS off, else one per (batch, head) walking its blocks in order."""
-    block = max(_GATE_BLOCK, triton.next_power_of_2(triton.cdiv(T, _GATE_BLOCKS_MAX)))
-    blocks = 1 if _SERIAL_SCANS else triton.cdiv(T, block)
-    kernel[(B * H, blocks)](*args, H, T, BLOCK_T=block, SERIAL=_SERIAL_SCANS, num_warps=min(16, max(4, block // 1024)))
 
 
 @_jit
-def _gate_cumsum_kernel(LOG_F, C2, stride_fb, stride_ft, stride_fh, H, T, BLOCK_T: tl.constexpr,
-                        SERIAL: tl.constexpr):
-    """c2[b, h, t] = log2(e) * sum_{u <= t} log f[b, u, h] in float32, (B, H, T) contiguous. Program (b * H + h, j)
-    scans block j of positions after summing the blocks before it (no chain from program to program), or with
-    SERIAL scans every block in turn."""
+def _gate_cumsum_kernel(LOG_F, C2, stride_fb, stride_ft, stride_fh, H, T, BLOCK_T: tl.constexpr):
+    """c2[b, h, :] = log2(e) * cumsum(log f[b, :, h]) in float32, one program per (batch, head)."""
     bh = tl.program_id(0).to(tl.int64)
     LOG_F += (bh // H) * stride_fb + (bh % H) * stride_fh
     offs = tl.arange(0, BLOCK_T)
-    first = tl.program_id(1) * BLOCK_T
-    carry = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for u0 in range(0, first, BLOCK_T):  # whole blocks: no mask
-        carry += tl.load(LOG_F + (u0 + offs) * stride_ft)
-    carry = tl.sum(carry, 0)
-    for t0 in range(first, T if SERIAL else first + 1, BLOCK_T):
+    carry = 0.0
+    for t0 in range(0, T, BLOCK_T):
         t = t0 + offs
         log_f = tl.load(LOG_F + t * stride_ft, mask=t < T, other=0.0)
         tl.store(C2 + bh * T + t, (tl.cumsum(log_f, 0) + carry) * 1.4426950408889634, mask=t < T)
@@ -158,24 +138,18 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE, W_OUT, GATE, Y, RSTD_
 
 
 @_jit
-def _gate_grad_kernel(DC_COL, DC_ROW, DLOG_F, stride_gb, stride_gt, stride_gh, Tq, H, Tk, BLOCK_T: tl.constexpr,
-                      SERIAL: tl.constexpr):
+def _gate_grad_kernel(DC_COL, DC_ROW, DLOG_F, stride_gb, stride_gt, stride_gh, H, Tq, Tk, BLOCK_T: tl.constexpr):
     """dlog f_t = sum_{u >= t} dc_u, dc_u = (row sum of dS of the query at u) - (column sum of dS at key u).
 
-    Blocks count from the end of the keys, each in reverse order, so that a forward cumsum gives the suffix sums;
-    program (b * H + h, j) sums the blocks after its own first, as `_gate_cumsum_kernel` does.
+    One program per (batch, head) walks the keys from the end, each block in reverse order, so that a
+    forward cumsum gives the suffix sums.
     """
     bh = tl.program_id(0).to(tl.int64)
     DLOG_F += (bh // H) * stride_gb + (bh % H) * stride_gh
     offset = Tk - Tq
     offs = tl.arange(0, BLOCK_T)
-    first = tl.program_id(1) * BLOCK_T
-    carry = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for u0 in range(0, first, BLOCK_T):  # whole blocks: no mask on the keys
-        u = Tk - 1 - (u0 + offs)
-        carry += tl.load(DC_ROW + bh * Tq + u - offset, mask=u >= offset, other=0.0) - tl.load(DC_COL + bh * Tk + u)
-    carry = tl.sum(carry, 0)
-    for t0 in range(first, Tk if SERIAL else first + 1, BLOCK_T):
+    carry = 0.0
+    for t0 in range(0, Tk, BLOCK_T):
         t = Tk - 1 - (t0 + offs)
         dc = tl.load(DC_ROW + bh * Tq + t - offset, mask=t >= offset, other=0.0)
         dc -= tl.load(DC_COL + bh * Tk + t, mask=t >= 0, other=0.0)
@@ -231,17 +205,15 @@ def _bwd_delta_kernel(O, DO, DELTA, W_OUT, GATE, RSTD_OUT, DY, DGATE, DW_PARTIAL
 
 
 @_jit
-def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, DQ, DC_ROW, threshold, stride_qt,
-                    stride_dot, stride_lot, stride_dqt, dq_row0, dq_col, offset, Tq, sm_scale, qk_scale, start, end,
-                    offs_m, offs_d, CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
-                    EVEN_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, threshold, stride_qt, stride_dot,
+                    stride_lot, offset, Tq, qk_scale, start, end, offs_m, offs_d,
+                    CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV and the column sums of dS of one key block over query blocks [start, end).
 
     Works on transposed scores (keys x queries) so that dK and dV come straight out of tl.dot.
-    Rows past Tq load lse = +inf, which makes their P exactly 0. With DQ_ATOMIC, also adds this key block's share
-    of dQ = s dS K and of the row sums of dS into the float32 sums DQ (the head's rows stride_dqt apart) and DC_ROW;
-    dS then carries the scale s, which the caller leaves out of dK.
+    Rows past Tq load lse = +inf, which makes their P exactly 0.
     """
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + offs_m
@@ -264,33 +236,26 @@ def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, D
         delta = _load_vec(DELTA + rows, rows, Tq, 0.0, not EVEN_M)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dc += tl.sum(ds_t, 1)
-        if DQ_ATOMIC:
-            tl.atomic_add(DC_ROW + rows, tl.sum(ds_t, 0), mask=rows < Tq, sem="relaxed")
-            ds_t = (ds_t * sm_scale).to(q.dtype)
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
-            _add_rows(DQ, dq_row0 + m0, dq_col, dq, rows, stride_dqt, Tq, offs_d, HEAD_DIM, TMA)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dc += tl.sum(ds_t, 1)
     return dk, dv, dc
 
 
 @_jit
-def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BOUNDS, DK, DV, DC_COL, DQ, DC_ROW,
+def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BOUNDS, DK, DV, DC_COL,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                      stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                     stride_dqb, stride_dqt, stride_dqh, stride_lob, stride_lot, stride_hib, stride_hit,
+                     stride_lob, stride_lot, stride_hib, stride_hit,
                      H, Tq, Tk, sm_scale, qk_scale,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr,
-                     EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr):
+                     EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads that share them.
 
     dK = s dS^T Q and dV = P^T dO are summed over the group in registers; the column sums of dS (one
     vector per query head) go to DC_COL (B, H, Tk). Query blocks: [start, mid) the diagonal, [mid, band)
     plain, then (PRUNE) [band, stop) pruned in part; later rows prune the whole key block.
-    With DQ_ATOMIC the program also adds its share of dQ and of the row sums of dS into the zeroed float32 DQ
-    (strides stride_dq*) and DC_ROW (B, H, Tq), and no dQ kernel runs (`_bwd_dkdv_inner`).
     """
     n0 = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
@@ -329,25 +294,24 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BO
             threshold = 0.0
             band, stop = end, end
         dc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        DQh = DQ if TMA else DQ + b * stride_dqb + h * stride_dqh
-        head = (Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq, C + bh * Tk, KEY_LO + b * stride_lob, DQh, DC_ROW + bh * Tq,
-                threshold, stride_qt, stride_dot, stride_lot, stride_dqt, (b * Tq).to(tl.int32),
-                (h * HEAD_DIM).to(tl.int32), offset, Tq, sm_scale, qk_scale)
-        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, *head, start, mid, offs_m, offs_d, True, MASK_LO,
-                                     PRUNE, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, DQ_ATOMIC,
-                                     TMA)
-        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, *head, mid, band, offs_m, offs_d, False, MASK_LO,
-                                     False, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, DQ_ATOMIC,
-                                     TMA)
+        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+                                     C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
+                                     stride_lot, offset, Tq, qk_scale, start, mid, offs_m, offs_d,
+                                     True, MASK_LO, PRUNE, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+                                     C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
+                                     stride_lot, offset, Tq, qk_scale, mid, band, offs_m, offs_d,
+                                     False, MASK_LO, False, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         if PRUNE and band < stop:
-            dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, *head, band, stop, offs_m, offs_d, False,
-                                         MASK_LO, True, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, DQ_ATOMIC,
-                                     TMA)
+            dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+                                         C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
+                                         stride_lot, offset, Tq, qk_scale, band, stop, offs_m, offs_d,
+                                         False, MASK_LO, True, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         tl.store(DC_COL + bh * Tk + keys, dc, mask=keys < Tk)
 
     kv_mask = (keys[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :],
-             (dk if DQ_ATOMIC else dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -443,7 +407,7 @@ def _base2_prefix_sums(gate, is_cumsum):
     if is_cumsum:
         torch.mul(gate.transpose(1, 2), LOG2E, out=c2)
     else:
-        _gate_scan_launch(_gate_cumsum_kernel, B, H, Tk, gate, c2, *gate.stride())
+        _gate_cumsum_kernel[(B * H,)](gate, c2, *gate.stride(), H, Tk, BLOCK_T=_GATE_BLOCK)
     return c2
 
 
@@ -509,11 +473,31 @@ def _delta(do, o, out_norm=None, rstd=None):
     return do, delta, dweight, dgate
 
 
-def _dq_pass(q, k, v, c2, do, lse, delta, lo, thr, key_lo, threshold2, query_bounds, dq, dc_row, strides, meta,
-             scale):
-    """`_bwd_dq_kernel` into dq and dc_row (`_triton_backward`'s names)."""
+def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scale, gate_is_cumsum=False,
+                     query_bounds=None, out_norm=None, rstd=None):
+    """dq, dk, dv in their inputs' dtypes, dlog f (B, Tk, H) in float32 (with ``gate_is_cumsum``, dc instead), and
+    the output norm's dweight and dgate (`_delta`; None without ``out_norm``, whose do is then dO itself).
+
+    query_bounds: the forward's pruning bounds by tile shape (`_triton_forward`), reused when dQ's tiles match.
+    """
     B, Tq, H, D = q.shape
-    Tk = k.shape[1]
+    Tk, Hkv = k.shape[1], k.shape[2]
+    meta = _common_meta(q, k, key_lo, threshold2)
+    do, delta, dweight, dgate = _delta(do, o, out_norm, rstd)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
+    dc_col = torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)
+    dc_row = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    lo, hi, thr = _or(key_lo, c2), _or(query_hi, c2), _or(threshold2, c2)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    qk_scale = scale * LOG2E
+    _launch("dkdv", q, meta["BLOCK_D"], lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * Hkv)](
+        q, k, v, c2, do, lse, delta, lo, hi, thr, _pruning_bounds("key", c2, query_hi, threshold2, Tq, cfg), dk, dv,
+        dc_col, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        *_strides(key_lo, 2), *_strides(query_hi, 2), H, Tq, Tk, scale, qk_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_M=Tq % cfg.block_m == 0,
+        **cfg.options(q.device, meta["PRUNE"]), **meta))
 
     def dq_bounds(cfg):
         reused = (query_bounds or {}).get((cfg.block_m, cfg.block_n))
@@ -526,58 +510,12 @@ def _dq_pass(q, k, v, c2, do, lse, delta, lo, thr, key_lo, threshold2, query_bou
 
     _launch("dq_tma" if tma else "dq", q, meta["BLOCK_D"], lambda cfg: _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
         q, *key_values(cfg), c2, do, lse, delta, lo, thr, dq_bounds(cfg), dq, dc_row, *strides, *dq.stride()[:3],
-        *_strides(key_lo, 2), H, Tq, Tk, scale, scale * LOG2E,
+        *_strides(key_lo, 2), H, Tq, Tk, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **cfg.options(q.device, meta["PRUNE"]), **meta))
-
-
-def _dq_atomic_wanted(q: torch.Tensor) -> bool:
-    """Whether dQ comes from the dK/dV kernel through float32 atomic adds (one pass over the scores instead of two:
-    5 matmuls per tile pair instead of 7) rather than from its own kernel. The sums' order then varies from run to
-    run, so ``torch.use_deterministic_algorithms(True)`` keeps the two-kernel backward, which is bitwise repeatable."""
-    return _DQ_ATOMIC and not torch.are_deterministic_algorithms_enabled()
-
-
-# Tests and the benchmarks turn the atomic dQ off to check (and time) the two-kernel backward on the same inputs.
-_DQ_ATOMIC = True
-
-
-def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scale, gate_is_cumsum=False,
-                     query_bounds=None, out_norm=None, rstd=None):
-    """dq, dk, dv in their inputs' dtypes, dlog f (B, Tk, H) in float32 (with ``gate_is_cumsum``, dc instead), and
-    the output norm's dweight and dgate (`_delta`; None without ``out_norm``, whose do is then dO itself).
-
-    query_bounds: the forward's pruning bounds by tile shape (`_triton_forward`), reused when dQ's tiles match.
-    """
-    B, Tq, H, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
-    meta = _common_meta(q, k, key_lo, threshold2)
-    do, delta, dweight, dgate = _delta(do, o, out_norm, rstd)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
-    dc_col = torch.empty(B, H, Tk, dtype=torch.float32, device=q.device)
-    atomic = _dq_atomic_wanted(q)
-    # With atomic dQ the dK/dV kernel sums dQ and the row sums of dS into zeroed float32 tensors.
-    dq = (torch.zeros if atomic else torch.empty)(q.shape, dtype=torch.float32 if atomic else q.dtype, device=q.device)
-    dc_row = (torch.zeros if atomic else torch.empty)(B, H, Tq, dtype=torch.float32, device=q.device)
-    lo, hi, thr = _or(key_lo, c2), _or(query_hi, c2), _or(threshold2, c2)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    qk_scale = scale * LOG2E
-    tma = atomic and _tma_wanted("dkdv_dq", dq)
-    _launch("dkdv_dq" if atomic else "dkdv", q, meta["BLOCK_D"], lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.block_n), B * Hkv)](
-        q, k, v, c2, do, lse, delta, lo, hi, thr, _pruning_bounds("key", c2, query_hi, threshold2, Tq, cfg), dk, dv,
-        dc_col, _tma_descriptor(dq, cfg.block_m) if tma else dq, dc_row, *strides, *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3],
-        *_strides(key_lo, 2), *_strides(query_hi, 2), H, Tq, Tk, scale, qk_scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_M=Tq % cfg.block_m == 0, DQ_ATOMIC=atomic, TMA=tma,
-        **cfg.options(q.device, meta["PRUNE"]), **meta))
-    if atomic:
-        dq = dq.to(q.dtype)
-    else:
-        _dq_pass(q, k, v, c2, do, lse, delta, lo, thr, key_lo, threshold2, query_bounds, dq, dc_row, strides, meta,
-                 scale)
     if gate_is_cumsum:  # dc_t = rowsum(dS) of the query at t - colsum(dS)_t (why the row sums stay: __init__.py)
         dc = dc_col.neg_()
         dc[:, :, Tk - Tq:] += dc_row
         return dq, dk, dv, dc.transpose(1, 2), dweight, dgate
     dlog_f = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
-    _gate_scan_launch(_gate_grad_kernel, B, H, Tk, dc_col, dc_row, dlog_f, *dlog_f.stride(), Tq)
+    _gate_grad_kernel[(B * H,)](dc_col, dc_row, dlog_f, *dlog_f.stride(), H, Tq, Tk, BLOCK_T=_GATE_BLOCK)
     return dq, dk, dv, dlog_f, dweight, dgate

@@ -59,18 +59,6 @@ def _load_rows(X, row0, col, rows, stride, n_rows, offs_d, HEAD_DIM: tl.constexp
 
 
 @_jit
-def _add_rows(X, row0, col, tile, rows, stride, n_rows, offs_d, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
-    """Add the float32 tile (BLOCK, BLOCK_D) into rows ``rows`` of one head's matrix, atomically: with TMA through
-    the descriptor's bulk reduction at (row0, col) (as `_load_rows` reads), else relaxed atomic adds at X + rows *
-    stride, masked past n_rows and HEAD_DIM."""
-    if TMA:
-        X.atomic_add([row0, col], tile)
-    else:
-        mask = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
-        tl.atomic_add(X + rows[:, None] * stride + offs_d[None, :], tile, mask=mask, sem="relaxed")
-
-
-@_jit
 def _load_vec(ptrs, idx, n, other, CHECK: tl.constexpr):
     if CHECK:
         vec = tl.load(ptrs, mask=idx < n, other=other)
@@ -193,12 +181,6 @@ _GPU_CONFIGS = {
     ("dkdv", 64): _KernelConfig(64, 64, 4, 3),
     ("dkdv", 128): _KernelConfig(32, 64, 4, 3),
     ("dkdv", 256): _KernelConfig(64, 32, 8, 2),
-    # dK/dV with dQ through atomic adds (blocked._dq_atomic_wanted): dQ's tile joins the registers of dK and dV
-    ("dkdv_dq", 16): _KernelConfig(64, 64, 4, 3),
-    ("dkdv_dq", 32): _KernelConfig(64, 64, 4, 3),
-    ("dkdv_dq", 64): _KernelConfig(64, 64, 4, 3),
-    ("dkdv_dq", 128): _KernelConfig(32, 64, 4, 3),
-    ("dkdv_dq", 256): _KernelConfig(32, 32, 4, 2),
     ("dq", 16): _KernelConfig(64, 64, 4, 3),
     ("dq", 32): _KernelConfig(64, 64, 4, 3),
     ("dq", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
@@ -222,7 +204,6 @@ _INTERPRET_CONFIGS = {
     "fwd": _KernelConfig(32, 16, 1, 1),
     "fwd_tma": _KernelConfig(32, 16, 1, 1),
     "dkdv": _KernelConfig(16, 32, 1, 1),
-    "dkdv_dq": _KernelConfig(16, 32, 1, 1),
     "dq": _KernelConfig(32, 16, 1, 1),
     "dq_tma": _KernelConfig(32, 16, 1, 1),
     "decode": _KernelConfig(16, 16, 1, 1),
@@ -294,8 +275,6 @@ def _tma_wanted(kind: str, *tensors: torch.Tensor) -> bool:
     q = tensors[0]
     if TensorDescriptor is None or not _TMA_LOADS[kind]:
         return False
-    if kind == "dkdv_dq" and not q.is_cuda:  # the interpreter has no TMA reductions
-        return False
     if q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):
         return False
     D = q.shape[-1]
@@ -312,7 +291,7 @@ def _tma_descriptor(t: torch.Tensor, block_rows: int):
 
 
 # Which kernels may use TMA loads; tests turn them off to check the pointer loads on the same inputs.
-_TMA_LOADS = {"fwd": True, "dq": True, "dkdv_dq": True}
+_TMA_LOADS = {"fwd": True, "dq": True}
 
 
 def _or(t, placeholder):
