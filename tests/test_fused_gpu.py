@@ -20,7 +20,9 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+# float32: the weights' and shift logits' gradients sum B * T (* D) terms of either sign, whose rounding grows like
+# sqrt(n) * 2^-24 relative to the sum (3.5e-5 seen once at 4 x 512 rows of 12 heads of 64).
+TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
 DTYPES = list(TOL)
 
 

@@ -90,6 +90,18 @@ def test_decode_packs_gqa_groups(Tq, H, Hkv):
     check(Tq=Tq, Tk=50, H=H, Hkv=Hkv, D=48, seq_start=torch.tensor([0, 20]))
 
 
+@pytest.mark.parametrize("jump", [3.0, 40.0], ids=["within-the-margin", "past-the-margin"])
+def test_an_old_key_that_outscores_the_recent_ones(jump):
+    """The kernels visit the diagonal block first, then older keys: an old key whose score beats every recent one,
+    by a little or by a lot, raises the running max late (and the scores' reference prefix sum is not the key's)."""
+    q, k, v, log_f = make_inputs(2, 65, 65, 2, 2, 32)
+    q = q / q.norm(dim=-1, keepdim=True) * 4.0
+    k[:, :5] = q[:, -1:] * (jump / 4.0)  # keys 0-4 line up with the last query: score ~ jump nats above the rest
+    ours, ref = run_both(q, k, v, log_f * 0.01)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dlog_f"), ours, ref):
+        assert rel_err(a, b) <= 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
 def test_sm_scale():
     check(Tq=33, sm_scale=0.3)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from .common import LOG2E, _common_meta, _initial_max, _jit, _key_block_query_range, _launch, _load_rows, _load_tile, \
-    _load_vec, _mask_scores, _online_softmax_step, _or, _query_block_rows, _strides, _tma_descriptor, _tma_wanted, tl, \
-    triton
+    _load_vec, _mask_scores, _online_softmax_step, _or, _query_block_rows, _relative_scores, _strides, _tma_descriptor, \
+    _tma_wanted, tl, triton
 from .pruning import _pruning_bounds, _query_block_pruning
 from ..fused import _rms_norm_input_grad, _rms_normalize, _sigmoid, _weight_grad, _weight_stride
 
@@ -30,25 +30,27 @@ def _gate_cumsum_kernel(LOG_F, C2, stride_fb, stride_ft, stride_fh, H, T, BLOCK_
 
 
 @_jit
-def _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, kv_row0, kv_col, Tk,
+def _fwd_inner(acc, l_i, m_i, q, c_q, c_ref, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, kv_row0, kv_col, Tk,
                qk_scale, start, end, offs_n, offs_d,
                CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Online softmax over key blocks [start, end). Only causal (diagonal) blocks can run past Tk.
 
-    delta: the pruning threshold per row (read only with PRUNE). K, V: the head's pointers, or with TMA
-    descriptors whose row kv_row0 is the sequence's first key and column kv_col the head's first feature.
+    Scores as t + (c_q - c_ref) (`_relative_scores`). delta: the pruning threshold per row (read only with PRUNE,
+    whose mask takes the decay as c_q - c_k, as the pruning bounds do, bit for bit). K, V: the head's pointers, or
+    with TMA descriptors whose row kv_row0 is the sequence's first key and column kv_col the head's first feature.
     """
+    r = c_q - c_ref
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         k = _load_rows(K, kv_row0 + n0, kv_col, keys, stride_kt, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL, TMA)
         c_k = _load_vec(C + n0 + offs_n, keys, Tk, 0.0, CAUSAL)
-        decay = c_q[:, None] - c_k[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + decay
-        s = _mask_scores(s, decay, delta[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO,
+        t = _relative_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), c_k[None, :], c_ref, qk_scale)
+        decay = c_q[:, None] - c_k[None, :] if PRUNE else t  # read only by the pruning mask
+        t = _mask_scores(t, decay, delta[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO,
                          PRUNE)
         v = _load_rows(V, kv_row0 + n0, kv_col, keys, stride_vt, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL, TMA)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, t, r, v, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -104,17 +106,18 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE, W_OUT, GATE, Y, RSTD_
     delta, start, band = _query_block_pruning(BOUNDS, DELTA, bh, m0 // BLOCK_M, tl.num_programs(0), start, PRUNE,
                                               BLOCK_M, BLOCK_N)
 
+    c_ref = tl.load(C + offset + m0)  # the block's first query's prefix sum (`_relative_scores`)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = _initial_max(BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, kv_row0,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, c_ref, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, kv_row0,
                                kv_col, Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
                                BLOCK_N, DOT_PRECISION, TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, kv_row0,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, c_ref, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, kv_row0,
                                kv_col, Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM,
                                BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
     if PRUNE and start < band:  # a loop of its own, entered only when needed (header of kernels/__init__.py)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, c_ref, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt,
                                    kv_row0, kv_col, Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO, True,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
 
@@ -205,15 +208,16 @@ def _bwd_delta_kernel(O, DO, DELTA, W_OUT, GATE, RSTD_OUT, DY, DGATE, DW_PARTIAL
 
 
 @_jit
-def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, threshold, stride_qt, stride_dot,
+def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, c_ref, keys, Q, DO, LSE, DELTA, C, KEY_LO, threshold, stride_qt, stride_dot,
                     stride_lot, offset, Tq, qk_scale, start, end, offs_m, offs_d,
                     CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, EVEN_M: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV and the column sums of dS of one key block over query blocks [start, end).
 
-    Works on transposed scores (keys x queries) so that dK and dV come straight out of tl.dot.
-    Rows past Tq load lse = +inf, which makes their P exactly 0.
+    Works on transposed scores (keys x queries) so that dK and dV come straight out of tl.dot; scores as in
+    `_relative_scores`, c_ref the block's first key's prefix sum. Rows past Tq load lse = +inf, which makes their P
+    exactly 0.
     """
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + offs_m
@@ -221,15 +225,15 @@ def _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Q, DO, LSE, DELTA, C, KEY_LO, t
                        not EVEN_M)
         lse = _load_vec(LSE + rows, rows, Tq, float("inf"), not EVEN_M)
         c_q = _load_vec(C + offset + rows, rows, Tq, 0.0, not EVEN_M)
-        decay_t = c_q[None, :] - c_k[:, None]
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale + decay_t
+        t_t = _relative_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), c_k[:, None], c_ref, qk_scale)
+        decay_t = c_q[None, :] - c_k[:, None] if PRUNE else t_t  # read only by the pruning mask
         if MASK_LO:
             key_lo = _load_vec(KEY_LO + rows * stride_lot, rows, Tq, 0, not EVEN_M)
         else:
             key_lo = rows  # unread without MASK_LO
-        s_t = _mask_scores(s_t, decay_t, threshold, (offset + rows)[None, :], keys[:, None], key_lo[None, :], CAUSAL,
+        t_t = _mask_scores(t_t, decay_t, threshold, (offset + rows)[None, :], keys[:, None], key_lo[None, :], CAUSAL,
                            MASK_LO, PRUNE)
-        p_t = tl.exp2(s_t - lse[None, :])
+        p_t = tl.exp2(t_t - (lse - (c_q - c_ref))[None, :])
         do = _load_tile(DO + rows[:, None] * stride_dot + offs_d[None, :], rows, Tq, offs_d, HEAD_DIM, BLOCK_D,
                         not EVEN_M)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -285,6 +289,7 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BO
         Qh = Q + b * stride_qb + h * stride_qh
         DOh = DO + b * stride_dob + h * stride_doh
         c_k = tl.load(C + bh * Tk + keys, mask=keys < Tk, other=0.0)
+        c_ref = tl.load(C + bh * Tk + n0)
         if PRUNE:
             threshold = tl.load(THRESHOLD + bh)
             bounds = BOUNDS + (bh * tl.num_programs(0) + tl.program_id(0)) * 2
@@ -294,16 +299,16 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BO
             threshold = 0.0
             band, stop = end, end
         dc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, c_ref, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
                                      C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
                                      stride_lot, offset, Tq, qk_scale, start, mid, offs_m, offs_d,
                                      True, MASK_LO, PRUNE, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
-        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+        dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, c_ref, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
                                      C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
                                      stride_lot, offset, Tq, qk_scale, mid, band, offs_m, offs_d,
                                      False, MASK_LO, False, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         if PRUNE and band < stop:
-            dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
+            dk, dv, dc = _bwd_dkdv_inner(dk, dv, dc, k, v, c_k, c_ref, keys, Qh, DOh, LSE + bh * Tq, DELTA + bh * Tq,
                                          C + bh * Tk, KEY_LO + b * stride_lob, threshold, stride_qt, stride_dot,
                                          stride_lot, offset, Tq, qk_scale, band, stop, offs_m, offs_d,
                                          False, MASK_LO, True, EVEN_M, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
@@ -317,22 +322,23 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BO
 
 
 @_jit
-def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt, kv_row0,
+def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, c_ref, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt, kv_row0,
                   kv_col, Tk, qk_scale, start, end, offs_n, offs_d,
                   CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """Accumulate dQ and the row sums of dS of one query block over key blocks [start, end) (K, V as in
-    `_fwd_inner`)."""
+    """Accumulate dQ and the row sums of dS of one query block over key blocks [start, end) (K, V, c_ref and the
+    scores as in `_fwd_inner`)."""
+    lse_rel = lse - (c_q - c_ref)  # P = exp2(s - lse) = exp2(t - lse_rel)
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         k = _load_rows(K, kv_row0 + n0, kv_col, keys, stride_kt, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL, TMA)
         v = _load_rows(V, kv_row0 + n0, kv_col, keys, stride_vt, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL, TMA)
         c_k = _load_vec(C + n0 + offs_n, keys, Tk, 0.0, CAUSAL)
-        decay = c_q[:, None] - c_k[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + decay
-        s = _mask_scores(s, decay, threshold[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL,
+        t = _relative_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), c_k[None, :], c_ref, qk_scale)
+        decay = c_q[:, None] - c_k[None, :] if PRUNE else t  # read only by the pruning mask
+        t = _mask_scores(t, decay, threshold[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL,
                          MASK_LO, PRUNE)
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp2(t - lse_rel[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -379,17 +385,18 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ, DC
 
     threshold, start, band = _query_block_pruning(BOUNDS, THRESHOLD, bh, m0 // BLOCK_M, tl.num_programs(0), start,
                                                   PRUNE, BLOCK_M, BLOCK_N)
+    c_ref = tl.load(C + offset + m0)  # as in the forward
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, c_ref, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
                            kv_row0, kv_col, Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM,
                            BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
-    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, c_ref, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
                            kv_row0, kv_col, Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM,
                            BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
     if PRUNE and start < band:
-        dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, q_pos, key_lo, threshold, K, V, C, stride_kt,
+        dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, c_ref, q_pos, key_lo, threshold, K, V, C, stride_kt,
                                stride_vt, kv_row0, kv_col, Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO,
                                True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
 

@@ -84,6 +84,18 @@ def _mask_scores(s, decay, delta, q_pos, keys, key_lo, CAUSAL: tl.constexpr, MAS
 
 
 @_jit
+def _relative_scores(qk, c_k, c_ref, qk_scale):
+    """The key-dependent part t = qk_scale q.k - (c_k - c_ref) of a tile of base-2 scores, from qk = q k^T (or its
+    transpose), the keys' prefix sums c_k broadcast along the query axis ([None, :], or [:, None] for the transpose)
+    and a reference c_ref (scalar). The whole score is s = t + (c_q - c_ref): the decay c_q - c_k split into a per-key
+    and a per-row term, so that a score costs one multiply-add (the row term joins the max or the lse once per row)
+    where c_q - c_k and a multiply-add cost two operations. c_ref is a nearby prefix sum (the block's first query, or
+    first key), so both terms stay small wherever a score matters; subtracting c_k itself (-1e4 and beyond on long
+    sequences) would round q.k away."""
+    return qk * qk_scale - (c_k - c_ref)
+
+
+@_jit
 def _query_block_key_range(m0, offset, Tk, first_key_lo, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys read by query rows [m0, m0 + BLOCK_M): [start, mid) needs no causal mask, [mid, end) does.
 
@@ -124,14 +136,16 @@ def _key_block_query_range(n0, offset, q_end, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @_jit
-def _online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION: tl.constexpr):
-    """One key block of the online softmax: base-2 scores s (rows, keys) and values v (keys, D) into the running
-    max m, denominator l and unnormalized output acc."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
+def _online_softmax_step(acc, l_i, m_i, t, r, v, DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax: base-2 scores s = t + r[:, None] (rows, keys), given as a tile t and a
+    per-row term r (`_relative_scores`), and values v (keys, D) into the running max m of s, denominator l and
+    unnormalized output acc. s itself is never formed: exp2(s - m) = exp2(t - (m - r)), one subtraction per score."""
+    m_new = tl.maximum(m_i, tl.max(t, 1) + r)
+    p = tl.exp2(t - (m_new - r)[:, None])
     alpha = tl.exp2(m_i - m_new)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return acc, l_i * alpha + tl.sum(p, 1), m_new
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return acc, l_i, m_new
 
 
 # --------------------------------------------------------------------------------------------------

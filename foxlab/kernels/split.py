@@ -86,7 +86,7 @@ def _split_inner(acc, l_i, m_i, q, c_q, q_pos, key_lo, delta, K, V, C, c_rows, s
         s = _mask_scores(s, decay, delta[:, None], q_pos[:, None], keys[None, :], key_lo[:, None], CAUSAL, MASK_LO,
                          PRUNE)
         v = _load_tile(V + keys[:, None] * stride_vt + offs_d[None, :], keys, Tk, offs_d, HEAD_DIM, BLOCK_D, CAUSAL)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, tl.zeros_like(l_i), v, DOT_PRECISION)
     return acc, l_i, m_i
 
 
