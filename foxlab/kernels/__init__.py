@@ -50,9 +50,13 @@ from .common import LOG2E, triton
 # Everything below works in base 2: the wrapper stores c2 = log2(e) * c once, and the kernels scale
 # q k^T by qk_scale = log2(e) * sm_scale, so a logit in base 2 is
 #     s2_ij = qk_scale * q_i . k_j + (c2_{p_i} - c2_j)      and   P_ij = exp2(s2_ij - lse2_i).
-# The c difference is taken before it meets q.k: c grows to -1e4 and beyond on long sequences, and
-# subtracting two nearby float32 values is exact where adding a large one to q.k would round it. The split
-# kernel also reads natural c as the caller gave it (any strides) and scales the difference, log2(e) (c_i - c_j).
+# c grows to -1e4 and beyond on long sequences, so c never meets q.k on its own: adding it would round q.k away.
+# The blocked kernels split the decay around a nearby reference c2_ref (the block's first query, or first key):
+#     s2_ij = [qk_scale * q_i . k_j - (c2_j - c2_ref)] + (c2_{p_i} - c2_ref)
+# the bracket one multiply-add per score, the second term once per row, where it joins the running max or the lse
+# (`_relative_scores`); both terms stay small wherever P_ij is not negligible. The pruning mask still compares the
+# decay c2_{p_i} - c2_j itself, exactly as the pruning bounds do. The split kernel reads natural c as the caller
+# gave it (any strides) and scales the difference, log2(e) (c_i - c_j).
 #
 # Visibility of key j from query row i (key position p_i = Tk - Tq + i):
 #     key_lo_i <= j <= p_i
