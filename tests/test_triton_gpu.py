@@ -142,7 +142,8 @@ def test_auto_backend_uses_triton_on_cuda():
     assert "Triton" in type(out.grad_fn).__name__
 
 
-@pytest.mark.parametrize("B,T,H,Hkv,D", [(2, 2048, 8, 8, 64), (1, 4096, 8, 2, 128), (2, 1000, 4, 4, 96)])
+@pytest.mark.parametrize("B,T,H,Hkv,D", [(2, 2048, 8, 8, 64), (1, 4096, 8, 2, 128), (2, 1000, 4, 4, 96),
+                                       (1, 4096, 4, 2, 64)])  # the last: the long-sequence forward tiles
 def test_pruning_bf16(B, T, H, Hkv, D):
     """ACP at realistic sizes in bf16: the pruned kernels against the pruned torch path in float32, same threshold
     (gates on a 1/16 grid and thresholds between grid points, so both drop exactly the same scores)."""

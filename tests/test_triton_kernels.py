@@ -276,6 +276,20 @@ def test_short_grids_take_narrow_forward_tiles(monkeypatch):
     assert common._candidate_configs("fwd", 64, torch.bfloat16, cuda, grid_rows=(512, 16))[0].block_m == 64
 
 
+def test_long_sequences_take_wider_key_tiles_at_head_dim_64():
+    """From 4096 keys on, the head-dim-64 TMA forward reads 128 keys per step (16-bit inputs); shorter sequences,
+    head dim 128 and float32 keep their first choice. No GPU needed: only the choice is checked."""
+    common, cuda = kernels.common, torch.device("cuda")
+    choice = lambda D, keys, dtype=torch.bfloat16: common._candidate_configs("fwd_tma", D, dtype, cuda,  # noqa: E731
+                                                                            keys=keys)[0]
+    assert (choice(64, 4096).block_m, choice(64, 4096).block_n) == (64, 128)
+    assert choice(64, 4095) == choice(64, 0) == common._GPU_CONFIGS[("fwd_tma", 64)]
+    assert choice(128, 16384) == common._GPU_CONFIGS[("fwd_tma", 128)]
+    assert choice(64, 16384, torch.float32).block_n <= 64
+    fallbacks = common._candidate_configs("fwd_tma", 64, torch.bfloat16, cuda, keys=8192)[1:]
+    assert fallbacks and all(c.block_m * c.block_n < 64 * 128 for c in fallbacks)
+
+
 @pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,per_head,with_gate", [
     (2, 33, 33, 2, 2, 32, True, True),     # blocked kernels, per-head weights and the gate
     (1, 70, 70, 4, 2, 24, False, True),    # GQA, a shared weight vector, an odd head dim

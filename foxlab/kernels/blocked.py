@@ -453,7 +453,7 @@ def _triton_forward(q, k, v, c2, key_lo, threshold2, scale, out_norm=None):
             *_strides(gate), _weight_stride(weight), eps, H, Tq, Tk, scale * LOG2E, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, TMA=tma, **cfg.options(q.device, meta["PRUNE"]), **meta, **norm_meta)
 
-    _launch("fwd_tma" if tma else "fwd", q, meta["BLOCK_D"], launch, grid_rows=(Tq, B * H))
+    _launch("fwd_tma" if tma else "fwd", q, meta["BLOCK_D"], launch, grid_rows=(Tq, B * H), keys=Tk)
     return o, lse, query_bounds, y, rstd
 
 

@@ -190,6 +190,10 @@ _GPU_CONFIGS = {
     ("fwd_tma", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
     ("fwd_tma", 128): _KernelConfig(64, 64, 4, 3),
     ("fwd_tma", 256): _KernelConfig(64, 32, 4, 2),
+    # With at least _LONG_KEYS keys, 128-key tiles at head dim 64: half the loop trips and online-softmax rescales per
+    # key (+3% at 4096 keys to +11% at 16384 on an H200), where short sequences lose more to their wider diagonal tile
+    # (-2% at 2048, -10% at 1024; NOTES.md, session 9). At head dim 128 they lose everywhere (1 program per SM).
+    ("fwd_tma_long", 64): _KernelConfig(64, 128, 4, 3),
     ("dkdv", 16): _KernelConfig(64, 64, 4, 3),
     ("dkdv", 32): _KernelConfig(64, 64, 4, 3),
     ("dkdv", 64): _KernelConfig(64, 64, 4, 3),
@@ -226,18 +230,22 @@ _INTERPRET_CONFIGS = {
 # GPU than this (chunked prefill of a few hundred queries: 160 against 115 us at Tq 512, Tk 8192, 16 heads of 128);
 # such a call takes 64-row tiles of 4 warps, several programs per SM.
 _WIDE_TILE_MIN_WAVES = 2
+_LONG_KEYS = 4096
 # Tests and the benchmark's tuning sweep pin a configuration per kernel kind here.
 _CONFIG_OVERRIDES: dict[str, _KernelConfig] = {}
 _CONFIG_CHOSEN: dict[tuple, _KernelConfig] = {}
 
 
 def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torch.device,
-                       grid_rows: tuple[int, int] | None = None) -> list[_KernelConfig]:
+                       grid_rows: tuple[int, int] | None = None, keys: int = 0) -> list[_KernelConfig]:
     """The configurations to try, first choice first. grid_rows (rows, programs per row tile): the kernel's grid
-    runs cdiv(rows, block_m) x that many programs, for the short-grid rule (_WIDE_TILE_MIN_WAVES)."""
+    runs cdiv(rows, block_m) x that many programs, for the short-grid rule (_WIDE_TILE_MIN_WAVES); keys: how many
+    keys the rows read, for the kinds with a first choice of their own for long sequences (_LONG_KEYS)."""
     if device.type != "cuda":
         return [_INTERPRET_CONFIGS[kind]]
     first = _GPU_CONFIGS[(kind, block_d)]
+    if keys >= _LONG_KEYS and dtype != torch.float32:  # measured in 16 bits
+        first = _GPU_CONFIGS.get((f"{kind}_long", block_d), first)
     if dtype == torch.float32:  # twice the bytes per tile: start from half the tile
         first = _KernelConfig(max(16, first.block_m // 2), max(16, first.block_n // 2), first.num_warps, 2)
     if grid_rows is not None and first.block_m > 64:
@@ -249,16 +257,17 @@ def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torc
     return [first, *(c for c in _FALLBACK_CONFIGS if c.block_m * c.block_n < first.block_m * first.block_n)]
 
 
-def _launch(kind: str, q: torch.Tensor, block_d: int, launch, grid_rows: tuple[int, int] | None = None) -> None:
+def _launch(kind: str, q: torch.Tensor, block_d: int, launch, grid_rows: tuple[int, int] | None = None,
+            keys: int = 0) -> None:
     """Call ``launch(config)`` with the first configuration whose tiles fit the GPU's shared memory.
 
     The last one that fitted is tried first next time for the same first choice (decoding tiles grow with
-    Tq x GROUP, so it may not fit every call). grid_rows: see `_candidate_configs`.
+    Tq x GROUP, so it may not fit every call). grid_rows, keys: see `_candidate_configs`.
     """
     pinned = _CONFIG_OVERRIDES.get(kind, _CONFIG_OVERRIDES.get(kind.split("_")[0]))  # "fwd" pins "fwd_tma" too
     if pinned is not None:
         return launch(pinned)
-    configs = _candidate_configs(kind, block_d, q.dtype, q.device, grid_rows)
+    configs = _candidate_configs(kind, block_d, q.dtype, q.device, grid_rows, keys)
     key = (kind, block_d, q.dtype, q.device, configs[0])
     if key in _CONFIG_CHOSEN:
         configs = [_CONFIG_CHOSEN[key], *configs]
