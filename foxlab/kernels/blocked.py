@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from .common import LOG2E, _common_meta, _initial_max, _jit, _key_block_query_range, _launch, _load_rows, _load_tile, \
-    _load_vec, _mask_scores, _online_softmax_step, _or, _query_block_rows, _relative_scores, _strides, _tma_descriptor, \
-    _tma_wanted, tl, triton
+    _load_vec, _mask_scores, _online_softmax_step, _or, _query_block_rows, _relative_scores, _strides, \
+    _tma_descriptor, _tma_wanted, tl, triton
 from .pruning import _pruning_bounds, _query_block_pruning
 from ..fused import _rms_norm_input_grad, _rms_normalize, _sigmoid, _weight_grad, _weight_stride
 
@@ -110,12 +110,12 @@ def _fwd_kernel(Q, K, V, C, KEY_LO, DELTA, BOUNDS, O, LSE, W_OUT, GATE, Y, RSTD_
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = _initial_max(BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, c_ref, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, kv_row0,
-                               kv_col, Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM, BLOCK_D,
-                               BLOCK_N, DOT_PRECISION, TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, c_ref, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt, kv_row0,
-                               kv_col, Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, c_ref, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt,
+                               kv_row0, kv_col, Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM,
                                BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, c_ref, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt,
+                               kv_row0, kv_col, Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
     if PRUNE and start < band:  # a loop of its own, entered only when needed (header of kernels/__init__.py)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, c_q, c_ref, q_pos, key_lo, delta, K, V, C, stride_kt, stride_vt,
                                    kv_row0, kv_col, Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO, True,
@@ -322,8 +322,8 @@ def _bwd_dkdv_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, QUERY_HI, THRESHOLD, BO
 
 
 @_jit
-def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, c_ref, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt, kv_row0,
-                  kv_col, Tk, qk_scale, start, end, offs_n, offs_d,
+def _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, c_ref, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
+                  kv_row0, kv_col, Tk, qk_scale, start, end, offs_n, offs_d,
                   CAUSAL: tl.constexpr, MASK_LO: tl.constexpr, PRUNE: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dQ and the row sums of dS of one query block over key blocks [start, end) (K, V, c_ref and the
@@ -389,12 +389,12 @@ def _bwd_dq_kernel(Q, K, V, C, DO, LSE, DELTA, KEY_LO, THRESHOLD, BOUNDS, DQ, DC
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, c_ref, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
-                           kv_row0, kv_col, Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE, HEAD_DIM,
-                           BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
-    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, c_ref, q_pos, key_lo, threshold, K, V, C, stride_kt, stride_vt,
-                           kv_row0, kv_col, Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False, HEAD_DIM,
-                           BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, c_ref, q_pos, key_lo, threshold, K, V, C, stride_kt,
+                           stride_vt, kv_row0, kv_col, Tk, qk_scale, mid, end, offs_n, offs_d, True, MASK_LO, PRUNE,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
+    dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, c_ref, q_pos, key_lo, threshold, K, V, C, stride_kt,
+                           stride_vt, kv_row0, kv_col, Tk, qk_scale, band, mid, offs_n, offs_d, False, MASK_LO, False,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, TMA)
     if PRUNE and start < band:
         dq, dc = _bwd_dq_inner(dq, dc, q, do, lse, delta, c_q, c_ref, q_pos, key_lo, threshold, K, V, C, stride_kt,
                                stride_vt, kv_row0, kv_col, Tk, qk_scale, start, band, offs_n, offs_d, False, MASK_LO,
@@ -515,10 +515,13 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
     def key_values(cfg):  # TMA descriptors over k and v, or the tensors
         return (_tma_descriptor(k, cfg.block_n), _tma_descriptor(v, cfg.block_n)) if tma else (k, v)
 
-    _launch("dq_tma" if tma else "dq", q, meta["BLOCK_D"], lambda cfg: _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
-        q, *key_values(cfg), c2, do, lse, delta, lo, thr, dq_bounds(cfg), dq, dc_row, *strides, *dq.stride()[:3],
-        *_strides(key_lo, 2), H, Tq, Tk, scale, qk_scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **cfg.options(q.device, meta["PRUNE"]), **meta))
+    def launch_dq(cfg):
+        _bwd_dq_kernel[(triton.cdiv(Tq, cfg.block_m), B * H)](
+            q, *key_values(cfg), c2, do, lse, delta, lo, thr, dq_bounds(cfg), dq, dc_row, *strides, *dq.stride()[:3],
+            *_strides(key_lo, 2), H, Tq, Tk, scale, qk_scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **cfg.options(q.device, meta["PRUNE"]), **meta)
+
+    _launch("dq_tma" if tma else "dq", q, meta["BLOCK_D"], launch_dq)
     if gate_is_cumsum:  # dc_t = rowsum(dS) of the query at t - colsum(dS)_t (why the row sums stay: __init__.py)
         dc = dc_col.neg_()
         dc[:, :, Tk - Tq:] += dc_row
