@@ -66,7 +66,7 @@ def inspect_kernel(kernel: str, head_dim: int, tile, warps: int, stages: int, va
     flag set to ``variant``."""
     types, constexprs, attrs = signature(kernel, head_dim, tile, variant)
     compiled = triton.compile(ASTSource(KERNELS[kernel], types, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=warps, num_stages=stages))
+                            options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
