@@ -186,12 +186,9 @@ _GPU_CONFIGS = {
     ("fwd", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
     ("fwd", 128): _KernelConfig(128, 64, 8, 3),
     ("fwd", 256): _KernelConfig(64, 32, 4, 2),
+    # A variant kind ("fwd_tma") lists only the head dims where it differs from its base kind (`_lookup`).
     # TMA loads: 64-row tiles of 4 warps won at both head dims (the forward 1-7% faster than with pointers, NOTES.md)
-    ("fwd_tma", 16): _KernelConfig(64, 64, 4, 3),
-    ("fwd_tma", 32): _KernelConfig(64, 64, 4, 3),
-    ("fwd_tma", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
     ("fwd_tma", 128): _KernelConfig(64, 64, 4, 3),
-    ("fwd_tma", 256): _KernelConfig(64, 32, 4, 2),
     # With at least _LONG_KEYS keys, 128-key tiles at head dim 64: half the loop trips and online-softmax rescales per
     # key (+3% at 4096 keys to +11% at 16384 on an H200), where short sequences lose more to their wider diagonal tile
     # (-2% at 2048, -10% at 1024; NOTES.md, session 9). At head dim 128 they lose everywhere (1 program per SM).
@@ -207,11 +204,7 @@ _GPU_CONFIGS = {
     ("dq", 128): _KernelConfig(128, 64, 8, 2),
     ("dq", 256): _KernelConfig(128, 32, 8, 2),
     # TMA loads of k and v: one more stage paid at head dim 128 (2-5% on the whole backward, NOTES.md)
-    ("dq_tma", 16): _KernelConfig(64, 64, 4, 3),
-    ("dq_tma", 32): _KernelConfig(64, 64, 4, 3),
-    ("dq_tma", 64): _KernelConfig(64, 64, 4, 3, _SM_REGISTERS_3_PROGRAMS),
     ("dq_tma", 128): _KernelConfig(128, 64, 8, 3),
-    ("dq_tma", 256): _KernelConfig(128, 32, 8, 2),
     ("decode", 16): _KernelConfig(16, 128, 4, 3),
     ("decode", 32): _KernelConfig(16, 128, 4, 3),
     ("decode", 64): _KernelConfig(16, 128, 4, 3),
@@ -222,10 +215,8 @@ _FALLBACK_CONFIGS = (_KernelConfig(64, 64, 4, 2), _KernelConfig(32, 32, 4, 1), _
 # Under TRITON_INTERPRET: small tiles, unequal so that tests cross block edges both ways.
 _INTERPRET_CONFIGS = {
     "fwd": _KernelConfig(32, 16, 1, 1),
-    "fwd_tma": _KernelConfig(32, 16, 1, 1),
     "dkdv": _KernelConfig(16, 32, 1, 1),
     "dq": _KernelConfig(32, 16, 1, 1),
-    "dq_tma": _KernelConfig(32, 16, 1, 1),
     "decode": _KernelConfig(16, 16, 1, 1),
 }
 # A first choice of 128-row tiles (one 8-warp program per SM) leaves SMs idle when its grid fills fewer waves of the
@@ -238,14 +229,25 @@ _CONFIG_OVERRIDES: dict[str, _KernelConfig] = {}
 _CONFIG_CHOSEN: dict[tuple, _KernelConfig] = {}
 
 
+def _lookup(table: dict, kind: str, block_d: int | None = None):
+    """table's entry for kind (keyed (kind, block_d) when block_d is given), else its base kind's (the name before
+    "_": "fwd" for "fwd_tma"), else None: a variant kind lists only what it changes, and pinning "fwd" pins "fwd_tma"
+    too."""
+    for name in (kind, kind.split("_")[0]):
+        entry = table.get(name if block_d is None else (name, block_d))
+        if entry is not None:
+            return entry
+    return None
+
+
 def _candidate_configs(kind: str, block_d: int, dtype: torch.dtype, device: torch.device,
                        grid_rows: tuple[int, int] | None = None, keys: int = 0) -> list[_KernelConfig]:
     """The configurations to try, first choice first. grid_rows (rows, programs per row tile): the kernel's grid
     runs cdiv(rows, block_m) x that many programs, for the short-grid rule (_WIDE_TILE_MIN_WAVES); keys: how many
     keys the rows read, for the kinds with a first choice of their own for long sequences (_LONG_KEYS)."""
     if device.type != "cuda":
-        return [_INTERPRET_CONFIGS[kind]]
-    first = _GPU_CONFIGS[(kind, block_d)]
+        return [_lookup(_INTERPRET_CONFIGS, kind)]
+    first = _lookup(_GPU_CONFIGS, kind, block_d)
     if keys >= _LONG_KEYS and dtype != torch.float32:  # measured in 16 bits
         first = _GPU_CONFIGS.get((f"{kind}_long", block_d), first)
     if dtype == torch.float32:  # twice the bytes per tile: start from half the tile
@@ -266,7 +268,7 @@ def _launch(kind: str, q: torch.Tensor, block_d: int, launch, grid_rows: tuple[i
     The last one that fitted is tried first next time for the same first choice (decoding tiles grow with
     Tq x GROUP, so it may not fit every call). grid_rows, keys: see `_candidate_configs`.
     """
-    pinned = _CONFIG_OVERRIDES.get(kind, _CONFIG_OVERRIDES.get(kind.split("_")[0]))  # "fwd" pins "fwd_tma" too
+    pinned = _lookup(_CONFIG_OVERRIDES, kind)
     if pinned is not None:
         return launch(pinned)
     configs = _candidate_configs(kind, block_d, q.dtype, q.device, grid_rows, keys)
