@@ -5,7 +5,8 @@
     python benchmarks/attention.py --tune     # sweep block sizes per kernel and head dim first
     python benchmarks/attention.py --decode-only [--decode-sweep]   # decoding and chunked prefill only
 
-Rows: foxlab (Triton), foxlab with adaptive computation pruning ("+ ACP": threshold "auto", log eps = -10),
+Rows: foxlab (Triton; on Hopper its forward is kernels/hopper.py's warp-specialized one), foxlab with its portable
+forward kernel instead, foxlab with adaptive computation pruning ("+ ACP": threshold "auto", log eps = -10),
 the FoX paper's own kernel with and without its ACP (when a copy of it sits in `.anchors/`, a git-ignored
 folder: it is another project's code, benchmarked, never imported by foxlab), torch SDPA with the flash
 and cuDNN backends and no gate (the ceiling), torch flex_attention
@@ -185,6 +186,18 @@ def foxlab_acp(q, k, v, log_f):
     return forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto")
 
 
+def foxlab_portable(q, k, v, log_f):
+    """foxlab with its portable forward kernel even where hopper.py's warp-specialized one would run."""
+    hopper = kernels.blocked.hopper
+    if hopper is not None:
+        hopper.enabled = False
+    try:
+        return forgetting_attention(q, k, v, log_f, backend="triton")
+    finally:
+        if hopper is not None:
+            hopper.enabled = True
+
+
 def fla_attention():
     try:
         from fla.ops.forgetting_attn import parallel_forgetting_attn
@@ -202,6 +215,7 @@ def run_shape(shape, with_flex, with_reference, log_f=None) -> list[dict]:
     head_major.append(log_f.detach().transpose(1, 2).contiguous().requires_grad_())
     impls = [("foxlab triton", lambda *a: forgetting_attention(*a, backend="triton"), True),
              ("foxlab triton + ACP", foxlab_acp, True),
+             ("foxlab triton, portable forward", foxlab_portable, False),
              ("SDPA flash (no gate)", sdpa_flash, True)]  # (name, function, also time it eagerly)
     # The same SDPA on its own contiguous head-major layout, flash and cuDNN: ratios use the fastest SDPA row.
     extra = [("SDPA flash (no gate), (B,H,T,D)", sdpa_head_major("FLASH_ATTENTION")),

@@ -35,7 +35,7 @@ VARIANT = {"fwd": "TMA", "dq": "TMA", "dkdv": None}
 FLOAT_POINTERS = {"C", "KEY_LO", "QUERY_HI", "DELTA", "BOUNDS", "LSE", "W_OUT", "GATE", "Y", "RSTD_OUT", "THRESHOLD",
                   "DC_ROW", "DC_COL"}
 TILE_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-WATCHED = ("UTMALDG", "LDGSTS", "LDG", "STG", "REDG", "HGMMA", "MUFU", "SYNCS")
+WATCHED = ("UTMALDG", "LDGSTS", "LDG", "STG", "REDG", "HGMMA", "MUFU", "SYNCS", "USETMAXREG")
 
 
 def signature(kernel: str, head_dim: int, tile: tuple[int, int], variant: bool) -> tuple[dict, dict, dict]:
@@ -67,6 +67,33 @@ def inspect_kernel(kernel: str, head_dim: int, tile, warps: int, stages: int, va
     types, constexprs, attrs = signature(kernel, head_dim, tile, variant)
     compiled = triton.compile(ASTSource(KERNELS[kernel], types, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True))
+    return resources(compiled)
+
+
+def inspect_warp_specialized(head_dim: int) -> dict:
+    """`inspect_kernel` for hopper.py's warp-specialized forward (Gluon; its tiles are fixed), bf16, one kv head per
+    query head."""
+    import torch
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from foxlab.kernels import hopper
+
+    x = torch.zeros(2, 256, 2, head_dim, dtype=torch.bfloat16)
+    descs = dict(q_desc=hopper._descriptor(x, hopper.BLOCK_M), k_desc=hopper._descriptor(x, hopper.BLOCK_N),
+                 v_desc=hopper._descriptor(x, hopper.BLOCK_N), c_desc=hopper._descriptor(torch.zeros(2, 2, 256),
+                                                                                        hopper.BLOCK_N))
+    fn = hopper._fwd_kernel
+    types = {name: "constexpr" if i in fn.constexprs else mangle_type(descs[name]) if name in descs
+             else "*bf16" if name == "O" else "*fp32" if name in FLOAT_POINTERS else "fp32" if name == "qk_scale"
+             else "i32" for i, name in enumerate(fn.arg_names)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if types[name].startswith("*")}
+    source = GluonASTSource(fn, types, dict(GROUP=1, HEAD_DIM=head_dim), attrs)
+    return resources(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168)))
+
+
+def resources(compiled) -> dict:
+    """Registers, stack bytes, shared memory and the SASS mix of a kernel compiled for sm_90."""
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")

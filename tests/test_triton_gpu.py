@@ -176,3 +176,89 @@ def test_output_norm_in_the_kernels(Tq, Tk, H, Hkv, D, per_head, with_gate):
     errors = compare(attention_with_output_norm("triton"), attention_with_output_norm("reference"),
                      (*make_inputs(2, Tq, Tk, H, Hkv, D, torch.bfloat16), weight, gate), 1e-2)
     print(" ".join(f"{name} {err:.1e}" for name, err in errors.items()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hopper: the warp-specialized forward (kernels/hopper.py) and the portable one it replaces there.
+# --------------------------------------------------------------------------------------------------
+
+def _hopper():
+    from foxlab.kernels import blocked
+    return blocked.hopper if torch.cuda.get_device_capability() == (9, 0) else None
+
+
+hopper_only = pytest.mark.skipif(not torch.cuda.is_available() or _hopper() is None,
+                                 reason="needs an sm_90 GPU and a Triton with Gluon")
+
+
+@pytest.fixture
+def warp_specialized_calls(monkeypatch):
+    """The shapes of q that hopper.forward ran, in order."""
+    hopper, calls = _hopper(), []
+    forward = hopper.forward
+    monkeypatch.setattr(hopper, "forward", lambda q, *rest: calls.append(tuple(q.shape)) or forward(q, *rest))
+    return calls
+
+
+@hopper_only
+@pytest.mark.parametrize("B,T,H,Hkv,dtype", [
+    (2, 1000, 4, 4, torch.bfloat16),  # T not a multiple of the 128-row tiles
+    (1, 129, 4, 2, torch.float16),    # GQA, one row past a tile, c2's rows not 16 bytes apart (padded)
+    (3, 257, 2, 1, torch.float16),    # one kv head for two query heads; the second consumer's rows all past T
+    (1, 100, 4, 4, torch.bfloat16),   # shorter than one tile
+    (1, 4096, 8, 8, torch.bfloat16),  # more tiles than SMs: the persistent loop's later rounds
+])
+def test_warp_specialized_forward(warp_specialized_calls, B, T, H, Hkv, dtype):
+    """Output and all four gradients (the backward reads its lse) against the reference."""
+    check(B, T, H, 128, dtype, Hkv=Hkv)
+    assert warp_specialized_calls == [(B, T, H, 128)]
+
+
+@hopper_only
+@pytest.mark.parametrize("T", [3000, 3001])
+def test_warp_specialized_and_portable_forwards_agree(monkeypatch, T):
+    """Same inputs through both forwards: O to bf16 rounding, the lse (what the backward reads) to float32's."""
+    from foxlab.kernels import blocked
+    D = 128
+    q, k, v, log_f = make_inputs(2, T, T, 4, 2, D, torch.bfloat16)
+    c2 = blocked._base2_prefix_sums(log_f, False)
+    o_ws, lse_ws, *_ = blocked._triton_forward(q, k, v, c2, None, None, D ** -0.5)
+    monkeypatch.setattr(_hopper(), "enabled", False)
+    o, lse, *_ = blocked._triton_forward(q, k, v, c2, None, None, D ** -0.5)
+    assert rel_err(o_ws, o) <= 4e-3
+    assert (lse_ws - lse).abs().max() <= 1e-3 * lse.abs().max().clamp_min(1)
+
+
+@hopper_only
+def test_warp_specialized_forward_reads_stacked_projections(warp_specialized_calls):
+    """q, k, v as column slices of one (B, T, 3 * H * D) projection: rows 3 * H * D apart, read by TMA in place."""
+    B, T, H, D = 2, 700, 4, 128
+    qkv = torch.randn(B, T, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    log_f = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 3.0)
+    out = forgetting_attention(q, k, v, log_f, backend="triton")
+    ref = forgetting_attention_reference(*(t.double() for t in (q, k, v, log_f)))
+    assert warp_specialized_calls == [(B, T, H, D)]
+    assert rel_err(out, ref) <= 1e-2
+
+
+@hopper_only
+@pytest.mark.parametrize("case", ["padding", "chunked prefill", "pruning", "head dim 64", "float32", "output norm"])
+def test_portable_forward_where_the_warp_specialized_one_does_not_apply(warp_specialized_calls, case):
+    B, T, H, D = 2, 512, 4, 64 if case == "head dim 64" else 128
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    q, k, v, log_f = make_inputs(B, T, T, H, H, D, dtype)
+    kw = {"padding": dict(seq_start=torch.tensor([0, 100], device="cuda")), "pruning": dict(adaptive_threshold="auto"),
+          "output norm": dict(output_norm_weight=torch.ones(D, device="cuda"))}.get(case, {})
+    if case == "chunked prefill":
+        q = q[:, -100:]
+    out = forgetting_attention(q, k, v, log_f, backend="triton", **kw)
+    assert torch.isfinite(out).all() and not warp_specialized_calls
+
+
+@hopper_only
+def test_portable_forward_on_hopper(monkeypatch):
+    """The portable forward still serves everything the warp-specialized one does (other GPUs run it)."""
+    monkeypatch.setattr(_hopper(), "enabled", False)
+    check(2, 1024, 4, 128, Hkv=2)
+    check(1, 333, 4, 128, torch.float16)

@@ -303,3 +303,11 @@ def test_output_norm_in_the_kernels(B, Tq, Tk, H, Hkv, D, per_head, with_gate):
     gate = torch.randn(B, Tq, H, D) * 2 if with_gate else None
     compare(attention_with_output_norm("triton"), attention_with_output_norm("reference"),
             (*make_inputs(B, Tq, Tk, H, Hkv, D), weight, gate), 1e-4)
+
+
+def test_warp_specialized_forward_only_on_hopper_gpus():
+    """hopper.py's forward needs an sm_90 GPU: never on the CPU (the interpreter runs the portable kernels)."""
+    if kernels.blocked.hopper is None:
+        pytest.skip("this Triton has no Gluon")
+    q = torch.randn(1, 256, 2, 64, dtype=torch.bfloat16)
+    assert not kernels.blocked.hopper.usable(q, q, q)

@@ -11,6 +11,11 @@ from .common import LOG2E, _common_meta, _initial_max, _jit, _key_block_query_ra
 from .pruning import _pruning_bounds, _query_block_pruning
 from ..fused import _rms_norm_input_grad, _rms_normalize, _sigmoid, _weight_grad, _weight_stride
 
+try:  # a Triton with Gluon for Hopper (3.6 and later): the warp-specialized forward
+    from . import hopper
+except (ImportError, AttributeError):
+    hopper = None
+
 # Positions per step of the gate's prefix sums (one program per batch row and head).
 _GATE_BLOCK = 1024
 
@@ -425,8 +430,11 @@ def _triton_forward(q, k, v, c2, key_lo, threshold2, scale, out_norm=None):
     rstd); else y and rstd are None.
 
     threshold2: the pruning threshold in base 2 (B, H), or None. Optional tensors that are absent are passed
-    as c2: the kernels do not read them when their flag is off.
+    as c2: the kernels do not read them when their flag is off. On Hopper the common case (`hopper.usable`, with no
+    padding, pruning or output norm) takes hopper.py's warp-specialized forward instead of `_fwd_kernel`.
     """
+    if hopper is not None and key_lo is None and threshold2 is None and out_norm is None and hopper.usable(q, k, v):
+        return (*hopper.forward(q, k, v, c2, scale), {}, None, None)
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     meta = _common_meta(q, k, key_lo, threshold2)

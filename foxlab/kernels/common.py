@@ -136,15 +136,23 @@ def _key_block_query_range(n0, offset, q_end, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @_jit
-def _online_softmax_step(acc, l_i, m_i, t, r, v, DOT_PRECISION: tl.constexpr):
-    """One key block of the online softmax: base-2 scores s = t + r[:, None] (rows, keys), given as a tile t and a
-    per-row term r (`_relative_scores`), and values v (keys, D) into the running max m of s, denominator l and
-    unnormalized output acc. s itself is never formed: exp2(s - m) = exp2(t - (m - r)), one subtraction per score."""
+def _softmax_update(t, r, m_i, l_i):
+    """The online softmax's bookkeeping for one key block of base-2 scores s = t + r[:, None] (rows, keys), given as
+    a tile t and a per-row term r (`_relative_scores`): the new running max m of s, the block's unnormalized
+    probabilities p = exp2(s - m), the factor alpha = exp2(m_old - m) that rescales what was summed before, and the
+    new denominator l. s itself is never formed: exp2(s - m) = exp2(t - (m - r)), one subtraction per score."""
     m_new = tl.maximum(m_i, tl.max(t, 1) + r)
     p = tl.exp2(t - (m_new - r)[:, None])
     alpha = tl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@_jit
+def _online_softmax_step(acc, l_i, m_i, t, r, v, DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax (`_softmax_update`) with values v (keys, D) into the unnormalized output
+    acc; returns the new acc, l and m."""
+    p, alpha, m_new, l_i = _softmax_update(t, r, m_i, l_i)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    l_i = l_i * alpha + tl.sum(p, 1)
     return acc, l_i, m_new
 
 
@@ -307,7 +315,14 @@ def _tma_wanted(kind: str, *tensors: torch.Tensor) -> bool:
     D = q.shape[-1]
     if D < 16 or D & (D - 1) or D * q.element_size() > 512:
         return False
-    return all(t.stride(3) == 1 and t.stride(2) == D and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
+    return _tma_layout_ok(*tensors)
+
+
+def _tma_layout_ok(*tensors: torch.Tensor) -> bool:
+    """Whether each (B, T, heads, D) tensor is one (B * T, heads * D) matrix (`_tma_descriptor`) whose rows start
+    16 bytes apart or a multiple of that, as a TMA descriptor requires."""
+    return all(t.stride(3) == 1 and t.stride(2) == t.shape[3]
+               and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
                and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
 
 

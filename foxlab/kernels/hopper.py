@@ -1,0 +1,311 @@
+"""The forward of training and prefill on Hopper GPUs (sm_90), warp-specialized in Gluon, Triton's lower-level
+language: FlashAttention-3's division of work (Shah et al., 2024, "FlashAttention-3: Fast and Accurate Attention with
+Asynchrony and Low-precision") applied to forgetting attention.
+
+Per batch row b and query head h (kv head h // GROUP), q, k, v (T, D), base-2 prefix sums c2 (T,), causal:
+
+    s2_ij = qk_scale q_i . k_j + (c2_i - c2_j)   (j <= i),    O_i = sum_j exp2(s2_ij - lse2_i) v_j,
+    lse2_i = log2 sum_j exp2(s2_ij)
+
+exactly what `blocked._fwd_kernel` computes (and the same relative scores, `_relative_scores`, and online softmax,
+`_softmax_update`), with O (B, T, H, D) and lse2 (B, H, T) laid out as it lays them out, so its backward takes over.
+What differs is how a GPU's streaming multiprocessor (SM) spends its time. One program (a CTA) holds 12 warps:
+
+    producer     1 warp: TMA copies of the query tile (128 rows), then of each key block's K (with its c2) and V
+                 (128 keys) into two-deep rings in shared memory, as soon as both consumers have released a slot
+    consumer 0   4 warps (a warp group): query rows [0, 64) of the tile
+    consumer 1   4 warps: rows [64, 128)
+
+A consumer runs the key blocks from the diagonal backwards. In each it issues S = q k^T for this block and
+P v for the previous one as asynchronous warp-group matmuls (wgmma), then does this block's softmax while P v is
+still on the tensor cores. The two consumers take turns issuing (a ping-pong through two mbarriers), so one's
+softmax runs under the other's matmuls. Only the diagonal block is masked. The grid is persistent: one program
+per SM loops over tiles dealt longest first in snake order, so the producer already loads the next tile while the
+consumers finish this one. The portable kernels get no such overlap from Triton 3.6 for sm_90.
+
+At head dim 128 on an H200 this forward reaches 0.88-1.00x the speed of cuDNN's causal attention without a gate,
+where `blocked._fwd_kernel` reaches 0.80-0.83x (BENCHMARKS.md). It serves the common case only: 16-bit q, k, v of
+head dim 128 laid out as TMA can read them, Tq == Tk, no padding, no pruning, no fused output norm (`usable`);
+everything else, and every other GPU, takes the portable kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .common import LOG2E, _multiprocessors, _relative_scores, _softmax_update, _tma_layout_ok, triton
+
+# Triton 3.9 renamed the TMA load (async_copy_global_to_shared); both names take the same arguments.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+# Query rows per consumer warp group and keys per block: with two-deep K and V rings the 2 x 64 query rows fill
+# 160 KiB of shared memory at D = 128, and the 12 warps take the whole register file (`_fwd_kernel`), one program
+# per SM.
+BLOCK_M, BLOCK_N = 64, 128
+# Head dim 64 was not faster than the portable forward in this form (benchmarks/NOTES.md), so it stays there.
+HEAD_DIMS = (128,)
+# Tests turn this off to compare with the portable forward on the same inputs.
+enabled = True
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `forward` can run these (B, T, heads, D) tensors: an sm_90 GPU (not the interpreter), bf16 or fp16
+    throughout, D 128, the same number of queries and keys, and each tensor one (B * T, heads * D) matrix for
+    TMA (`_tma_layout_ok`). The caller checks what this kernel leaves out (padding, pruning, the output norm)."""
+    return (enabled and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(q.device) == (9, 0)
+            and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
+            and q.shape[-1] in HEAD_DIMS and q.shape[1] == k.shape[1] and _tma_layout_ok(q, k, v))
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2: torch.Tensor, scale: float):
+    """O (B, T, H, D) in q's dtype and the base-2 lse (B, H, T) float32 of causal forgetting attention; c2 (B, H, T)
+    float32 contiguous, the base-2 prefix sums of the gate (`blocked._base2_prefix_sums`; copied to rows of a
+    multiple of 4 floats when T is not one); k, v may have fewer heads (GQA). Inputs as `usable` accepts them."""
+    B, T, H, D = q.shape
+    stride_c = triton.cdiv(T, 4) * 4  # TMA reads each row of c2 from a 16-byte-aligned start
+    c2 = c2 if stride_c == T else torch.nn.functional.pad(c2, (0, stride_c - T))
+    o = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    n_tiles = triton.cdiv(T, 2 * BLOCK_M) * B * H
+    grid = (min(n_tiles, _multiprocessors(q.device)),)
+    descriptors = (_descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(c2, BLOCK_N))
+    _fwd_kernel[grid](*descriptors, c2, o, lse, T, stride_c, H, B * H, scale * LOG2E, GROUP=H // k.shape[2],
+                      HEAD_DIM=D, num_warps=4, maxnreg=168)
+    return o, lse
+
+
+def _descriptor(t: torch.Tensor, block_rows: int):
+    """A TMA descriptor over t (B, T, heads, D) as the (B * T, heads * D) matrix, in (block_rows, D) tiles; over c2
+    (B, H, T') as one vector of B * H * T' floats, in block_rows pieces."""
+    if t.dim() == 3:
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+        return TensorDescriptor(t, [t.numel()], [1], [block_rows], layout)
+    B, T, heads, D = t.shape
+    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([block_rows, D], dtype)
+    return TensorDescriptor(t, [B * T, heads * D], [t.stride(1), 1], [block_rows, D], layout)
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernel: the program's shared state, the tile order, the producer, the consumers.
+# --------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _tile(n, n_row_blocks, BH):
+    """The program's n-th tile. Tiles are ranked longest first (the last query rows of every (batch, head), then
+    the rows before them) and dealt to the programs in snake order, left to right in even rounds and right to left
+    in odd ones, so every program gets about the same number of key blocks. Returns (query row block of 128 rows,
+    batch-head, whether this round has a tile for this program)."""
+    P = gl.num_programs(0)
+    pid = gl.program_id(0)
+    rank = n * P + gl.where(n % 2 == 0, pid, P - 1 - pid)
+    return n_row_blocks - 1 - rank // BH, rank % BH, rank < n_row_blocks * BH
+
+
+@gluon.jit
+def _producer(state, descs):
+    """One warp: per tile, the two query tiles (once both consumers are done with the last ones), then each key
+    block's K (with its c2) and V, each into its ring slot as soon as both consumers have released it."""
+    (q_smem, k_smem, v_smem, c_smem, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, T, stride_c, H, BH,
+     n_row_blocks, GROUP) = state
+    BM: gl.constexpr = q_smem.type.shape[1]
+    BN: gl.constexpr = k_smem.type.shape[1]
+    D: gl.constexpr = k_smem.type.shape[2]
+    NBUF: gl.constexpr = k_smem.type.shape[0]
+    q_desc, k_desc, v_desc, c_desc = descs
+    ring = 0  # key blocks loaded so far, over all tiles: the ring slot and its phase
+    tiles = 0
+    for n in range(gl.cdiv(n_row_blocks * BH, gl.num_programs(0))):
+        row_block, bh, has_tile = _tile(n, n_row_blocks, BH)
+        if has_tile:
+            m0 = row_block * 2 * BM
+            row0 = (bh // H) * T  # the sequence's first row in the (B * T, heads * D) matrices
+            mbarrier.wait(q_free, (tiles & 1) ^ 1)
+            mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+            _tma_load(q_desc, [row0 + m0, (bh % H) * D], q_ready, q_smem.index(0))
+            _tma_load(q_desc, [row0 + m0 + BM, (bh % H) * D], q_ready, q_smem.index(1))
+            kv_col = ((bh % H) // GROUP) * D
+            n_blocks = gl.cdiv(m0 + 2 * BM, BN)
+            for i in range(n_blocks):
+                n0 = (n_blocks - 1 - i) * BN  # the diagonal block first, then older keys
+                slot = (ring + i) % NBUF
+                free_phase = (((ring + i) // NBUF) & 1) ^ 1
+                mbarrier.wait(k_free.index(slot), free_phase)
+                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes + c_desc.block_type.nbytes)
+                _tma_load(k_desc, [row0 + n0, kv_col], k_ready.index(slot), k_smem.index(slot))
+                _tma_load(c_desc, [bh * stride_c + n0], k_ready.index(slot), c_smem.index(slot))
+                mbarrier.wait(v_free.index(slot), free_phase)
+                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+                _tma_load(v_desc, [row0 + n0, kv_col], v_ready.index(slot), v_smem.index(slot))
+            ring += n_blocks
+            tiles += 1
+
+
+@gluon.jit
+def _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, l_i, qk_scale, MASK: gl.constexpr):
+    """Scores of one block (rows, keys) from S = q k^T, causally masked on the diagonal, into the online softmax."""
+    t = _relative_scores(s, c_k[None, :], c_ref, qk_scale)
+    if MASK:
+        t = gl.where(keys[None, :] <= rows[:, None], t, float("-inf"))
+    return _softmax_update(t, r, m_i, l_i)
+
+
+@gluon.jit
+def _key_block(slot_index, n0, q, p, acc, m_i, l_i, turns, rows, c_ref, r, qk_scale, state, j: gl.constexpr,
+               MASK: gl.constexpr):
+    """Consumer j's work on one key block (keys n0 + [0, BN), ring position slot_index), FA3's overlap within a
+    warp group: this block's S = q k^T is issued before the previous block's P v, and this block's softmax runs
+    while that P v is in flight. Returns the new P (of this block, for the next call's P v), acc, m, l, turns."""
+    (q_smem, k_smem, v_smem, c_smem, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, T, stride_c, H, BH,
+     n_row_blocks, GROUP) = state
+    BM: gl.constexpr = q_smem.type.shape[1]
+    BN: gl.constexpr = k_smem.type.shape[1]
+    D: gl.constexpr = k_smem.type.shape[2]
+    NBUF: gl.constexpr = k_smem.type.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    slot, prev = slot_index % NBUF, (slot_index - 1) % NBUF
+    mbarrier.wait(turn.index(j), turns & 1)  # this consumer's turn to issue matmuls
+    mbarrier.wait(k_ready.index(slot), (slot_index // NBUF) & 1)
+    s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), gl.zeros([BM, BN], gl.float32, layout=s_layout),
+                      use_acc=False, is_async=True)
+    mbarrier.wait(v_ready.index(prev), ((slot_index - 1) // NBUF) & 1)
+    acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_smem.index(prev), acc, is_async=True)
+    mbarrier.arrive(turn.index(1 - j), count=1)  # the other consumer's turn
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+    c_k = c_smem.index(slot).load(gl.SliceLayout(0, s_layout))
+    mbarrier.arrive(k_free.index(slot), count=1)
+    keys = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    p, alpha, m_i, l_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, l_i, qk_scale, MASK)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    mbarrier.arrive(v_free.index(prev), count=1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    return p, acc, m_i, l_i, turns + 1
+
+
+@gluon.jit
+def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, state):
+    """Warp group j: query rows [j * BM, (j + 1) * BM) of every tile of this program. Writes O and the lse."""
+    (q_smem, k_smem, v_smem, c_smem, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, T, stride_c, H, BH,
+     n_row_blocks, GROUP) = state
+    BM: gl.constexpr = q_smem.type.shape[1]
+    BN: gl.constexpr = k_smem.type.shape[1]
+    D: gl.constexpr = k_smem.type.shape[2]
+    NBUF: gl.constexpr = k_smem.type.shape[0]
+    # Key blocks that reach past this group's first row need the causal mask.
+    N_DIAGONAL: gl.constexpr = (2 * BM) // BN
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    q = q_smem.index(j)
+    if j == 1:
+        mbarrier.arrive(turn.index(0), count=1)  # consumer 0 issues first
+    ring = 0
+    turns = 0
+    tiles = 0
+    for n in range(gl.cdiv(n_row_blocks * BH, gl.num_programs(0))):
+        row_block, bh, has_tile = _tile(n, n_row_blocks, BH)
+        if has_tile:
+            m0 = row_block * 2 * BM
+            first = m0 + j * BM
+            rows = first + gl.arange(0, BM, layout=row_layout)
+            c_q = gl.load(C + bh * stride_c + rows, mask=rows < T, other=0.0)
+            c_ref = gl.load(C + bh * stride_c + gl.minimum(first, T - 1))  # the group's first row, as the portable
+            r = c_q - c_ref
+            n_blocks = gl.cdiv(m0 + 2 * BM, BN)
+            # The diagonal block: S and its softmax only (its P v is issued with the next block's S).
+            mbarrier.wait(q_ready, tiles & 1)
+            mbarrier.wait(turn.index(j), turns & 1)
+            slot = ring % NBUF
+            mbarrier.wait(k_ready.index(slot), (ring // NBUF) & 1)
+            s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), gl.zeros([BM, BN], gl.float32, layout=s_layout),
+                              use_acc=False, is_async=True)
+            mbarrier.arrive(turn.index(1 - j), count=1)
+            turns += 1
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            c_k = c_smem.index(slot).load(gl.SliceLayout(0, s_layout))
+            mbarrier.arrive(k_free.index(slot), count=1)
+            keys = (n_blocks - 1) * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+            m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_layout)
+            l_i = gl.zeros([BM], gl.float32, layout=row_layout)
+            p, alpha, m_i, l_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, l_i, qk_scale, True)
+            acc = gl.zeros([BM, D], gl.float32, layout=o_layout)
+            for i in range(1, N_DIAGONAL):
+                p, acc, m_i, l_i, turns = _key_block(ring + i, (n_blocks - 1 - i) * BN, q, p, acc, m_i, l_i, turns,
+                                                     rows, c_ref, r, qk_scale, state, j, True)
+            for i in range(N_DIAGONAL, n_blocks):
+                p, acc, m_i, l_i, turns = _key_block(ring + i, (n_blocks - 1 - i) * BN, q, p, acc, m_i, l_i, turns,
+                                                     rows, c_ref, r, qk_scale, state, j, False)
+            mbarrier.arrive(q_free, count=1)  # this group's last q k^T is done
+            last = ring + n_blocks - 1
+            mbarrier.wait(v_ready.index(last % NBUF), (last // NBUF) & 1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_smem.index(last % NBUF), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(v_free.index(last % NBUF), count=1)
+            o = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+            o_rows = first + gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
+            o_cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+            offsets = ((bh // H) * T + o_rows).to(gl.int64)[:, None] * (H * D) + (bh % H) * D + o_cols[None, :]
+            gl.store(O + offsets, o.to(O.dtype.element_ty), mask=(o_rows < T)[:, None])
+            gl.store(LSE + bh * T + rows, m_i + gl.log2(l_i), mask=rows < T)
+            ring += n_blocks
+            tiles += 1
+
+
+@gluon.jit
+def _consumer_0(C, O, LSE, qk_scale, state):
+    _consumer(0, C, O, LSE, qk_scale, state)
+
+
+@gluon.jit
+def _consumer_1(C, O, LSE, qk_scale, state):
+    _consumer(1, C, O, LSE, qk_scale, state)
+
+
+@gluon.jit
+def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, O, LSE, T, stride_c, H, BH, qk_scale, GROUP: gl.constexpr,
+                HEAD_DIM: gl.constexpr):
+    """Causal forgetting attention, O (B, T, H, D) and LSE (B, H, T) as in the module docstring; q, k, v through
+    their (B * T, heads * D) TMA descriptors, C (B, H, stride_c) the base-2 prefix sums (also read through c_desc),
+    stride_c >= T a multiple of 4."""
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    BN: gl.constexpr = k_desc.block_type.shape[0]
+    NBUF: gl.constexpr = 2
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NBUF, BN, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NBUF, BN, HEAD_DIM], v_desc.layout)
+    c_smem = gl.allocate_shared_memory(gl.float32, [NBUF, BN], c_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    k_free = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    v_free = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)  # the producer's TMA copies complete the "ready" barriers
+    mbarrier.init(q_free, count=2)  # both consumers release a buffer
+    for i in gl.static_range(NBUF):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_free.index(i), count=2)
+        mbarrier.init(v_free.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    state = (q_smem, k_smem, v_smem, c_smem, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, T, stride_c, H,
+             BH, gl.cdiv(T, 2 * BM), GROUP)
+    # Registers per thread: 24 for the producer's warp group, 240 for each consumer's (the 64 x 128 float32
+    # scores, the 64 x D accumulator, P).
+    gl.warp_specialize([(_consumer_0, (C, O, LSE, qk_scale, state)),
+                        (_producer, (state, (q_desc, k_desc, v_desc, c_desc))),
+                        (_consumer_1, (C, O, LSE, qk_scale, state))], [1, 4], [24, 240])
