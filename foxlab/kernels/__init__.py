@@ -6,6 +6,7 @@ below says what each kernel computes and where it lives; docs/fox.md derives it.
 
     common.py    tile loads, masks, block ranges, launch configuration
     blocked.py   training and prefill: forward, backward, the gate's prefix sums and gradient
+    hopper.py    the forward of training and prefill on Hopper GPUs, warp-specialized (Gluon), for the common case
     split.py     decoding and short chunked prefill: the split-key forward and its merge
     pruning.py   adaptive computation pruning: the "auto" threshold and the block bounds
 """
@@ -28,7 +29,9 @@ from .common import LOG2E, triton
 #   forward    c = cumsum(log f)                          `_gate_cumsum_kernel`, float32 (skipped when the
 #                                                         caller passes c itself, as a decoding cache does)
 #              O = softmax(s q k^T + D) v, lse per row     `_fwd_kernel`; decoding (Tq x GROUP <= 64 rows) and
-#                                                         short chunked prefill: `_fwd_split_kernel`
+#                                                         short chunked prefill: `_fwd_split_kernel`; on an
+#                                                         sm_90 GPU, 16-bit, head dim 128, Tq = Tk, no padding,
+#                                                         pruning or output norm: hopper.py's `_fwd_kernel`
 #   backward   delta_i = sum_d O_id dO_id                  `_bwd_delta_kernel`
 # FoX Pro's output norm (and gate) of O can ride along: the forward's epilogue also writes Y = norm(O) (* sigmoid
 # gate) and its rstd, and the delta kernel first takes dY back through the norm to dO (the formulas of fused.py).
