@@ -193,6 +193,48 @@ def _key_block(slot_index, n0, q, p, acc, m_i, l_i, turns, rows, c_ref, r, qk_sc
 
 
 @gluon.jit
+def _diagonal_block(slot_index, n0, q, turns, rows, c_ref, r, qk_scale, state, j: gl.constexpr):
+    """Consumer j's first key block of a tile, the diagonal (keys n0 + [0, BN), the only masked one): S and its
+    softmax only, as there is no previous block's P v to overlap; this block's P v goes out with the next block's S.
+    Returns P, m, l, turns."""
+    (q_smem, k_smem, v_smem, c_smem, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, T, stride_c, H, BH,
+     n_row_blocks, GROUP) = state
+    BM: gl.constexpr = q_smem.type.shape[1]
+    BN: gl.constexpr = k_smem.type.shape[1]
+    NBUF: gl.constexpr = k_smem.type.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    slot = slot_index % NBUF
+    mbarrier.wait(turn.index(j), turns & 1)
+    mbarrier.wait(k_ready.index(slot), (slot_index // NBUF) & 1)
+    s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), gl.zeros([BM, BN], gl.float32, layout=s_layout),
+                      use_acc=False, is_async=True)
+    mbarrier.arrive(turn.index(1 - j), count=1)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    c_k = c_smem.index(slot).load(gl.SliceLayout(0, s_layout))
+    mbarrier.arrive(k_free.index(slot), count=1)
+    keys = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([BM], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    p, alpha, m_i, l_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, l_i, qk_scale, True)
+    return p, m_i, l_i, turns + 1
+
+
+@gluon.jit
+def _write_rows(acc, l_i, m_i, rows, first, bh, O, LSE, T, H):
+    """A group's epilogue: O = acc / l for its rows [first, first + BM) below T (O (B, T, H, D) contiguous; bh the
+    batch-head), and the base-2 lse m + log2(l) for the rows `rows` (the scores' row layout)."""
+    BM: gl.constexpr = acc.type.shape[0]
+    D: gl.constexpr = acc.type.shape[1]
+    o_layout: gl.constexpr = acc.type.layout
+    o = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    o_rows = first + gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
+    o_cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    offsets = ((bh // H) * T + o_rows).to(gl.int64)[:, None] * (H * D) + (bh % H) * D + o_cols[None, :]
+    gl.store(O + offsets, o.to(O.dtype.element_ty), mask=(o_rows < T)[:, None])
+    gl.store(LSE + bh * T + rows, m_i + gl.log2(l_i), mask=rows < T)
+
+
+@gluon.jit
 def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, state):
     """Warp group j: query rows [j * BM, (j + 1) * BM) of every tile of this program. Writes O and the lse."""
     (q_smem, k_smem, v_smem, c_smem, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, T, stride_c, H, BH,
@@ -223,22 +265,9 @@ def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, state):
             c_ref = gl.load(C + bh * stride_c + gl.minimum(first, T - 1))  # the group's first row, as the portable
             r = c_q - c_ref
             n_blocks = gl.cdiv(m0 + 2 * BM, BN)
-            # The diagonal block: S and its softmax only (its P v is issued with the next block's S).
             mbarrier.wait(q_ready, tiles & 1)
-            mbarrier.wait(turn.index(j), turns & 1)
-            slot = ring % NBUF
-            mbarrier.wait(k_ready.index(slot), (ring // NBUF) & 1)
-            s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), gl.zeros([BM, BN], gl.float32, layout=s_layout),
-                              use_acc=False, is_async=True)
-            mbarrier.arrive(turn.index(1 - j), count=1)
-            turns += 1
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            c_k = c_smem.index(slot).load(gl.SliceLayout(0, s_layout))
-            mbarrier.arrive(k_free.index(slot), count=1)
-            keys = (n_blocks - 1) * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
-            m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_layout)
-            l_i = gl.zeros([BM], gl.float32, layout=row_layout)
-            p, alpha, m_i, l_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, l_i, qk_scale, True)
+            p, m_i, l_i, turns = _diagonal_block(ring, (n_blocks - 1) * BN, q, turns, rows, c_ref, r, qk_scale,
+                                                 state, j)
             acc = gl.zeros([BM, D], gl.float32, layout=o_layout)
             for i in range(1, N_DIAGONAL):
                 p, acc, m_i, l_i, turns = _key_block(ring + i, (n_blocks - 1 - i) * BN, q, p, acc, m_i, l_i, turns,
@@ -253,12 +282,7 @@ def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, state):
                                 is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(v_free.index(last % NBUF), count=1)
-            o = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-            o_rows = first + gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
-            o_cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-            offsets = ((bh // H) * T + o_rows).to(gl.int64)[:, None] * (H * D) + (bh % H) * D + o_cols[None, :]
-            gl.store(O + offsets, o.to(O.dtype.element_ty), mask=(o_rows < T)[:, None])
-            gl.store(LSE + bh * T + rows, m_i + gl.log2(l_i), mask=rows < T)
+            _write_rows(acc, l_i, m_i, rows, first, bh, O, LSE, T, H)
             ring += n_blocks
             tiles += 1
 
