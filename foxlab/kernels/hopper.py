@@ -29,13 +29,12 @@ head dim 128 laid out as TMA can read them, Tq == Tk, no padding, no pruning, no
 everything else, and every other GPU, takes the portable kernels.
 """
 
-from __future__ import annotations
-
 import os
 
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.language.core import _aggregate as aggregate  # Triton >= 3.9 also names it gluon.aggregate
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -98,6 +97,47 @@ def _descriptor(t: torch.Tensor, block_rows: int):
 # --------------------------------------------------------------------------------------------------
 
 
+@aggregate
+class _Shared:
+    """One program's shared memory and the mbarriers that pass it between the producer and the consumers: q (2, BM, D),
+    the tile's query rows, one half per consumer; k, v (NBUF, BN, D) and c (NBUF, BN), rings of key blocks and their
+    c2. A "ready" barrier completes when the producer's TMA copies into its slot have landed, a "free" one when both
+    consumers have released the slot; turn (2,) says which consumer issues matmuls next."""
+    q: gl.shared_memory_descriptor
+    k: gl.shared_memory_descriptor
+    v: gl.shared_memory_descriptor
+    c: gl.shared_memory_descriptor
+    q_ready: gl.shared_memory_descriptor
+    q_free: gl.shared_memory_descriptor
+    k_ready: gl.shared_memory_descriptor
+    k_free: gl.shared_memory_descriptor
+    v_ready: gl.shared_memory_descriptor
+    v_free: gl.shared_memory_descriptor
+    turn: gl.shared_memory_descriptor
+    BM: gl.constexpr  # query rows per consumer
+    BN: gl.constexpr  # keys per block
+    D: gl.constexpr
+    NBUF: gl.constexpr  # ring slots
+    S_LAYOUT: gl.constexpr  # a consumer's scores S (BM, BN) as wgmma leaves them in its 4 warps
+    O_LAYOUT: gl.constexpr  # its output accumulator (BM, D)
+    P_LAYOUT: gl.constexpr  # P (BM, BN) as wgmma's A operand
+
+    @gluon.constexpr_function
+    def __init__(self, q, k, v, c, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn):
+        self.q, self.k, self.v, self.c = q, k, v, c
+        self.q_ready, self.q_free, self.k_ready, self.k_free = q_ready, q_free, k_ready, k_free
+        self.v_ready, self.v_free, self.turn = v_ready, v_free, turn
+        self.BM = gl.constexpr(q.type.shape[1])
+        self.BN = gl.constexpr(k.type.shape[1])
+        self.D = gl.constexpr(k.type.shape[2])
+        self.NBUF = gl.constexpr(k.type.shape[0])
+        self.S_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                               instr_shape=[16, self.BN, 16]))
+        self.O_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                               instr_shape=[16, self.D, 16]))
+        self.P_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=self.O_LAYOUT, k_width=2))
+
+
 @gluon.jit
 def _tile(n, n_row_blocks, BH):
     """The program's n-th tile. Tiles are ranked longest first (the last query rows of every (batch, head), then
@@ -111,40 +151,35 @@ def _tile(n, n_row_blocks, BH):
 
 
 @gluon.jit
-def _producer(state, descs):
+def _producer(sh: _Shared, dims, descs, GROUP: gl.constexpr):
     """One warp: per tile, the two query tiles (once both consumers are done with the last ones), then each key
     block's K (with its c2) and V, each into its ring slot as soon as both consumers have released it."""
-    (q_smem, k_smem, v_smem, c_smem, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, T, stride_c, H, BH,
-     n_row_blocks, GROUP) = state
-    BM: gl.constexpr = q_smem.type.shape[1]
-    BN: gl.constexpr = k_smem.type.shape[1]
-    D: gl.constexpr = k_smem.type.shape[2]
-    NBUF: gl.constexpr = k_smem.type.shape[0]
+    T, stride_c, H, BH, n_row_blocks = dims
     q_desc, k_desc, v_desc, c_desc = descs
     ring = 0  # key blocks loaded so far, over all tiles: the ring slot and its phase
     tiles = 0
     for n in range(gl.cdiv(n_row_blocks * BH, gl.num_programs(0))):
         row_block, bh, has_tile = _tile(n, n_row_blocks, BH)
         if has_tile:
-            m0 = row_block * 2 * BM
+            m0 = row_block * 2 * sh.BM
             row0 = (bh // H) * T  # the sequence's first row in the (B * T, heads * D) matrices
-            mbarrier.wait(q_free, (tiles & 1) ^ 1)
-            mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
-            _tma_load(q_desc, [row0 + m0, (bh % H) * D], q_ready, q_smem.index(0))
-            _tma_load(q_desc, [row0 + m0 + BM, (bh % H) * D], q_ready, q_smem.index(1))
-            kv_col = ((bh % H) // GROUP) * D
-            n_blocks = gl.cdiv(m0 + 2 * BM, BN)
+            mbarrier.wait(sh.q_free, (tiles & 1) ^ 1)
+            mbarrier.expect(sh.q_ready, 2 * q_desc.block_type.nbytes)
+            _tma_load(q_desc, [row0 + m0, (bh % H) * sh.D], sh.q_ready, sh.q.index(0))
+            _tma_load(q_desc, [row0 + m0 + sh.BM, (bh % H) * sh.D], sh.q_ready, sh.q.index(1))
+            kv_col = ((bh % H) // GROUP) * sh.D
+            n_blocks = gl.cdiv(m0 + 2 * sh.BM, sh.BN)
             for i in range(n_blocks):
-                n0 = (n_blocks - 1 - i) * BN  # the diagonal block first, then older keys
-                slot = (ring + i) % NBUF
-                free_phase = (((ring + i) // NBUF) & 1) ^ 1
-                mbarrier.wait(k_free.index(slot), free_phase)
-                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes + c_desc.block_type.nbytes)
-                _tma_load(k_desc, [row0 + n0, kv_col], k_ready.index(slot), k_smem.index(slot))
-                _tma_load(c_desc, [bh * stride_c + n0], k_ready.index(slot), c_smem.index(slot))
-                mbarrier.wait(v_free.index(slot), free_phase)
-                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-                _tma_load(v_desc, [row0 + n0, kv_col], v_ready.index(slot), v_smem.index(slot))
+                n0 = (n_blocks - 1 - i) * sh.BN  # the diagonal block first, then older keys
+                slot = (ring + i) % sh.NBUF
+                free_phase = (((ring + i) // sh.NBUF) & 1) ^ 1
+                mbarrier.wait(sh.k_free.index(slot), free_phase)
+                mbarrier.expect(sh.k_ready.index(slot), k_desc.block_type.nbytes + c_desc.block_type.nbytes)
+                _tma_load(k_desc, [row0 + n0, kv_col], sh.k_ready.index(slot), sh.k.index(slot))
+                _tma_load(c_desc, [bh * stride_c + n0], sh.k_ready.index(slot), sh.c.index(slot))
+                mbarrier.wait(sh.v_free.index(slot), free_phase)
+                mbarrier.expect(sh.v_ready.index(slot), v_desc.block_type.nbytes)
+                _tma_load(v_desc, [row0 + n0, kv_col], sh.v_ready.index(slot), sh.v.index(slot))
             ring += n_blocks
             tiles += 1
 
@@ -159,64 +194,53 @@ def _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, l_i, qk_scale, MASK: 
 
 
 @gluon.jit
-def _key_block(slot_index, n0, q, p, acc, m_i, l_i, turns, rows, c_ref, r, qk_scale, state, j: gl.constexpr,
+def _diagonal_block(slot_index, n0, q, turns, rows, c_ref, r, qk_scale, sh: _Shared, j: gl.constexpr):
+    """Consumer j's first key block of a tile, the diagonal (keys n0 + [0, BN), the only masked one): S and its
+    softmax only, as there is no previous block's P v to overlap; this block's P v goes out with the next block's S.
+    Returns P, m, l, turns."""
+    s_layout: gl.constexpr = sh.S_LAYOUT
+    slot = slot_index % sh.NBUF
+    mbarrier.wait(sh.turn.index(j), turns & 1)
+    mbarrier.wait(sh.k_ready.index(slot), (slot_index // sh.NBUF) & 1)
+    s = warpgroup_mma(q, sh.k.index(slot).permute((1, 0)), gl.zeros([sh.BM, sh.BN], gl.float32, layout=s_layout),
+                      use_acc=False, is_async=True)
+    mbarrier.arrive(sh.turn.index(1 - j), count=1)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    c_k = sh.c.index(slot).load(gl.SliceLayout(0, s_layout))
+    mbarrier.arrive(sh.k_free.index(slot), count=1)
+    keys = n0 + gl.arange(0, sh.BN, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([sh.BM], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([sh.BM], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    p, alpha, m_i, l_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, l_i, qk_scale, True)
+    return p, m_i, l_i, turns + 1
+
+
+@gluon.jit
+def _key_block(slot_index, n0, q, p, acc, m_i, l_i, turns, rows, c_ref, r, qk_scale, sh: _Shared, j: gl.constexpr,
                MASK: gl.constexpr):
     """Consumer j's work on one key block (keys n0 + [0, BN), ring position slot_index), FA3's overlap within a
     warp group: this block's S = q k^T is issued before the previous block's P v, and this block's softmax runs
     while that P v is in flight. Returns the new P (of this block, for the next call's P v), acc, m, l, turns."""
-    (q_smem, k_smem, v_smem, c_smem, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, T, stride_c, H, BH,
-     n_row_blocks, GROUP) = state
-    BM: gl.constexpr = q_smem.type.shape[1]
-    BN: gl.constexpr = k_smem.type.shape[1]
-    D: gl.constexpr = k_smem.type.shape[2]
-    NBUF: gl.constexpr = k_smem.type.shape[0]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    slot, prev = slot_index % NBUF, (slot_index - 1) % NBUF
-    mbarrier.wait(turn.index(j), turns & 1)  # this consumer's turn to issue matmuls
-    mbarrier.wait(k_ready.index(slot), (slot_index // NBUF) & 1)
-    s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), gl.zeros([BM, BN], gl.float32, layout=s_layout),
+    s_layout: gl.constexpr = sh.S_LAYOUT
+    o_layout: gl.constexpr = sh.O_LAYOUT
+    p_layout: gl.constexpr = sh.P_LAYOUT
+    slot, prev = slot_index % sh.NBUF, (slot_index - 1) % sh.NBUF
+    mbarrier.wait(sh.turn.index(j), turns & 1)  # this consumer's turn to issue matmuls
+    mbarrier.wait(sh.k_ready.index(slot), (slot_index // sh.NBUF) & 1)
+    s = warpgroup_mma(q, sh.k.index(slot).permute((1, 0)), gl.zeros([sh.BM, sh.BN], gl.float32, layout=s_layout),
                       use_acc=False, is_async=True)
-    mbarrier.wait(v_ready.index(prev), ((slot_index - 1) // NBUF) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_smem.index(prev), acc, is_async=True)
-    mbarrier.arrive(turn.index(1 - j), count=1)  # the other consumer's turn
+    mbarrier.wait(sh.v_ready.index(prev), ((slot_index - 1) // sh.NBUF) & 1)
+    acc = warpgroup_mma(gl.convert_layout(p.to(sh.q.dtype), p_layout), sh.v.index(prev), acc, is_async=True)
+    mbarrier.arrive(sh.turn.index(1 - j), count=1)  # the other consumer's turn
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-    c_k = c_smem.index(slot).load(gl.SliceLayout(0, s_layout))
-    mbarrier.arrive(k_free.index(slot), count=1)
-    keys = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    c_k = sh.c.index(slot).load(gl.SliceLayout(0, s_layout))
+    mbarrier.arrive(sh.k_free.index(slot), count=1)
+    keys = n0 + gl.arange(0, sh.BN, layout=gl.SliceLayout(0, s_layout))
     p, alpha, m_i, l_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, l_i, qk_scale, MASK)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    mbarrier.arrive(v_free.index(prev), count=1)
+    mbarrier.arrive(sh.v_free.index(prev), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     return p, acc, m_i, l_i, turns + 1
-
-
-@gluon.jit
-def _diagonal_block(slot_index, n0, q, turns, rows, c_ref, r, qk_scale, state, j: gl.constexpr):
-    """Consumer j's first key block of a tile, the diagonal (keys n0 + [0, BN), the only masked one): S and its
-    softmax only, as there is no previous block's P v to overlap; this block's P v goes out with the next block's S.
-    Returns P, m, l, turns."""
-    (q_smem, k_smem, v_smem, c_smem, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, T, stride_c, H, BH,
-     n_row_blocks, GROUP) = state
-    BM: gl.constexpr = q_smem.type.shape[1]
-    BN: gl.constexpr = k_smem.type.shape[1]
-    NBUF: gl.constexpr = k_smem.type.shape[0]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    slot = slot_index % NBUF
-    mbarrier.wait(turn.index(j), turns & 1)
-    mbarrier.wait(k_ready.index(slot), (slot_index // NBUF) & 1)
-    s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), gl.zeros([BM, BN], gl.float32, layout=s_layout),
-                      use_acc=False, is_async=True)
-    mbarrier.arrive(turn.index(1 - j), count=1)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-    c_k = c_smem.index(slot).load(gl.SliceLayout(0, s_layout))
-    mbarrier.arrive(k_free.index(slot), count=1)
-    keys = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
-    m_i = gl.full([BM], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, s_layout))
-    p, alpha, m_i, l_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, l_i, qk_scale, True)
-    return p, m_i, l_i, turns + 1
 
 
 @gluon.jit
@@ -235,66 +259,59 @@ def _write_rows(acc, l_i, m_i, rows, first, bh, O, LSE, T, H):
 
 
 @gluon.jit
-def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, state):
+def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, sh: _Shared, dims):
     """Warp group j: query rows [j * BM, (j + 1) * BM) of every tile of this program. Writes O and the lse."""
-    (q_smem, k_smem, v_smem, c_smem, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, T, stride_c, H, BH,
-     n_row_blocks, GROUP) = state
-    BM: gl.constexpr = q_smem.type.shape[1]
-    BN: gl.constexpr = k_smem.type.shape[1]
-    D: gl.constexpr = k_smem.type.shape[2]
-    NBUF: gl.constexpr = k_smem.type.shape[0]
+    T, stride_c, H, BH, n_row_blocks = dims
     # Key blocks that reach past this group's first row need the causal mask.
-    N_DIAGONAL: gl.constexpr = (2 * BM) // BN
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    q = q_smem.index(j)
+    N_DIAGONAL: gl.constexpr = (2 * sh.BM) // sh.BN
+    s_layout: gl.constexpr = sh.S_LAYOUT
+    o_layout: gl.constexpr = sh.O_LAYOUT
+    p_layout: gl.constexpr = sh.P_LAYOUT
+    q = sh.q.index(j)
     if j == 1:
-        mbarrier.arrive(turn.index(0), count=1)  # consumer 0 issues first
+        mbarrier.arrive(sh.turn.index(0), count=1)  # consumer 0 issues first
     ring = 0
     turns = 0
     tiles = 0
     for n in range(gl.cdiv(n_row_blocks * BH, gl.num_programs(0))):
         row_block, bh, has_tile = _tile(n, n_row_blocks, BH)
         if has_tile:
-            m0 = row_block * 2 * BM
-            first = m0 + j * BM
-            rows = first + gl.arange(0, BM, layout=row_layout)
+            m0 = row_block * 2 * sh.BM
+            first = m0 + j * sh.BM
+            rows = first + gl.arange(0, sh.BM, layout=gl.SliceLayout(1, s_layout))
             c_q = gl.load(C + bh * stride_c + rows, mask=rows < T, other=0.0)
             c_ref = gl.load(C + bh * stride_c + gl.minimum(first, T - 1))  # the group's first row, as the portable
             r = c_q - c_ref
-            n_blocks = gl.cdiv(m0 + 2 * BM, BN)
-            mbarrier.wait(q_ready, tiles & 1)
-            p, m_i, l_i, turns = _diagonal_block(ring, (n_blocks - 1) * BN, q, turns, rows, c_ref, r, qk_scale,
-                                                 state, j)
-            acc = gl.zeros([BM, D], gl.float32, layout=o_layout)
+            n_blocks = gl.cdiv(m0 + 2 * sh.BM, sh.BN)
+            mbarrier.wait(sh.q_ready, tiles & 1)
+            p, m_i, l_i, turns = _diagonal_block(ring, (n_blocks - 1) * sh.BN, q, turns, rows, c_ref, r, qk_scale,
+                                                 sh, j)
+            acc = gl.zeros([sh.BM, sh.D], gl.float32, layout=o_layout)
             for i in range(1, N_DIAGONAL):
-                p, acc, m_i, l_i, turns = _key_block(ring + i, (n_blocks - 1 - i) * BN, q, p, acc, m_i, l_i, turns,
-                                                     rows, c_ref, r, qk_scale, state, j, True)
+                p, acc, m_i, l_i, turns = _key_block(ring + i, (n_blocks - 1 - i) * sh.BN, q, p, acc, m_i, l_i, turns,
+                                                     rows, c_ref, r, qk_scale, sh, j, True)
             for i in range(N_DIAGONAL, n_blocks):
-                p, acc, m_i, l_i, turns = _key_block(ring + i, (n_blocks - 1 - i) * BN, q, p, acc, m_i, l_i, turns,
-                                                     rows, c_ref, r, qk_scale, state, j, False)
-            mbarrier.arrive(q_free, count=1)  # this group's last q k^T is done
-            last = ring + n_blocks - 1
-            mbarrier.wait(v_ready.index(last % NBUF), (last // NBUF) & 1)
-            acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_smem.index(last % NBUF), acc,
-                                is_async=True)
+                p, acc, m_i, l_i, turns = _key_block(ring + i, (n_blocks - 1 - i) * sh.BN, q, p, acc, m_i, l_i, turns,
+                                                     rows, c_ref, r, qk_scale, sh, j, False)
+            mbarrier.arrive(sh.q_free, count=1)  # this group's last q k^T is done
+            last = (ring + n_blocks - 1) % sh.NBUF
+            mbarrier.wait(sh.v_ready.index(last), ((ring + n_blocks - 1) // sh.NBUF) & 1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(sh.q.dtype), p_layout), sh.v.index(last), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(v_free.index(last % NBUF), count=1)
+            mbarrier.arrive(sh.v_free.index(last), count=1)
             _write_rows(acc, l_i, m_i, rows, first, bh, O, LSE, T, H)
             ring += n_blocks
             tiles += 1
 
 
 @gluon.jit
-def _consumer_0(C, O, LSE, qk_scale, state):
-    _consumer(0, C, O, LSE, qk_scale, state)
+def _consumer_0(C, O, LSE, qk_scale, sh: _Shared, dims):
+    _consumer(0, C, O, LSE, qk_scale, sh, dims)
 
 
 @gluon.jit
-def _consumer_1(C, O, LSE, qk_scale, state):
-    _consumer(1, C, O, LSE, qk_scale, state)
+def _consumer_1(C, O, LSE, qk_scale, sh: _Shared, dims):
+    _consumer(1, C, O, LSE, qk_scale, sh, dims)
 
 
 @gluon.jit
@@ -306,30 +323,29 @@ def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, O, LSE, T, stride_c, H, BH, q
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
     NBUF: gl.constexpr = 2
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NBUF, BN, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NBUF, BN, HEAD_DIM], v_desc.layout)
-    c_smem = gl.allocate_shared_memory(gl.float32, [NBUF, BN], c_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    k_free = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    v_free = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_ready, count=1)  # the producer's TMA copies complete the "ready" barriers
-    mbarrier.init(q_free, count=2)  # both consumers release a buffer
+    barrier: gl.constexpr = mbarrier.MBarrierLayout()
+    sh = _Shared(gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout),
+                 gl.allocate_shared_memory(k_desc.dtype, [NBUF, BN, HEAD_DIM], k_desc.layout),
+                 gl.allocate_shared_memory(v_desc.dtype, [NBUF, BN, HEAD_DIM], v_desc.layout),
+                 gl.allocate_shared_memory(gl.float32, [NBUF, BN], c_desc.layout),
+                 gl.allocate_shared_memory(gl.int64, [1], barrier), gl.allocate_shared_memory(gl.int64, [1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier))
+    mbarrier.init(sh.q_ready, count=1)  # the producer's TMA copies complete the "ready" barriers
+    mbarrier.init(sh.q_free, count=2)  # both consumers release a buffer
     for i in gl.static_range(NBUF):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_free.index(i), count=2)
-        mbarrier.init(v_free.index(i), count=2)
+        mbarrier.init(sh.k_ready.index(i), count=1)
+        mbarrier.init(sh.v_ready.index(i), count=1)
+        mbarrier.init(sh.k_free.index(i), count=2)
+        mbarrier.init(sh.v_free.index(i), count=2)
     for i in gl.static_range(2):
-        mbarrier.init(turn.index(i), count=1)
-    state = (q_smem, k_smem, v_smem, c_smem, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, T, stride_c, H,
-             BH, gl.cdiv(T, 2 * BM), GROUP)
+        mbarrier.init(sh.turn.index(i), count=1)
+    dims = (T, stride_c, H, BH, gl.cdiv(T, 2 * BM))
     # Registers per thread: 24 for the producer's warp group, 240 for each consumer's (the 64 x 128 float32
     # scores, the 64 x D accumulator, P).
-    gl.warp_specialize([(_consumer_0, (C, O, LSE, qk_scale, state)),
-                        (_producer, (state, (q_desc, k_desc, v_desc, c_desc))),
-                        (_consumer_1, (C, O, LSE, qk_scale, state))], [1, 4], [24, 240])
+    gl.warp_specialize([(_consumer_0, (C, O, LSE, qk_scale, sh, dims)),
+                        (_producer, (sh, dims, (q_desc, k_desc, v_desc, c_desc), GROUP)),
+                        (_consumer_1, (C, O, LSE, qk_scale, sh, dims))], [1, 4], [24, 240])
