@@ -9,11 +9,13 @@ Per batch row b and query head h (kv head h // GROUP), q, k, v (T, D), base-2 pr
 
 exactly what `blocked._fwd_kernel` computes (and the same relative scores, `_relative_scores`, and online softmax,
 `_softmax_update`), with O (B, T, H, D) and lse2 (B, H, T) laid out as it lays them out, so its backward takes over.
-What differs is how a GPU's streaming multiprocessor (SM) spends its time. One program (a CTA) holds 12 warps:
+What differs is how a GPU's streaming multiprocessor (SM) spends its time. One program (a CTA) holds three warp
+groups of 4 warps:
 
-    producer     1 warp: TMA copies of the query tile (128 rows), then of each key block's K (with its c2) and V
-                 (128 keys) into two-deep rings in shared memory, as soon as both consumers have released a slot
-    consumer 0   4 warps (a warp group): query rows [0, 64) of the tile
+    producer     1 warp (of its group): TMA copies of the query tile (128 rows), then of each key block's K (with
+                 its c2) and V (128 keys) into two-deep rings in shared memory, as soon as both consumers have
+                 released a slot
+    consumer 0   4 warps: query rows [0, 64) of the tile
     consumer 1   4 warps: rows [64, 128)
 
 A consumer runs the key blocks from the diagonal backwards. In each it issues S = q k^T for this block and
