@@ -33,7 +33,7 @@ KERNELS = {"fwd": blocked._fwd_kernel, "dq": blocked._bwd_dq_kernel, "dkdv": blo
 # The flag whose two settings `main` compares (the dK/dV kernel has none: it is compiled once).
 VARIANT = {"fwd": "TMA", "dq": "TMA", "dkdv": None}
 FLOAT_POINTERS = {"C", "KEY_LO", "QUERY_HI", "DELTA", "BOUNDS", "LSE", "W_OUT", "GATE", "Y", "RSTD_OUT", "THRESHOLD",
-                  "DC_ROW", "DC_COL"}
+                  "DC_ROW", "DC_COL", "DQ_SUM"}
 TILE_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 WATCHED = ("UTMALDG", "LDGSTS", "LDG", "STG", "REDG", "HGMMA", "MUFU", "SYNCS", "USETMAXREG")
 
@@ -70,23 +70,27 @@ def inspect_kernel(kernel: str, head_dim: int, tile, warps: int, stages: int, va
     return resources(compiled)
 
 
-def inspect_warp_specialized(head_dim: int) -> dict:
-    """`inspect_kernel` for hopper.py's warp-specialized forward (Gluon; its tiles are fixed), bf16, one kv head per
-    query head."""
+def inspect_warp_specialized(head_dim: int, backward: bool = False) -> dict:
+    """`inspect_kernel` for hopper.py's warp-specialized forward or hopper_backward.py's backward (Gluon; their tiles
+    are fixed), bf16, one kv head per query head."""
     import torch
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    from foxlab.kernels import hopper
+    from foxlab.kernels import hopper, hopper_backward
 
-    x = torch.zeros(2, 256, 2, head_dim, dtype=torch.bfloat16)
-    descs = dict(q_desc=hopper._descriptor(x, hopper.BLOCK_M), k_desc=hopper._descriptor(x, hopper.BLOCK_N),
-                 v_desc=hopper._descriptor(x, hopper.BLOCK_N), c_desc=hopper._descriptor(torch.zeros(2, 2, 256),
-                                                                                        hopper.BLOCK_N))
-    fn = hopper._fwd_kernel
+    x, vec = torch.zeros(2, 256, 2, head_dim, dtype=torch.bfloat16), torch.zeros(2, 2, 256)
+    if backward:
+        fn, rows, keys = hopper_backward._bwd_kernel, hopper_backward.BLOCK_M, hopper_backward.BLOCK_N
+        descs = dict(q_desc=(x, rows), do_desc=(x, rows), k_desc=(x, keys), v_desc=(x, keys), lse_desc=(vec, rows),
+                     delta_desc=(vec, rows), c_desc=(vec, rows))
+    else:
+        fn, rows, keys = hopper._fwd_kernel, hopper.BLOCK_M, hopper.BLOCK_N
+        descs = dict(q_desc=(x, rows), k_desc=(x, keys), v_desc=(x, keys), c_desc=(vec, keys))
+    descs = {name: hopper._descriptor(*args) for name, args in descs.items()}
     types = {name: "constexpr" if i in fn.constexprs else mangle_type(descs[name]) if name in descs
-             else "*bf16" if name == "O" else "*fp32" if name in FLOAT_POINTERS else "fp32" if name == "qk_scale"
-             else "i32" for i, name in enumerate(fn.arg_names)}
+             else "*bf16" if name in ("O", "DK", "DV") else "*fp32" if name in FLOAT_POINTERS
+             else "fp32" if name.endswith("_scale") else "i32" for i, name in enumerate(fn.arg_names)}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if types[name].startswith("*")}
     source = GluonASTSource(fn, types, dict(GROUP=1, HEAD_DIM=head_dim), attrs)
     return resources(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168)))

@@ -179,7 +179,8 @@ def test_output_norm_in_the_kernels(Tq, Tk, H, Hkv, D, per_head, with_gate):
 
 
 # --------------------------------------------------------------------------------------------------
-# Hopper: the warp-specialized forward (kernels/hopper.py) and the portable one it replaces there.
+# Hopper: the warp-specialized forward and backward (kernels/hopper.py, hopper_backward.py) and the portable
+# kernels they replace there.
 # --------------------------------------------------------------------------------------------------
 
 def _hopper():
@@ -197,6 +198,16 @@ def warp_specialized_calls(monkeypatch):
     hopper, calls = _hopper(), []
     forward = hopper.forward
     monkeypatch.setattr(hopper, "forward", lambda q, *rest: calls.append(tuple(q.shape)) or forward(q, *rest))
+    return calls
+
+
+@pytest.fixture
+def warp_specialized_backward_calls(monkeypatch):
+    """The shapes of q that hopper_backward.backward ran, in order."""
+    from foxlab.kernels import hopper_backward
+    calls, backward = [], hopper_backward.backward
+    monkeypatch.setattr(hopper_backward, "backward",
+                        lambda do, q, *rest: calls.append(tuple(q.shape)) or backward(do, q, *rest))
     return calls
 
 
@@ -261,4 +272,70 @@ def test_portable_forward_on_hopper(monkeypatch):
     """The portable forward still serves everything the warp-specialized one does (other GPUs run it)."""
     monkeypatch.setattr(_hopper(), "enabled", False)
     check(2, 1024, 4, 128, Hkv=2)
+    check(1, 333, 4, 128, torch.float16)
+
+
+@hopper_only
+@pytest.mark.parametrize("B,T,H,Hkv,D,dtype,cumsum", [
+    (2, 1000, 4, 4, 128, torch.bfloat16, False),  # T not a multiple of the 128-key programs or 64-row blocks
+    (1, 129, 4, 2, 128, torch.float16, False),    # GQA: a program sums dK, dV over two heads; vectors padded to 132
+    (3, 257, 2, 1, 64, torch.float16, False),     # one kv head for two query heads, head dim 64
+    (1, 100, 4, 4, 64, torch.bfloat16, False),    # shorter than one program's keys
+    (2, 333, 4, 4, 64, torch.bfloat16, True),     # the gate as its prefix sums: dc straight from the sums
+    (1, 4096, 8, 8, 128, torch.bfloat16, False),  # many programs adding into the same dQ rows
+])
+def test_warp_specialized_backward(warp_specialized_backward_calls, B, T, H, Hkv, D, dtype, cumsum):
+    """All four gradients against the reference."""
+    check(B, T, H, D, dtype, Hkv=Hkv, cumsum=cumsum)
+    assert warp_specialized_backward_calls == [(B, T, H, D)]
+
+
+@hopper_only
+@pytest.mark.parametrize("T,D", [(3000, 128), (3001, 64)])
+def test_warp_specialized_and_portable_backwards_agree(monkeypatch, T, D):
+    """Same inputs through both backwards: the gradients to 16-bit rounding (dQ's sums come in another order)."""
+    from foxlab.kernels import blocked
+    q, k, v, log_f = make_inputs(2, T, T, 4, 2, D, torch.bfloat16)
+    do = torch.randn_like(q)
+    c2 = blocked._base2_prefix_sums(log_f, False)
+    o, lse, *_ = blocked._triton_forward(q, k, v, c2, None, None, D ** -0.5)
+    args = (do, q, k, v, c2, o, lse, None, None, None, D ** -0.5)
+    fast = blocked._triton_backward(*args)[:4]
+    monkeypatch.setattr(blocked.hopper_backward, "enabled", False)
+    portable = blocked._triton_backward(*args)[:4]
+    for name, a, b in zip(("dq", "dk", "dv", "dlog_f"), fast, portable):
+        assert rel_err(a, b) <= 4e-3, name
+
+
+@hopper_only
+def test_warp_specialized_backward_under_the_output_norm(warp_specialized_backward_calls):
+    """With FoX Pro's output norm the forward is portable (its epilogue holds the norm), the backward is not: the
+    delta kernel takes dY back to dO first."""
+    B, T, H, D = 2, 300, 4, 128
+    weight = 1 + 0.5 * torch.randn(D, device="cuda")
+    errors = compare(attention_with_output_norm("triton"), attention_with_output_norm("reference"),
+                     (*make_inputs(B, T, T, H, H, D, torch.bfloat16), weight, None), 1e-2)
+    assert warp_specialized_backward_calls == [(B, T, H, D)], errors
+
+
+@hopper_only
+@pytest.mark.parametrize("case", ["padding", "chunked prefill", "pruning", "head dim 96", "float32"])
+def test_portable_backward_where_the_warp_specialized_one_does_not_apply(warp_specialized_backward_calls, case):
+    B, T, H, D = 2, 512, 4, 96 if case == "head dim 96" else 128
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    q, k, v, log_f = (t.requires_grad_() for t in make_inputs(B, T, T, H, H, D, dtype))
+    kw = {"padding": dict(seq_start=torch.tensor([0, 100], device="cuda")), "pruning": dict(adaptive_threshold="auto")
+          }.get(case, {})
+    query = q[:, -100:] if case == "chunked prefill" else q
+    out = forgetting_attention(query, k, v, log_f, backend="triton", **kw)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, log_f))
+    assert all(torch.isfinite(g).all() for g in grads) and not warp_specialized_backward_calls
+
+
+@hopper_only
+def test_portable_backward_on_hopper(monkeypatch):
+    """The portable backward still serves everything the warp-specialized one does (other GPUs run it)."""
+    from foxlab.kernels import blocked
+    monkeypatch.setattr(blocked.hopper_backward, "enabled", False)
+    check(2, 1024, 4, 64, Hkv=2)
     check(1, 333, 4, 128, torch.float16)

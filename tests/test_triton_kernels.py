@@ -306,8 +306,10 @@ def test_output_norm_in_the_kernels(B, Tq, Tk, H, Hkv, D, per_head, with_gate):
 
 
 def test_warp_specialized_forward_only_on_hopper_gpus():
-    """hopper.py's forward needs an sm_90 GPU: never on the CPU (the interpreter runs the portable kernels)."""
+    """hopper.py's forward and hopper_backward.py's backward need an sm_90 GPU: never on the CPU (the interpreter
+    runs the portable kernels)."""
     if kernels.blocked.hopper is None:
         pytest.skip("this Triton has no Gluon")
     q = torch.randn(1, 256, 2, 128, dtype=torch.bfloat16)  # what it takes on an sm_90 GPU
     assert not kernels.blocked.hopper.usable(q, q, q)
+    assert not kernels.blocked.hopper_backward.usable(q, q, q, q)

@@ -11,10 +11,10 @@ from .common import LOG2E, _common_meta, _initial_max, _jit, _key_block_query_ra
 from .pruning import _pruning_bounds, _query_block_pruning
 from ..fused import _rms_norm_input_grad, _rms_normalize, _sigmoid, _weight_grad, _weight_stride
 
-try:  # a Triton with Gluon for Hopper (3.6 and later): the warp-specialized forward
-    from . import hopper
+try:  # a Triton with Gluon for Hopper (3.6 and later): the warp-specialized forward and backward
+    from . import hopper, hopper_backward
 except (ImportError, AttributeError):
-    hopper = None
+    hopper = hopper_backward = None
 
 # Positions per step of the gate's prefix sums (one program per batch row and head).
 _GATE_BLOCK = 1024
@@ -494,11 +494,33 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
     the output norm's dweight and dgate (`_delta`; None without ``out_norm``, whose do is then dO itself).
 
     query_bounds: the forward's pruning bounds by tile shape (`_triton_forward`), reused when dQ's tiles match.
+    On Hopper the common case (`hopper_backward.usable`, with no padding or pruning) takes hopper_backward.py's
+    one-kernel backward instead of `_bwd_dkdv_kernel` and `_bwd_dq_kernel`.
     """
+    B, Tq, H = q.shape[:3]
+    Tk = k.shape[1]
+    do, delta, dweight, dgate = _delta(do, o, out_norm, rstd)
+    if (hopper_backward is not None and key_lo is None and query_hi is None and threshold2 is None
+            and hopper_backward.usable(q, k, v, do)):
+        dq, dk, dv, dc_col, dc_row = hopper_backward.backward(do, q, k, v, c2.contiguous(), lse, delta, scale)
+    else:
+        dq, dk, dv, dc_col, dc_row = _blocked_backward(do, delta, q, k, v, c2, lse, key_lo, query_hi, threshold2,
+                                                       scale, query_bounds)
+    if gate_is_cumsum:  # dc_t = rowsum(dS) of the query at t - colsum(dS)_t (why the row sums stay: __init__.py)
+        dc = dc_col.neg_()
+        dc[:, :, Tk - Tq:] += dc_row
+        return dq, dk, dv, dc.transpose(1, 2), dweight, dgate
+    dlog_f = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
+    _gate_grad_kernel[(B * H,)](dc_col, dc_row, dlog_f, *dlog_f.stride(), H, Tq, Tk, BLOCK_T=_GATE_BLOCK)
+    return dq, dk, dv, dlog_f, dweight, dgate
+
+
+def _blocked_backward(do, delta, q, k, v, c2, lse, key_lo, query_hi, threshold2, scale, query_bounds):
+    """dq, dk, dv and the column and row sums of dS, (B, H, Tk) and (B, H, Tq) float32, from the dK/dV and dQ
+    kernels."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     meta = _common_meta(q, k, key_lo, threshold2)
-    do, delta, dweight, dgate = _delta(do, o, out_norm, rstd)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
@@ -530,10 +552,4 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **cfg.options(q.device, meta["PRUNE"]), **meta)
 
     _launch("dq_tma" if tma else "dq", q, meta["BLOCK_D"], launch_dq)
-    if gate_is_cumsum:  # dc_t = rowsum(dS) of the query at t - colsum(dS)_t (why the row sums stay: __init__.py)
-        dc = dc_col.neg_()
-        dc[:, :, Tk - Tq:] += dc_row
-        return dq, dk, dv, dc.transpose(1, 2), dweight, dgate
-    dlog_f = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
-    _gate_grad_kernel[(B * H,)](dc_col, dc_row, dlog_f, *dlog_f.stride(), H, Tq, Tk, BLOCK_T=_GATE_BLOCK)
-    return dq, dk, dv, dlog_f, dweight, dgate
+    return dq, dk, dv, dc_col, dc_row

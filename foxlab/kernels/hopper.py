@@ -55,14 +55,20 @@ HEAD_DIMS = (128,)
 enabled = True
 
 
-def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `forward` can run these (B, T, heads, D) tensors: an sm_90 GPU (not the interpreter), bf16 or fp16
-    throughout, D 128, the same number of queries and keys, and each tensor one (B * T, heads * D) matrix for
-    TMA (`_tma_layout_ok`). The caller checks what this kernel leaves out (padding, pruning, the output norm)."""
-    return (enabled and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+def on_hopper(q: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the Gluon kernels (this forward, hopper_backward.py's backward) can read these (B, T, heads, D)
+    tensors: on an sm_90 GPU (not the interpreter), bf16 or fp16 throughout, the same number of positions, and each
+    one (B * T, heads * D) matrix for TMA (`_tma_layout_ok`)."""
+    return (q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
             and torch.cuda.get_device_capability(q.device) == (9, 0)
-            and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
-            and q.shape[-1] in HEAD_DIMS and q.shape[1] == k.shape[1] and _tma_layout_ok(q, k, v))
+            and q.dtype in (torch.bfloat16, torch.float16) and all(t.dtype == q.dtype for t in others)
+            and all(t.shape[1] == q.shape[1] for t in others) and _tma_layout_ok(q, *others))
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `forward` can run these: `on_hopper`, at head dim 128. The caller checks what this kernel leaves out
+    (padding, pruning, the output norm)."""
+    return enabled and on_hopper(q, k, v) and q.shape[-1] in HEAD_DIMS
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2: torch.Tensor, scale: float):

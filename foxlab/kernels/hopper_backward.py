@@ -1,0 +1,342 @@
+"""The backward of training on Hopper GPUs (sm_90), warp-specialized in Gluon: FlashAttention-3's backward
+(Shah et al., 2024) applied to forgetting attention, in one kernel where `blocked._triton_backward` uses two.
+
+Per batch row b and query head h (kv head h // GROUP), causal, with the forward's base-2 lse2 and
+delta_i = dO_i . O_i (`blocked._delta`):
+
+    P_ij  = exp2(qk_scale q_i . k_j + c2_i - c2_j - lse2_i)      (j <= i)
+    dS_ij = P_ij (dO_i . v_j - delta_i)
+    dV_j  = sum_i P_ij dO_i,   dK_j = s sum_i dS_ij q_i,   dQ_i = s sum_j dS_ij k_j   (dK, dV summed over the group)
+    colsum_j = sum_i dS_ij,    rowsum_i = sum_j dS_ij
+
+exactly what `blocked._bwd_dkdv_kernel` and `blocked._bwd_dq_kernel` compute (the same relative scores,
+`_relative_scores`), so the gate's gradient (`_gate_grad_kernel`) takes the sums as it takes theirs. The portable
+backward recomputes P in both kernels: 7 matmul units (a unit being one causal q k^T) where FlashAttention's
+backward does 5. Here one program owns 128 keys of one (batch, kv head), recomputes P once per 64 query rows, and
+adds its share of dQ (and of the row sums) into float32 sums in global memory, which many programs update; the
+atomic adds are what FlashAttention-3 pays for the two saved units. One program (a CTA) holds three warp groups:
+
+    producer     1 warp: K and V of the program's keys, then per query block (each head of the group in turn)
+                 q, dO and the rows' lse2, delta and c2, by TMA into two-deep rings in shared memory
+    dQ writer    2 warps: per query block, the two consumers' dQ halves and row sums from shared memory into the
+                 float32 sums, by atomic adds (FlashAttention-3 gives this job to a warp of its own too, so the
+                 consumers never wait on the adds)
+    consumer j   4 warps, keys 128 p + 64 j + [0, 64): per query block, S^T = k q^T and dP^T = v dO^T, then P^T and
+                 dS^T, dV += P^T dO and dK += dS^T q (wgmma with A from registers); dS^T goes to shared memory, and
+                 once both consumers' halves are there, consumer j computes dQ's columns [D/2 j, D/2 (j + 1)) from all
+                 128 keys (wgmma from shared memory) and hands them to the writer
+
+Only the two query blocks on the diagonal (and a last, partial one) are masked. Programs of the first keys, which
+see the most queries, start first. On an H200 this backward runs at 0.82-0.91x cuDNN's causal backward without a
+gate, where the two portable kernels reach 0.70-0.79x (BENCHMARKS.md). It serves the same common case as hopper.py's
+forward, at head dims 64 and 128 (`usable`); everything else takes the portable kernels.
+"""
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.language.core import _aggregate as aggregate
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+
+from . import hopper
+from .common import LOG2E, _relative_scores, triton
+from .hopper import _descriptor, _tma_load
+
+# Query rows per step and keys per consumer (a program owns 2 * BLOCK_N keys).
+BLOCK_M, BLOCK_N = 64, 64
+HEAD_DIMS = (64, 128)
+# Tests turn this off to compare with the portable backward on the same inputs.
+enabled = True
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor) -> bool:
+    """Whether `backward` can run these: what hopper.py's forward needs (`hopper.on_hopper`), at head dim 64 or 128,
+    with dO (from `blocked._delta`) laid out as TMA reads it too. The caller checks what this kernel leaves out
+    (padding, pruning)."""
+    return enabled and hopper.on_hopper(q, k, v, do) and q.shape[-1] in HEAD_DIMS
+
+
+def backward(do, q, k, v, c2, lse, delta, scale):
+    """dq, dk, dv in q's dtype and the gate's column and row sums of dS, dc_col and dc_row (B, H, T) float32, of
+    causal forgetting attention (module docstring). do, q (B, T, H, D); k, v (B, T, Hkv, D); c2, lse, delta (B, H, T)
+    float32 contiguous; inputs as `usable` accepts them."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    stride_c = triton.cdiv(T, 4) * 4  # the TMA copies of the rows' vectors start 16-byte aligned
+    c2, lse, delta = (t if stride_c == T else torch.nn.functional.pad(t, (0, stride_c - T)) for t in (c2, lse, delta))
+    dk, dv = torch.empty(k.shape, dtype=k.dtype, device=k.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq_sum = torch.zeros(B, T, H, D, dtype=torch.float32, device=q.device)
+    dc_col = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    dc_row = torch.zeros(B, H, T, dtype=torch.float32, device=q.device)
+    descriptors = (_descriptor(q, BLOCK_M), _descriptor(do, BLOCK_M), _descriptor(k, BLOCK_N),
+                   _descriptor(v, BLOCK_N), *(_descriptor(t, BLOCK_M) for t in (lse, delta, c2)))
+    _bwd_kernel[(triton.cdiv(T, 2 * BLOCK_N), B * Hkv)](*descriptors, c2, dk, dv, dq_sum, dc_col, dc_row, T, stride_c,
+                                                       H, scale * LOG2E, scale, GROUP=H // Hkv, HEAD_DIM=D,
+                                                       num_warps=4, maxnreg=168)
+    return dq_sum.to(q.dtype), dk, dv, dc_col, dc_row
+
+
+@aggregate
+class _Shared:
+    """One program's shared memory and mbarriers. k, v (2, BN, D): consumer j's keys at index j. Rings of NBUF
+    query blocks: q, do (NBUF, BM, D) and the rows' lse2, delta, c2 (NBUF, BM), "ready" when the producer's copies
+    have landed, "free" when both consumers are done with them. ds (4, BN, BM): dS^T of both consumers, two-deep
+    (ds_ready completes when both halves are in). dq (2, BM, D/2) float32: the consumers' dQ halves, rows (4, 4, BM)
+    float32: their warps' row sums of dS, two-deep; dq_full completes when both consumers have handed theirs over,
+    dq_free when the writer has read them."""
+    k: gl.shared_memory_descriptor
+    v: gl.shared_memory_descriptor
+    q: gl.shared_memory_descriptor
+    do: gl.shared_memory_descriptor
+    lse: gl.shared_memory_descriptor
+    delta: gl.shared_memory_descriptor
+    c: gl.shared_memory_descriptor
+    ds: gl.shared_memory_descriptor
+    dq: gl.shared_memory_descriptor
+    rows: gl.shared_memory_descriptor
+    kv_ready: gl.shared_memory_descriptor
+    q_ready: gl.shared_memory_descriptor
+    q_free: gl.shared_memory_descriptor
+    ds_ready: gl.shared_memory_descriptor
+    dq_full: gl.shared_memory_descriptor
+    dq_free: gl.shared_memory_descriptor
+    BM: gl.constexpr  # query rows per step
+    BN: gl.constexpr  # keys per consumer
+    D: gl.constexpr
+    NBUF: gl.constexpr
+    S_LAYOUT: gl.constexpr  # S^T, dP^T (BN, BM) as wgmma leaves them in a consumer's 4 warps
+    KV_LAYOUT: gl.constexpr  # dK, dV (BN, D)
+    DQ_LAYOUT: gl.constexpr  # a consumer's dQ half (BM, D/2)
+    A_LAYOUT: gl.constexpr  # P^T, dS^T as wgmma's A operand
+
+    @gluon.constexpr_function
+    def __init__(self, k, v, q, do, lse, delta, c, ds, dq, rows, kv_ready, q_ready, q_free, ds_ready, dq_full,
+                 dq_free):
+        self.k, self.v, self.q, self.do, self.lse, self.delta, self.c = k, v, q, do, lse, delta, c
+        self.ds, self.dq, self.rows = ds, dq, rows
+        self.kv_ready, self.q_ready, self.q_free, self.ds_ready = kv_ready, q_ready, q_free, ds_ready
+        self.dq_full, self.dq_free = dq_full, dq_free
+        self.BM = gl.constexpr(q.type.shape[1])
+        self.BN = gl.constexpr(k.type.shape[1])
+        self.D = gl.constexpr(k.type.shape[2])
+        self.NBUF = gl.constexpr(q.type.shape[0])
+        self.S_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                               instr_shape=[16, self.BM, 16]))
+        self.KV_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                instr_shape=[16, self.D, 16]))
+        self.DQ_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                instr_shape=[16, self.D // 2, 16]))
+        self.A_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=self.KV_LAYOUT, k_width=2))
+
+
+@gluon.jit
+def _program_keys(T, H, sh: _Shared, GROUP: gl.constexpr):
+    """The program's first key, batch row and kv head, and its number of query blocks per head."""
+    n0 = gl.program_id(0) * 2 * sh.BN
+    b = gl.program_id(1) // (H // GROUP)
+    kv_head = gl.program_id(1) % (H // GROUP)
+    return n0, b, kv_head, gl.cdiv(T - n0, sh.BM)
+
+
+@gluon.jit
+def _producer(sh: _Shared, descs, T, stride_c, H, GROUP: gl.constexpr):
+    """One warp: the program's K and V, then each head's query blocks from the diagonal on into the rings."""
+    q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc = descs
+    n0, b, kv_head, n_steps = _program_keys(T, H, sh, GROUP)
+    mbarrier.expect(sh.kv_ready, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for j in gl.static_range(2):
+        _tma_load(k_desc, [b * T + n0 + j * sh.BN, kv_head * sh.D], sh.kv_ready, sh.k.index(j))
+        _tma_load(v_desc, [b * T + n0 + j * sh.BN, kv_head * sh.D], sh.kv_ready, sh.v.index(j))
+    for g in range(GROUP):
+        h = kv_head * GROUP + g
+        for i in range(n_steps):
+            step = g * n_steps + i
+            slot = step % sh.NBUF
+            m0 = n0 + i * sh.BM
+            mbarrier.wait(sh.q_free.index(slot), ((step // sh.NBUF) & 1) ^ 1)
+            mbarrier.expect(sh.q_ready.index(slot), 2 * q_desc.block_type.nbytes + 3 * c_desc.block_type.nbytes)
+            _tma_load(q_desc, [b * T + m0, h * sh.D], sh.q_ready.index(slot), sh.q.index(slot))
+            _tma_load(do_desc, [b * T + m0, h * sh.D], sh.q_ready.index(slot), sh.do.index(slot))
+            row = (b * H + h) * stride_c + m0
+            _tma_load(lse_desc, [row], sh.q_ready.index(slot), sh.lse.index(slot))
+            _tma_load(delta_desc, [row], sh.q_ready.index(slot), sh.delta.index(slot))
+            _tma_load(c_desc, [row], sh.q_ready.index(slot), sh.c.index(slot))
+
+
+@gluon.jit
+def _query_block(step, m0, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Shared, j: gl.constexpr,
+                 MASK: gl.constexpr):
+    """Consumer j's work on one query block (rows m0 + [0, BM), ring position step): dK, dV and the column sums
+    of dS grow; dS^T goes to the other consumer and dQ's half and the row sums to the writer."""
+    s_layout: gl.constexpr = sh.S_LAYOUT
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)  # a query row's vector
+    slot = step % sh.NBUF
+    mbarrier.wait(sh.q_ready.index(slot), (step // sh.NBUF) & 1)
+    q, do = sh.q.index(slot), sh.do.index(slot)
+    zero = gl.zeros([sh.BN, sh.BM], gl.float32, layout=s_layout)
+    s_t = warpgroup_mma(sh.k.index(j), q.permute((1, 0)), zero, use_acc=False, is_async=True)
+    dp_t = warpgroup_mma(sh.v.index(j), do.permute((1, 0)), zero, use_acc=False, is_async=True)
+    s_t, dp_t = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, dp_t))
+    lse = sh.lse.index(slot).load(col_layout)
+    delta = sh.delta.index(slot).load(col_layout)
+    c_q = sh.c.index(slot).load(col_layout)
+    t = _relative_scores(s_t, c_k[:, None], c_ref, qk_scale)
+    if MASK:  # the diagonal, and rows past the sequence's end
+        queries = m0 + gl.arange(0, sh.BM, layout=col_layout)
+        t = gl.where((keys[:, None] <= queries[None, :]) & (queries < T)[None, :], t, float("-inf"))
+    p_t = gl.exp2(t - (lse - (c_q - c_ref))[None, :])
+    ds_t = p_t * (dp_t - delta[None, :])
+    dv = warpgroup_mma(gl.convert_layout(p_t.to(sh.q.dtype), sh.A_LAYOUT), do, dv, is_async=True)
+    dk = warpgroup_mma(gl.convert_layout(ds_t.to(sh.q.dtype), sh.A_LAYOUT), q, dk, is_async=True)
+    dc += gl.sum(ds_t, 1)
+    # Row sums over this consumer's keys, per warp (16 keys each): the writer adds the 8 warps' sums, so no warp
+    # waits here for the others.
+    sums = gl.sum(gl.reshape(ds_t, [4, sh.BN // 4, sh.BM]), 1)
+    sh.rows.index(2 * (step % 2) + j).store(sums)
+    # dQ: both consumers' dS^T in shared memory, then this consumer's columns of dQ = dS k from all 2 BN keys.
+    ds_buffer = step % 2
+    sh.ds.index(2 * ds_buffer + j).store(ds_t.to(sh.q.dtype))
+    fence_async_shared()
+    mbarrier.arrive(sh.ds_ready.index(ds_buffer), count=1)
+    mbarrier.wait(sh.ds_ready.index(ds_buffer), (step // 2) & 1)
+    DH: gl.constexpr = sh.D // 2
+    dq = warpgroup_mma(sh.ds.index(2 * ds_buffer).permute((1, 0)), sh.k.index(0).slice(j * DH, DH, dim=1),
+                       gl.zeros([sh.BM, DH], gl.float32, layout=sh.DQ_LAYOUT), use_acc=False, is_async=True)
+    dq = warpgroup_mma(sh.ds.index(2 * ds_buffer + 1).permute((1, 0)), sh.k.index(1).slice(j * DH, DH, dim=1), dq,
+                       is_async=True)
+    dq, dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dk, dv))
+    mbarrier.arrive(sh.q_free.index(slot), count=1)
+    mbarrier.wait(sh.dq_free, (step & 1) ^ 1)  # the writer has read the last block's
+    sh.dq.index(j).store(dq)
+    mbarrier.arrive(sh.dq_full, count=1)
+    return dk, dv, dc
+
+
+@gluon.jit
+def _consumer(j: gl.constexpr, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh: _Shared,
+              GROUP: gl.constexpr):
+    """Warp group j: keys n0 + BN j + [0, BN) against every query block of every head of the group. Writes their
+    dK, dV and, per head, the column sums of dS."""
+    n0, b, kv_head, n_steps = _program_keys(T, H, sh, GROUP)
+    n_diagonal = gl.minimum(n_steps, 2 * sh.BN // sh.BM)
+    n_full = gl.maximum(n_diagonal, (T - n0) // sh.BM)  # query blocks that end at or before T
+    row_layout: gl.constexpr = gl.SliceLayout(1, sh.S_LAYOUT)
+    first = n0 + j * sh.BN
+    keys = first + gl.arange(0, sh.BN, layout=row_layout)
+    dk = gl.zeros([sh.BN, sh.D], gl.float32, layout=sh.KV_LAYOUT)
+    dv = gl.zeros([sh.BN, sh.D], gl.float32, layout=sh.KV_LAYOUT)
+    mbarrier.wait(sh.kv_ready, 0)
+    for g in range(GROUP):
+        bh = b * H + kv_head * GROUP + g
+        c_k = gl.load(C + bh * stride_c + keys, mask=keys < T, other=0.0)
+        c_ref = gl.load(C + bh * stride_c + gl.minimum(first, T - 1))  # the group's first key, as the portable
+        dc = gl.zeros([sh.BN], gl.float32, layout=row_layout)
+        # Masked: the two query blocks on the diagonal and a last one that runs past T; the others are not.
+        for i in range(0, n_diagonal):
+            dk, dv, dc = _query_block(g * n_steps + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh,
+                                      j, True)
+        for i in range(n_diagonal, n_full):
+            dk, dv, dc = _query_block(g * n_steps + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh,
+                                      j, False)
+        for i in range(n_full, n_steps):
+            dk, dv, dc = _query_block(g * n_steps + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh,
+                                      j, True)
+        gl.store(DC_COL + bh * T + keys, dc, mask=keys < T)
+    out_rows = first + gl.arange(0, sh.BN, layout=gl.SliceLayout(1, sh.KV_LAYOUT))
+    out_cols = gl.arange(0, sh.D, layout=gl.SliceLayout(0, sh.KV_LAYOUT))
+    offsets = (b * T + out_rows).to(gl.int64)[:, None] * (H // GROUP * sh.D) + kv_head * sh.D + out_cols[None, :]
+    mask = (out_rows < T)[:, None]
+    gl.store(DK + offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+    gl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _consumer_0(C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh: _Shared, GROUP: gl.constexpr):
+    _consumer(0, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP)
+
+
+@gluon.jit
+def _consumer_1(C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh: _Shared, GROUP: gl.constexpr):
+    _consumer(1, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP)
+
+
+@gluon.jit
+def _dq_writer(DQ_SUM, DC_ROW, T, H, sm_scale, sh: _Shared, GROUP: gl.constexpr):
+    """Two warps: each query block's dQ (s times the consumers' halves) into DQ_SUM (B, T, H, D) and its row sums of
+    dS (the consumers' 8 warps' sums) into DC_ROW (B, H, T), by atomic adds, rows below T only."""
+    n0, b, kv_head, n_steps = _program_keys(T, H, sh, GROUP)
+    DH: gl.constexpr = sh.D // 2
+    ACROSS: gl.constexpr = DH // 4  # threads along a row, 4 floats each
+    R: gl.constexpr = 2 * (32 // ACROSS) * gl.num_warps()  # rows per piece: 8 floats per thread
+    piece: gl.constexpr = gl.BlockedLayout([1, 4], [32 // ACROSS, ACROSS], [gl.num_warps(), 1], [1, 0])
+    sums_layout: gl.constexpr = gl.BlockedLayout([4, 1], [1, 32], [1, gl.num_warps()], [1, 0])
+    piece_rows = gl.arange(0, R, layout=gl.SliceLayout(1, piece))
+    piece_cols = gl.arange(0, DH, layout=gl.SliceLayout(0, piece))
+    sum_rows = gl.arange(0, sh.BM, layout=gl.SliceLayout(0, sums_layout))
+    for g in range(GROUP):
+        h = kv_head * GROUP + g
+        for i in range(n_steps):
+            step = g * n_steps + i
+            m0 = n0 + i * sh.BM
+            mbarrier.wait(sh.dq_full, step & 1)
+            for r in gl.static_range(0, sh.BM, R):
+                rows = m0 + r + piece_rows
+                offsets = ((b * T + rows).to(gl.int64) * H + h)[:, None] * sh.D + piece_cols[None, :]
+                for j in gl.static_range(2):
+                    part = sh.dq.index(j).slice(r, R, dim=0).load(piece)
+                    gl.atomic_add(DQ_SUM + offsets + j * DH, part * sm_scale, mask=(rows < T)[:, None],
+                                  sem="relaxed")
+            buffer = 2 * (step % 2)
+            sums = sh.rows.index(buffer).load(sums_layout) + sh.rows.index(buffer + 1).load(sums_layout)
+            gl.atomic_add(DC_ROW + (b * H + h) * T + m0 + sum_rows, gl.sum(sums, 0), mask=m0 + sum_rows < T,
+                          sem="relaxed")
+            mbarrier.arrive(sh.dq_free, count=1)
+
+
+@gluon.jit
+def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, C, DK, DV, DQ_SUM, DC_COL, DC_ROW, T,
+                stride_c, H, qk_scale, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """The backward of the module docstring for keys [2 BN p, 2 BN (p + 1)) of batch row b and kv head h' (program
+    (p, b H' + h')): dK, dV (B, T, Hkv, D) and DC_COL (B, H, T) written, DQ_SUM (B, T, H, D) and DC_ROW (B, H, T)
+    float32 added to (zeroed by the caller). q, dO, k, v through their (B * T, heads * D) TMA descriptors; C, lse2,
+    delta (B, H, stride_c) with stride_c >= T a multiple of 4 (C also read directly)."""
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    BN: gl.constexpr = k_desc.block_type.shape[0]
+    NBUF: gl.constexpr = 2
+    dtype: gl.constexpr = q_desc.dtype
+    barrier: gl.constexpr = mbarrier.MBarrierLayout()
+    vector: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    sh = _Shared(gl.allocate_shared_memory(dtype, [2, BN, HEAD_DIM], k_desc.layout),
+                 gl.allocate_shared_memory(dtype, [2, BN, HEAD_DIM], v_desc.layout),
+                 gl.allocate_shared_memory(dtype, [NBUF, BM, HEAD_DIM], q_desc.layout),
+                 gl.allocate_shared_memory(dtype, [NBUF, BM, HEAD_DIM], do_desc.layout),
+                 gl.allocate_shared_memory(gl.float32, [NBUF, BM], lse_desc.layout),
+                 gl.allocate_shared_memory(gl.float32, [NBUF, BM], delta_desc.layout),
+                 gl.allocate_shared_memory(gl.float32, [NBUF, BM], c_desc.layout),
+                 gl.allocate_shared_memory(dtype, [4, BN, BM], gl.NVMMASharedLayout.get_default_for([BN, BM], dtype)),
+                 gl.allocate_shared_memory(gl.float32, [2, BM, HEAD_DIM // 2],
+                                           gl.NVMMASharedLayout.get_default_for([BM, HEAD_DIM // 2], gl.float32)),
+                 gl.allocate_shared_memory(gl.float32, [4, 4, BM], vector),
+                 gl.allocate_shared_memory(gl.int64, [1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [1], barrier), gl.allocate_shared_memory(gl.int64, [1], barrier))
+    mbarrier.init(sh.kv_ready, count=1)
+    for i in gl.static_range(NBUF):
+        mbarrier.init(sh.q_ready.index(i), count=1)
+        mbarrier.init(sh.q_free.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(sh.ds_ready.index(i), count=2)
+    mbarrier.init(sh.dq_full, count=2)
+    mbarrier.init(sh.dq_free, count=1)
+    # Registers per thread: 32 for the producer's and the writer's warp group, 240 for each consumer's (dK and dV
+    # (64 x D float32), S^T and dP^T).
+    gl.warp_specialize([(_consumer_0, (C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP)),
+                        (_producer, (sh, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc), T, stride_c,
+                                     H, GROUP)),
+                        (_dq_writer, (DQ_SUM, DC_ROW, T, H, sm_scale, sh, GROUP)),
+                        (_consumer_1, (C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP))],
+                       [1, 2, 4], [32, 32, 240])
+
