@@ -4,11 +4,13 @@ attention.py holds the math, the exact reference and the entry point ``forgettin
 ``forgetting_attention_triton`` here for CUDA tensors (or on the CPU under TRITON_INTERPRET=1). The comment
 below says what each kernel computes and where it lives; docs/fox.md derives it.
 
-    common.py    tile loads, masks, block ranges, launch configuration
-    blocked.py   training and prefill: forward, backward, the gate's prefix sums and gradient
-    hopper.py    the forward of training and prefill on Hopper GPUs, warp-specialized (Gluon), for the common case
-    split.py     decoding and short chunked prefill: the split-key forward and its merge
-    pruning.py   adaptive computation pruning: the "auto" threshold and the block bounds
+    common.py            tile loads, masks, block ranges, launch configuration
+    blocked.py           training and prefill: forward, backward, the gate's prefix sums and gradient
+    hopper.py            the forward of training and prefill on Hopper GPUs, warp-specialized (Gluon), for the
+                         common case
+    hopper_backward.py   its backward on Hopper: one warp-specialized kernel (Gluon) where blocked.py has two
+    split.py             decoding and short chunked prefill: the split-key forward and its merge
+    pruning.py           adaptive computation pruning: the "auto" threshold and the block bounds
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from .common import LOG2E, triton
 #              P = softmax(...), dS = P * (dO v^T - delta)
 #              dK = s dS^T q, dV = P^T dO (summed over the GROUP heads), colsum(dS)   `_bwd_dkdv_kernel`
 #              dQ = s dS k, rowsum(dS)                                               `_bwd_dq_kernel`
+#              (on an sm_90 GPU, 16-bit, head dim 64 or 128, Tq = Tk, no padding or pruning: all of it in
+#              hopper_backward.py's `_bwd_kernel`, which adds dQ and rowsum(dS) into float32 sums by atomics)
 #              dc_t = rowsum(dS)_{query at t} - colsum(dS)_t,  dlog f_t = sum_{u >= t} dc_u
 #                                                         `_gate_grad_kernel`
 # rowsum(dS) is zero in exact arithmetic (a softmax ignores a constant added to its row), but delta comes from

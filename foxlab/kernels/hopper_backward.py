@@ -14,7 +14,8 @@ exactly what `blocked._bwd_dkdv_kernel` and `blocked._bwd_dq_kernel` compute (th
 backward recomputes P in both kernels: 7 matmul units (a unit being one causal q k^T) where FlashAttention's
 backward does 5. Here one program owns 128 keys of one (batch, kv head), recomputes P once per 64 query rows, and
 adds its share of dQ (and of the row sums) into float32 sums in global memory, which many programs update; the
-atomic adds are what FlashAttention-3 pays for the two saved units. One program (a CTA) holds three warp groups:
+atomic adds are what FlashAttention-3 pays for the two saved units. One program (a CTA) holds three warp groups of
+4 warps, two consumers and one that holds the producer and the dQ writer:
 
     producer     1 warp: K and V of the program's keys, then per query block (each head of the group in turn)
                  q, dO and the rows' lse2, delta and c2, by TMA into two-deep rings in shared memory
@@ -27,9 +28,11 @@ atomic adds are what FlashAttention-3 pays for the two saved units. One program 
                  128 keys (wgmma from shared memory) and hands them to the writer
 
 Only the two query blocks on the diagonal (and a last, partial one) are masked. Programs of the first keys, which
-see the most queries, start first. On an H200 this backward runs at 0.82-0.91x cuDNN's causal backward without a
-gate, where the two portable kernels reach 0.70-0.79x (BENCHMARKS.md). It serves the same common case as hopper.py's
-forward, at head dims 64 and 128 (`usable`); everything else takes the portable kernels.
+see the most queries, start first. On an H200 the backward (this kernel with the delta and gate-gradient kernels
+around it) runs at 0.77-0.84x cuDNN's causal backward without a gate, where the two portable kernels reached
+0.70-0.79x (BENCHMARKS.md). The float32 dQ sums take twice dq's bytes, and the atomic adds arrive in no fixed order:
+with torch.use_deterministic_algorithms(True) the portable backward runs instead (`usable`). It serves the same
+common case as hopper.py's forward, at head dims 64 and 128; everything else takes the portable kernels.
 """
 
 import torch
@@ -52,9 +55,12 @@ enabled = True
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor) -> bool:
     """Whether `backward` can run these: what hopper.py's forward needs (`hopper.on_hopper`), at head dim 64 or 128,
-    with dO (from `blocked._delta`) laid out as TMA reads it too. The caller checks what this kernel leaves out
+    with dO (from `blocked._delta`) laid out as TMA reads it too, and unless torch is asked for deterministic
+    algorithms: the atomic adds sum dQ in whatever order the programs reach them, so dQ may differ in its last bits
+    from run to run (the portable backward's sums have a fixed order). The caller checks what this kernel leaves out
     (padding, pruning)."""
-    return enabled and hopper.on_hopper(q, k, v, do) and q.shape[-1] in HEAD_DIMS
+    return (enabled and not torch.are_deterministic_algorithms_enabled() and hopper.on_hopper(q, k, v, do)
+            and q.shape[-1] in HEAD_DIMS)
 
 
 def backward(do, q, k, v, c2, lse, delta, scale):
@@ -232,7 +238,8 @@ def _consumer(j: gl.constexpr, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_s
         c_k = gl.load(C + bh * stride_c + keys, mask=keys < T, other=0.0)
         c_ref = gl.load(C + bh * stride_c + gl.minimum(first, T - 1))  # the group's first key, as the portable
         dc = gl.zeros([sh.BN], gl.float32, layout=row_layout)
-        # Masked: the two query blocks on the diagonal and a last one that runs past T; the others are not.
+        # Masked: the two query blocks on the diagonal and a last one that runs past T; the others are not. Three
+        # loops, not a runtime `if` in one: that gave wrong gradients with Triton 3.6 (benchmarks/NOTES.md).
         for i in range(0, n_diagonal):
             dk, dv, dc = _query_block(g * n_steps + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh,
                                       j, True)
