@@ -5,8 +5,9 @@
     python benchmarks/attention.py --tune     # sweep block sizes per kernel and head dim first
     python benchmarks/attention.py --decode-only [--decode-sweep]   # decoding and chunked prefill only
 
-Rows: foxlab (Triton; on Hopper its forward is kernels/hopper.py's warp-specialized one), foxlab with its portable
-forward kernel instead, foxlab with adaptive computation pruning ("+ ACP": threshold "auto", log eps = -10),
+Rows: foxlab (Triton; on Hopper its forward and backward are kernels/hopper.py's and hopper_backward.py's
+warp-specialized ones), foxlab with the portable forward kernel instead, and with the portable backward, foxlab
+with adaptive computation pruning ("+ ACP": threshold "auto", log eps = -10),
 the FoX paper's own kernel with and without its ACP (when a copy of it sits in `.anchors/`, a git-ignored
 folder: it is another project's code, benchmarked, never imported by foxlab), torch SDPA with the flash
 and cuDNN backends and no gate (the ceiling), torch flex_attention
@@ -23,6 +24,7 @@ it); "x SDPA time" there is foxlab's time over SDPA's (the target is <= 1.15).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -186,16 +188,18 @@ def foxlab_acp(q, k, v, log_f):
     return forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto")
 
 
-def foxlab_portable(q, k, v, log_f):
-    """foxlab with its portable forward kernel even where hopper.py's warp-specialized one would run."""
-    hopper = kernels.blocked.hopper
-    if hopper is not None:
-        hopper.enabled = False
+@contextlib.contextmanager
+def portable(*modules):
+    """foxlab with its portable kernels where these Hopper modules' kernels (kernels.blocked.hopper,
+    .hopper_backward) would run, for the measurement inside (forward and backward)."""
+    modules = [m for m in modules if m is not None]  # None: this Triton has no Gluon
+    for module in modules:
+        module.enabled = False
     try:
-        return forgetting_attention(q, k, v, log_f, backend="triton")
+        yield
     finally:
-        if hopper is not None:
-            hopper.enabled = True
+        for module in modules:
+            module.enabled = True
 
 
 def fla_attention():
@@ -213,10 +217,14 @@ def run_shape(shape, with_flex, with_reference, log_f=None) -> list[dict]:
     leaves = [t.requires_grad_() for t in (q, k, v, log_f)]
     head_major = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in leaves[:3]]
     head_major.append(log_f.detach().transpose(1, 2).contiguous().requires_grad_())
-    impls = [("foxlab triton", lambda *a: forgetting_attention(*a, backend="triton"), True),
+    foxlab = lambda *a: forgetting_attention(*a, backend="triton")  # noqa: E731
+    impls = [("foxlab triton", foxlab, True),
              ("foxlab triton + ACP", foxlab_acp, True),
-             ("foxlab triton, portable forward", foxlab_portable, False),
+             ("foxlab triton, portable forward", foxlab, False),
+             ("foxlab triton, portable backward", foxlab, False),
              ("SDPA flash (no gate)", sdpa_flash, True)]  # (name, function, also time it eagerly)
+    hopper_kernels = {"foxlab triton, portable forward": [kernels.blocked.hopper],
+                      "foxlab triton, portable backward": [kernels.blocked.hopper_backward]}
     # The same SDPA on its own contiguous head-major layout, flash and cuDNN: ratios use the fastest SDPA row.
     extra = [("SDPA flash (no gate), (B,H,T,D)", sdpa_head_major("FLASH_ATTENTION")),
              ("SDPA cuDNN (no gate), (B,H,T,D)", sdpa_head_major("CUDNN_ATTENTION"))]
@@ -235,7 +243,8 @@ def run_shape(shape, with_flex, with_reference, log_f=None) -> list[dict]:
     for name, attn, eager, inputs in [(*i, leaves) for i in impls] + [(n, a, n.startswith("paper"), head_major)
                                                                        for n, a in extra]:
         try:
-            result = measure(attn, inputs, eager)
+            with portable(*hopper_kernels.get(name, [])):
+                result = measure(attn, inputs, eager)
         except Exception as e:
             result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
             torch.cuda.empty_cache()
