@@ -105,6 +105,13 @@ def _descriptor(t: torch.Tensor, block_rows: int):
 # --------------------------------------------------------------------------------------------------
 
 
+@gluon.constexpr_function
+def wgmma_layout(columns):
+    """How a warp group's asynchronous matmul (wgmma) leaves an accumulator of `columns` columns in its 4 warps'
+    registers (16 rows per warp and instruction)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, columns, 16])
+
+
 @aggregate
 class _Shared:
     """One program's shared memory and the mbarriers that pass it between the producer and the consumers: q (2, BM, D),
@@ -139,10 +146,8 @@ class _Shared:
         self.BN = gl.constexpr(k.type.shape[1])
         self.D = gl.constexpr(k.type.shape[2])
         self.NBUF = gl.constexpr(k.type.shape[0])
-        self.S_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                               instr_shape=[16, self.BN, 16]))
-        self.O_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                               instr_shape=[16, self.D, 16]))
+        self.S_LAYOUT = gl.constexpr(wgmma_layout(self.BN))
+        self.O_LAYOUT = gl.constexpr(wgmma_layout(self.D))
         self.P_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=self.O_LAYOUT, k_width=2))
 
 

@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from . import hopper
 from .common import LOG2E, _relative_scores, triton
-from .hopper import _descriptor, _tma_load
+from .hopper import _descriptor, _tma_load, wgmma_layout
 
 # Query rows per step and keys per consumer (a program owns 2 * BLOCK_N keys).
 BLOCK_M, BLOCK_N = 64, 64
@@ -127,12 +127,9 @@ class _Shared:
         self.BN = gl.constexpr(k.type.shape[1])
         self.D = gl.constexpr(k.type.shape[2])
         self.NBUF = gl.constexpr(q.type.shape[0])
-        self.S_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                               instr_shape=[16, self.BM, 16]))
-        self.KV_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                                instr_shape=[16, self.D, 16]))
-        self.DQ_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                                instr_shape=[16, self.D // 2, 16]))
+        self.S_LAYOUT = gl.constexpr(wgmma_layout(self.BM))
+        self.KV_LAYOUT = gl.constexpr(wgmma_layout(self.D))
+        self.DQ_LAYOUT = gl.constexpr(wgmma_layout(self.D // 2))
         self.A_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=self.KV_LAYOUT, k_width=2))
 
 
