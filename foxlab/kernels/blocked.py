@@ -502,7 +502,7 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
     do, delta, dweight, dgate = _delta(do, o, out_norm, rstd)
     if (hopper_backward is not None and key_lo is None and query_hi is None and threshold2 is None
             and hopper_backward.usable(q, k, v, do)):
-        dq, dk, dv, dc_col, dc_row = hopper_backward.backward(do, q, k, v, c2.contiguous(), lse, delta, scale)
+        dq, dk, dv, dc_col, dc_row = hopper_backward.backward(do, q, k, v, c2, lse, delta, scale)
     else:
         dq, dk, dv, dc_col, dc_row = _blocked_backward(do, delta, q, k, v, c2, lse, key_lo, query_hi, threshold2,
                                                        scale, query_bounds)

@@ -76,8 +76,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2: torch.Tensor,
     float32 contiguous, the base-2 prefix sums of the gate (`blocked._base2_prefix_sums`; copied to rows of a
     multiple of 4 floats when T is not one); k, v may have fewer heads (GQA). Inputs as `usable` accepts them."""
     B, T, H, D = q.shape
-    stride_c = triton.cdiv(T, 4) * 4  # TMA reads each row of c2 from a 16-byte-aligned start
-    c2 = c2 if stride_c == T else torch.nn.functional.pad(c2, (0, stride_c - T))
+    stride_c, c2 = _aligned_rows(c2)
     o = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     n_tiles = triton.cdiv(T, 2 * BLOCK_M) * B * H
@@ -86,6 +85,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2: torch.Tensor,
     _fwd_kernel[grid](*descriptors, c2, o, lse, T, stride_c, H, B * H, scale * LOG2E, GROUP=H // k.shape[2],
                       HEAD_DIM=D, num_warps=4, maxnreg=168)
     return o, lse
+
+
+def _aligned_rows(*vectors: torch.Tensor):
+    """(B, H, T) float32 tensors as TMA reads their rows, each from a 16-byte-aligned start: the row stride (T
+    rounded up to 4 floats) and the tensors, contiguous, zero-padded to it where T is not a multiple of 4."""
+    T = vectors[0].shape[-1]
+    stride = triton.cdiv(T, 4) * 4
+    return stride, *(torch.nn.functional.pad(t, (0, stride - T)) if stride != T else t.contiguous() for t in vectors)
 
 
 def _descriptor(t: torch.Tensor, block_rows: int):

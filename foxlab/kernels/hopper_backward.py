@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from . import hopper
 from .common import LOG2E, _relative_scores, triton
-from .hopper import _descriptor, _tma_load, wgmma_layout
+from .hopper import _aligned_rows, _descriptor, _tma_load, wgmma_layout
 
 # Query rows per step and keys per consumer (a program owns 2 * BLOCK_N keys).
 BLOCK_M, BLOCK_N = 64, 64
@@ -66,11 +66,10 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor) 
 def backward(do, q, k, v, c2, lse, delta, scale):
     """dq, dk, dv in q's dtype and the gate's column and row sums of dS, dc_col and dc_row (B, H, T) float32, of
     causal forgetting attention (module docstring). do, q (B, T, H, D); k, v (B, T, Hkv, D); c2, lse, delta (B, H, T)
-    float32 contiguous; inputs as `usable` accepts them."""
+    float32; inputs as `usable` accepts them."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
-    stride_c = triton.cdiv(T, 4) * 4  # the TMA copies of the rows' vectors start 16-byte aligned
-    c2, lse, delta = (t if stride_c == T else torch.nn.functional.pad(t, (0, stride_c - T)) for t in (c2, lse, delta))
+    stride_c, c2, lse, delta = _aligned_rows(c2, lse, delta)
     dk, dv = torch.empty(k.shape, dtype=k.dtype, device=k.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dq_sum = torch.zeros(B, T, H, D, dtype=torch.float32, device=q.device)
     dc_col = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
