@@ -335,7 +335,7 @@ def test_portable_backward_where_the_warp_specialized_one_does_not_apply(warp_sp
 @hopper_only
 def test_deterministic_algorithms_take_the_portable_backward(warp_specialized_backward_calls):
     """torch.use_deterministic_algorithms: the portable backward, whose sums have a fixed order, twice bitwise."""
-    q, k, v, log_f = (t.requires_grad_() for t in make_inputs(1, 300, 2, 2, 128, torch.bfloat16))
+    q, k, v, log_f = (t.requires_grad_() for t in make_inputs(1, 300, 300, 2, 2, 128, torch.bfloat16))
     try:
         torch.use_deterministic_algorithms(True, warn_only=True)
         runs = [torch.autograd.grad(forgetting_attention(q, k, v, log_f, backend="triton").float().square().sum(),

@@ -502,17 +502,20 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
     do, delta, dweight, dgate = _delta(do, o, out_norm, rstd)
     if (hopper_backward is not None and key_lo is None and query_hi is None and threshold2 is None
             and hopper_backward.usable(q, k, v, do)):
-        dq, dk, dv, dc_col, dc_row = hopper_backward.backward(do, q, k, v, c2, lse, delta, scale)
+        dq, dk, dv, dc_col, dc_row = hopper_backward.backward(do, q, k, v, c2, lse, delta, scale)  # dq in float32
     else:
         dq, dk, dv, dc_col, dc_row = _blocked_backward(do, delta, q, k, v, c2, lse, key_lo, query_hi, threshold2,
                                                        scale, query_bounds)
+    del delta  # peak memory: the (B, H, T) vectors go before dq's conversion below allocates dq
     if gate_is_cumsum:  # dc_t = rowsum(dS) of the query at t - colsum(dS)_t (why the row sums stay: __init__.py)
-        dc = dc_col.neg_()
-        dc[:, :, Tk - Tq:] += dc_row
-        return dq, dk, dv, dc.transpose(1, 2), dweight, dgate
-    dlog_f = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
-    _gate_grad_kernel[(B * H,)](dc_col, dc_row, dlog_f, *dlog_f.stride(), H, Tq, Tk, BLOCK_T=_GATE_BLOCK)
-    return dq, dk, dv, dlog_f, dweight, dgate
+        d_gate = dc_col.neg_()
+        d_gate[:, :, Tk - Tq:] += dc_row
+        d_gate = d_gate.transpose(1, 2)
+    else:
+        d_gate = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
+        _gate_grad_kernel[(B * H,)](dc_col, dc_row, d_gate, *d_gate.stride(), H, Tq, Tk, BLOCK_T=_GATE_BLOCK)
+    del dc_col, dc_row
+    return dq.to(q.dtype), dk, dv, d_gate, dweight, dgate
 
 
 def _blocked_backward(do, delta, q, k, v, c2, lse, key_lo, query_hi, threshold2, scale, query_bounds):

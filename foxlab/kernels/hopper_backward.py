@@ -48,6 +48,8 @@ from .hopper import _aligned_rows, _descriptor, _tma_load, wgmma_layout
 
 # Query rows per step and keys per consumer (a program owns 2 * BLOCK_N keys).
 BLOCK_M, BLOCK_N = 64, 64
+# Columns of the row-sum matmul: the narrowest wgmma (N = 8).
+ONES = gl.constexpr(8)
 HEAD_DIMS = (64, 128)
 # Tests turn this off to compare with the portable backward on the same inputs.
 enabled = True
@@ -64,8 +66,9 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor) 
 
 
 def backward(do, q, k, v, c2, lse, delta, scale):
-    """dq, dk, dv in q's dtype and the gate's column and row sums of dS, dc_col and dc_row (B, H, T) float32, of
-    causal forgetting attention (module docstring). do, q (B, T, H, D); k, v (B, T, Hkv, D); c2, lse, delta (B, H, T)
+    """dq as float32 sums, dk, dv in k's dtype and the gate's column and row sums of dS, dc_col and dc_row (B, H, T)
+    float32, of causal forgetting attention (module docstring). The caller rounds dq to q's dtype once it has freed
+    what it no longer needs: that allocation is the backward's peak of memory. do, q (B, T, H, D); k, v (B, T, Hkv, D); c2, lse, delta (B, H, T)
     float32; inputs as `usable` accepts them."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
@@ -79,7 +82,7 @@ def backward(do, q, k, v, c2, lse, delta, scale):
     _bwd_kernel[(triton.cdiv(T, 2 * BLOCK_N), B * Hkv)](*descriptors, c2, dk, dv, dq_sum, dc_col, dc_row, T, stride_c,
                                                        H, scale * LOG2E, scale, GROUP=H // Hkv, HEAD_DIM=D,
                                                        num_warps=4, maxnreg=168)
-    return dq_sum.to(q.dtype), dk, dv, dc_col, dc_row
+    return dq_sum, dk, dv, dc_col, dc_row
 
 
 @aggregate
@@ -87,9 +90,10 @@ class _Shared:
     """One program's shared memory and mbarriers. k, v (2, BN, D): consumer j's keys at index j. Rings of NBUF
     query blocks: q, do (NBUF, BM, D) and the rows' lse2, delta, c2 (NBUF, BM), "ready" when the producer's copies
     have landed, "free" when both consumers are done with them. ds (4, BN, BM): dS^T of both consumers, two-deep
-    (ds_ready completes when both halves are in). dq (2, BM, D/2) float32: the consumers' dQ halves, rows (4, 4, BM)
-    float32: their warps' row sums of dS, two-deep; dq_full completes when both consumers have handed theirs over,
-    dq_free when the writer has read them."""
+    (ds_ready completes when both halves are in). dq (2, BM, D/2) float32: the consumers' dQ halves, rows (4, W, BM)
+    float32: their partial row sums of dS, two-deep, which add up over axis 1 (W = ONES, or 4 warps' sums:
+    `_sums_by_mma`); dq_full completes when both consumers have handed theirs over, dq_free when the writer has
+    read them. ones (ONES, BN): a one-hot column, stored K-major (`_one_hot`)."""
     k: gl.shared_memory_descriptor
     v: gl.shared_memory_descriptor
     q: gl.shared_memory_descriptor
@@ -100,6 +104,7 @@ class _Shared:
     ds: gl.shared_memory_descriptor
     dq: gl.shared_memory_descriptor
     rows: gl.shared_memory_descriptor
+    ones: gl.shared_memory_descriptor
     kv_ready: gl.shared_memory_descriptor
     q_ready: gl.shared_memory_descriptor
     q_free: gl.shared_memory_descriptor
@@ -114,12 +119,15 @@ class _Shared:
     KV_LAYOUT: gl.constexpr  # dK, dV (BN, D)
     DQ_LAYOUT: gl.constexpr  # a consumer's dQ half (BM, D/2)
     A_LAYOUT: gl.constexpr  # P^T, dS^T as wgmma's A operand
+    SUMS_LAYOUT: gl.constexpr  # a consumer's row sums (BM, ONES) and column sums (BN, ONES)
+    SUMS_A_LAYOUT: gl.constexpr  # dS^T as the column sums' A operand
+    SUMS_BY_MMA: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, k, v, q, do, lse, delta, c, ds, dq, rows, kv_ready, q_ready, q_free, ds_ready, dq_full,
+    def __init__(self, k, v, q, do, lse, delta, c, ds, dq, rows, ones, kv_ready, q_ready, q_free, ds_ready, dq_full,
                  dq_free):
         self.k, self.v, self.q, self.do, self.lse, self.delta, self.c = k, v, q, do, lse, delta, c
-        self.ds, self.dq, self.rows = ds, dq, rows
+        self.ds, self.dq, self.rows, self.ones = ds, dq, rows, ones
         self.kv_ready, self.q_ready, self.q_free, self.ds_ready = kv_ready, q_ready, q_free, ds_ready
         self.dq_full, self.dq_free = dq_full, dq_free
         self.BM = gl.constexpr(q.type.shape[1])
@@ -130,6 +138,9 @@ class _Shared:
         self.KV_LAYOUT = gl.constexpr(wgmma_layout(self.D))
         self.DQ_LAYOUT = gl.constexpr(wgmma_layout(self.D // 2))
         self.A_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=self.KV_LAYOUT, k_width=2))
+        self.SUMS_LAYOUT = gl.constexpr(wgmma_layout(ONES))
+        self.SUMS_A_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=self.SUMS_LAYOUT, k_width=2))
+        self.SUMS_BY_MMA = gl.constexpr(_sums_by_mma(self.D))
 
 
 @gluon.jit
@@ -190,12 +201,13 @@ def _query_block(step, m0, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Share
     p_t = gl.exp2(t - (lse - (c_q - c_ref))[None, :])
     ds_t = p_t * (dp_t - delta[None, :])
     dv = warpgroup_mma(gl.convert_layout(p_t.to(sh.q.dtype), sh.A_LAYOUT), do, dv, is_async=True)
-    dk = warpgroup_mma(gl.convert_layout(ds_t.to(sh.q.dtype), sh.A_LAYOUT), q, dk, is_async=True)
-    dc += gl.sum(ds_t, 1)
-    # Row sums over this consumer's keys, per warp (16 keys each): the writer adds the 8 warps' sums, so no warp
-    # waits here for the others.
-    sums = gl.sum(gl.reshape(ds_t, [4, sh.BN // 4, sh.BM]), 1)
-    sh.rows.index(2 * (step % 2) + j).store(sums)
+    ds_a = gl.convert_layout(ds_t.to(sh.q.dtype), sh.A_LAYOUT)
+    dk = warpgroup_mma(ds_a, q, dk, is_async=True)
+    if sh.SUMS_BY_MMA:  # the column sums here, the row sums below (`_sums_by_mma`)
+        dc = warpgroup_mma(gl.convert_layout(ds_a, sh.SUMS_A_LAYOUT), sh.ones.permute((1, 0)), dc, is_async=True)
+    else:  # the row sums over each warp's 16 keys, which the writer adds up: no warp waits here for the others
+        dc += gl.sum(ds_t, 1)
+        sh.rows.index(2 * (step % 2) + j).store(gl.sum(gl.reshape(ds_t, [4, sh.BN // 4, sh.BM]), 1))
     # dQ: both consumers' dS^T in shared memory, then this consumer's columns of dQ = dS k from all 2 BN keys.
     ds_buffer = step % 2
     sh.ds.index(2 * ds_buffer + j).store(ds_t.to(sh.q.dtype))
@@ -207,7 +219,13 @@ def _query_block(step, m0, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Share
                        gl.zeros([sh.BM, DH], gl.float32, layout=sh.DQ_LAYOUT), use_acc=False, is_async=True)
     dq = warpgroup_mma(sh.ds.index(2 * ds_buffer + 1).permute((1, 0)), sh.k.index(1).slice(j * DH, DH, dim=1), dq,
                        is_async=True)
-    dq, dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dk, dv))
+    if sh.SUMS_BY_MMA:
+        rows = warpgroup_mma(sh.ds.index(2 * ds_buffer + j).permute((1, 0)), sh.ones.permute((1, 0)),
+                             gl.zeros([sh.BM, ONES], gl.float32, layout=sh.SUMS_LAYOUT), use_acc=False, is_async=True)
+        dq, rows, dk, dv, dc = warpgroup_mma_wait(num_outstanding=0, deps=(dq, rows, dk, dv, dc))
+        sh.rows.index(2 * (step % 2) + j).permute((1, 0)).store(rows)
+    else:
+        dq, dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dk, dv))
     mbarrier.arrive(sh.q_free.index(slot), count=1)
     mbarrier.wait(sh.dq_free, (step & 1) ^ 1)  # the writer has read the last block's
     sh.dq.index(j).store(dq)
@@ -224,8 +242,10 @@ def _consumer(j: gl.constexpr, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_s
     n_diagonal = gl.minimum(n_steps, 2 * sh.BN // sh.BM)
     n_full = gl.maximum(n_diagonal, (T - n0) // sh.BM)  # query blocks that end at or before T
     row_layout: gl.constexpr = gl.SliceLayout(1, sh.S_LAYOUT)
+    gl.static_assert(sh.BM == sh.BN, "sh.ones serves both sums")
     first = n0 + j * sh.BN
     keys = first + gl.arange(0, sh.BN, layout=row_layout)
+    sum_keys = first + gl.arange(0, sh.BN, layout=gl.SliceLayout(1, sh.SUMS_LAYOUT))
     dk = gl.zeros([sh.BN, sh.D], gl.float32, layout=sh.KV_LAYOUT)
     dv = gl.zeros([sh.BN, sh.D], gl.float32, layout=sh.KV_LAYOUT)
     mbarrier.wait(sh.kv_ready, 0)
@@ -233,7 +253,10 @@ def _consumer(j: gl.constexpr, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_s
         bh = b * H + kv_head * GROUP + g
         c_k = gl.load(C + bh * stride_c + keys, mask=keys < T, other=0.0)
         c_ref = gl.load(C + bh * stride_c + gl.minimum(first, T - 1))  # the group's first key, as the portable
-        dc = gl.zeros([sh.BN], gl.float32, layout=row_layout)
+        if sh.SUMS_BY_MMA:
+            dc = gl.zeros([sh.BN, ONES], gl.float32, layout=sh.SUMS_LAYOUT)  # column sums of dS in column 0
+        else:
+            dc = gl.zeros([sh.BN], gl.float32, layout=row_layout)
         # Masked: the two query blocks on the diagonal and a last one that runs past T; the others are not. Three
         # loops, not a runtime `if` in one: that gave wrong gradients with Triton 3.6 (benchmarks/NOTES.md).
         for i in range(0, n_diagonal):
@@ -245,7 +268,10 @@ def _consumer(j: gl.constexpr, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_s
         for i in range(n_full, n_steps):
             dk, dv, dc = _query_block(g * n_steps + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh,
                                       j, True)
-        gl.store(DC_COL + bh * T + keys, dc, mask=keys < T)
+        if sh.SUMS_BY_MMA:
+            gl.store(DC_COL + bh * T + sum_keys, gl.sum(dc, 1), mask=sum_keys < T)
+        else:
+            gl.store(DC_COL + bh * T + keys, dc, mask=keys < T)
     out_rows = first + gl.arange(0, sh.BN, layout=gl.SliceLayout(1, sh.KV_LAYOUT))
     out_cols = gl.arange(0, sh.D, layout=gl.SliceLayout(0, sh.KV_LAYOUT))
     offsets = (b * T + out_rows).to(gl.int64)[:, None] * (H // GROUP * sh.D) + kv_head * sh.D + out_cols[None, :]
@@ -273,7 +299,8 @@ def _dq_writer(DQ_SUM, DC_ROW, T, H, sm_scale, sh: _Shared, GROUP: gl.constexpr)
     ACROSS: gl.constexpr = DH // 4  # threads along a row, 4 floats each
     R: gl.constexpr = 2 * (32 // ACROSS) * gl.num_warps()  # rows per piece: 8 floats per thread
     piece: gl.constexpr = gl.BlockedLayout([1, 4], [32 // ACROSS, ACROSS], [gl.num_warps(), 1], [1, 0])
-    sums_layout: gl.constexpr = gl.BlockedLayout([4, 1], [1, 32], [1, gl.num_warps()], [1, 0])
+    PARTS: gl.constexpr = sh.rows.type.shape[1]
+    sums_layout: gl.constexpr = gl.BlockedLayout([PARTS, 1], [1, 32], [1, gl.num_warps()], [1, 0])  # a row each
     piece_rows = gl.arange(0, R, layout=gl.SliceLayout(1, piece))
     piece_cols = gl.arange(0, DH, layout=gl.SliceLayout(0, piece))
     sum_rows = gl.arange(0, sh.BM, layout=gl.SliceLayout(0, sums_layout))
@@ -295,6 +322,30 @@ def _dq_writer(DQ_SUM, DC_ROW, T, H, sm_scale, sh: _Shared, GROUP: gl.constexpr)
             gl.atomic_add(DC_ROW + (b * H + h) * T + m0 + sum_rows, gl.sum(sums, 0), mask=m0 + sum_rows < T,
                           sem="relaxed")
             mbarrier.arrive(sh.dq_free, count=1)
+
+
+@gluon.constexpr_function
+def _sums_by_mma(head_dim):
+    """Whether the consumers take the column and row sums of dS by the tensor cores, as products with a one-hot
+    column (`_one_hot`; column 0 of the (64, ONES) result holds the sums), rather than by reducing dS^T in
+    registers (shuffles between threads, and at head dim 64 ~4% of the backward's time on an H200). The sums are
+    then of dS rounded to 16 bits, as dK and dQ use it; the gate's gradient needs the two to be sums of the same
+    numbers (__init__.py), so both move. At head dim 128, dK and dV hold 128 registers per thread and the two
+    (64, ONES) accumulators made the consumers spill: 1-4% slower there, so they keep the reduction."""
+    return head_dim <= 64
+
+
+@gluon.jit
+def _one_hot(BN: gl.constexpr, dtype: gl.constexpr):
+    """(ONES, BN) in shared memory, row 0 ones and the rest zeros: its transpose is the B operand that turns a
+    (BM, BN) dS into its row sums (`_query_block`)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [ONES, 32 // ONES], [gl.num_warps(), 1], [1, 0])
+    first = gl.arange(0, ONES, layout=gl.SliceLayout(1, layout))[:, None] == 0
+    values = gl.where(first, 1.0, 0.0) + gl.zeros([ONES, BN], gl.float32, layout=layout)
+    ones = gl.allocate_shared_memory(dtype, [ONES, BN], gl.NVMMASharedLayout.get_default_for([ONES, BN], dtype))
+    ones.store(values.to(dtype))
+    fence_async_shared()
+    return ones
 
 
 @gluon.jit
@@ -320,7 +371,8 @@ def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, C
                  gl.allocate_shared_memory(dtype, [4, BN, BM], gl.NVMMASharedLayout.get_default_for([BN, BM], dtype)),
                  gl.allocate_shared_memory(gl.float32, [2, BM, HEAD_DIM // 2],
                                            gl.NVMMASharedLayout.get_default_for([BM, HEAD_DIM // 2], gl.float32)),
-                 gl.allocate_shared_memory(gl.float32, [4, 4, BM], vector),
+                 gl.allocate_shared_memory(gl.float32, [4, ONES if _sums_by_mma(HEAD_DIM) else 4, BM], vector),
+                 _one_hot(BN, dtype),
                  gl.allocate_shared_memory(gl.int64, [1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
