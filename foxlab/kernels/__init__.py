@@ -41,12 +41,14 @@ from .common import LOG2E, triton
 #              dK = s dS^T q, dV = P^T dO (summed over the GROUP heads), colsum(dS)   `_bwd_dkdv_kernel`
 #              dQ = s dS k, rowsum(dS)                                               `_bwd_dq_kernel`
 #              (on an sm_90 GPU, 16-bit, head dim 64 or 128, Tq = Tk, no padding or pruning: all of it in
-#              hopper_backward.py's `_bwd_kernel`, which adds dQ and rowsum(dS) into float32 sums by atomics)
+#              hopper_backward.py's `_bwd_kernel`, which adds dQ and rowsum(dS) into float32 sums by atomics;
+#              at head dim 64 it takes both sums of dS rounded to 16 bits, by matmuls with a one-hot column)
 #              dc_t = rowsum(dS)_{query at t} - colsum(dS)_t,  dlog f_t = sum_{u >= t} dc_u
 #                                                         `_gate_grad_kernel`
 # rowsum(dS) is zero in exact arithmetic (a softmax ignores a constant added to its row), but delta comes from
 # the stored O, rounded to 16 bits: the kernels' row sums are dO_i . (O_i - rounded O_i). Keeping them cancels
 # the same error inside the column sums, which would otherwise bias dlog f at every key before the first query.
+# So both sums must be of the same numbers: both of float32 dS, or (Hopper, head dim 64) both of dS in 16 bits.
 # P is never stored: both backward kernels recompute it from q, k, c and the forward's lse.
 #
 # Tile loads: on Hopper GPUs (Triton >= 3.4) the forward and the dQ kernel load their key/value tiles (the forward
