@@ -69,8 +69,8 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor) 
 def backward(do, q, k, v, c2, lse, delta, scale):
     """dq as float32 sums, dk, dv in k's dtype and the gate's column and row sums of dS, dc_col and dc_row (B, H, T)
     float32, of causal forgetting attention (module docstring). The caller rounds dq to q's dtype once it has freed
-    what it no longer needs: that allocation is the backward's peak of memory. do, q (B, T, H, D); k, v (B, T, Hkv, D); c2, lse, delta (B, H, T)
-    float32; inputs as `usable` accepts them."""
+    what it no longer needs: that allocation is the backward's peak of memory. do, q (B, T, H, D); k, v
+    (B, T, Hkv, D); c2, lse, delta (B, H, T) float32; inputs as `usable` accepts them."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     stride_c, c2, lse, delta = _aligned_rows(c2, lse, delta)
@@ -94,7 +94,7 @@ class _Shared:
     (ds_ready completes when both halves are in). dq (2, BM, D/2) float32: the consumers' dQ halves, rows (4, W, BM)
     float32: their partial row sums of dS, two-deep, which add up over axis 1 (W = ONES, or 4 warps' sums:
     `_sums_by_mma`); dq_full completes when both consumers have handed theirs over, dq_free when the writer has
-    read them. ones (ONES, BN): a one-hot column, stored K-major (`_one_hot`)."""
+    read them. ones (ONES, BN): a one-hot column, stored K-major (`_one_hot`; 1 KiB, unused at head dim 128)."""
     k: gl.shared_memory_descriptor
     v: gl.shared_memory_descriptor
     q: gl.shared_memory_descriptor
