@@ -202,7 +202,8 @@ def _query_block(step, m0, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Share
     p_t = gl.exp2(t - (lse - (c_q - c_ref))[None, :])
     ds_t = p_t * (dp_t - delta[None, :])
     dv = warpgroup_mma(gl.convert_layout(p_t.to(sh.q.dtype), sh.A_LAYOUT), do, dv, is_async=True)
-    ds_a = gl.convert_layout(ds_t.to(sh.q.dtype), sh.A_LAYOUT)
+    ds_16 = ds_t.to(sh.q.dtype)  # what dK, dQ (and at head dim 64 the sums) take
+    ds_a = gl.convert_layout(ds_16, sh.A_LAYOUT)
     dk = warpgroup_mma(ds_a, q, dk, is_async=True)
     if sh.SUMS_BY_MMA:  # the column sums here, the row sums below (`_sums_by_mma`)
         dc = warpgroup_mma(gl.convert_layout(ds_a, sh.SUMS_A_LAYOUT), sh.ones.permute((1, 0)), dc, is_async=True)
@@ -211,7 +212,7 @@ def _query_block(step, m0, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Share
         sh.rows.index(2 * (step % 2) + j).store(gl.sum(gl.reshape(ds_t, [4, sh.BN // 4, sh.BM]), 1))
     # dQ: both consumers' dS^T in shared memory, then this consumer's columns of dQ = dS k from all 2 BN keys.
     ds_buffer = step % 2
-    sh.ds.index(2 * ds_buffer + j).store(ds_t.to(sh.q.dtype))
+    sh.ds.index(2 * ds_buffer + j).store(ds_16)
     fence_async_shared()
     mbarrier.arrive(sh.ds_ready.index(ds_buffer), count=1)
     mbarrier.wait(sh.ds_ready.index(ds_buffer), (step // 2) & 1)
