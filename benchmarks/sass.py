@@ -35,7 +35,7 @@ VARIANT = {"fwd": "TMA", "dq": "TMA", "dkdv": None}
 FLOAT_POINTERS = {"C", "KEY_LO", "QUERY_HI", "DELTA", "BOUNDS", "LSE", "W_OUT", "GATE", "Y", "RSTD_OUT", "THRESHOLD",
                   "DC_ROW", "DC_COL", "DQ_SUM"}
 TILE_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-WATCHED = ("UTMALDG", "LDGSTS", "LDG", "STG", "REDG", "HGMMA", "MUFU", "SYNCS", "USETMAXREG")
+WATCHED = ("UTMALDG", "UTMAREDG", "LDGSTS", "LDG", "STG", "REDG", "HGMMA", "MUFU", "SYNCS", "USETMAXREG")
 
 
 def signature(kernel: str, head_dim: int, tile: tuple[int, int], variant: bool) -> tuple[dict, dict, dict]:
@@ -83,7 +83,7 @@ def inspect_warp_specialized(head_dim: int, backward: bool = False) -> dict:
     if backward:
         fn, rows, keys = hopper_backward._bwd_kernel, hopper_backward.BLOCK_M, hopper_backward.BLOCK_N
         descs = dict(q_desc=(x, rows), do_desc=(x, rows), k_desc=(x, keys), v_desc=(x, keys), lse_desc=(vec, rows),
-                     delta_desc=(vec, rows), c_desc=(vec, rows))
+                     delta_desc=(vec, rows), c_desc=(vec, rows), dq_desc=(x.float(), rows, head_dim // 2))
     else:
         fn, rows, keys = hopper._fwd_kernel, hopper.BLOCK_M, hopper.BLOCK_N
         descs = dict(q_desc=(x, rows), k_desc=(x, keys), v_desc=(x, keys), c_desc=(vec, keys))

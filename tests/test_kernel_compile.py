@@ -39,11 +39,12 @@ def test_warp_specialized_forward_compiles_for_hopper(head_dim):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_warp_specialized_backward_compiles_for_hopper(head_dim):
     """kernels/hopper_backward.py's Gluon backward compiles for sm_90: TMA loads, warp-group matmuls, mbarriers,
-    setmaxnreg, and the dQ writer's atomic adds."""
+    setmaxnreg, and the dQ writer's TMA reductions (dQ) and atomic adds (row sums)."""
     from foxlab.kernels import blocked
     if blocked.hopper_backward is None:
         pytest.skip("this Triton has no Gluon")
     row = sass.inspect_warp_specialized(head_dim, backward=True)
-    print(f"\nwarp-specialized backward D{head_dim}: {row}")  # D128 stack: 72 bytes with Triton 3.6, 224 with 3.9
-    assert row["UTMALDG"] > 0 and row["HGMMA"] > 0 and row["REDG"] > 0 and row["USETMAXREG"] > 0
+    print(f"\nwarp-specialized backward D{head_dim}: {row}")  # D128 stack: 104 bytes with Triton 3.6 and 3.9
+    assert row["UTMALDG"] > 0 and row["HGMMA"] > 0 and row["USETMAXREG"] > 0
+    assert row["UTMAREDG"] > 0 and row["REDG"] > 0
     assert row["shared_kib"] <= 227

@@ -41,7 +41,7 @@ from .common import LOG2E, triton
 #              dK = s dS^T q, dV = P^T dO (summed over the GROUP heads), colsum(dS)   `_bwd_dkdv_kernel`
 #              dQ = s dS k, rowsum(dS)                                               `_bwd_dq_kernel`
 #              (on an sm_90 GPU, 16-bit, head dim 64 or 128, Tq = Tk, no padding or pruning: all of it in
-#              hopper_backward.py's `_bwd_kernel`, which adds dQ and rowsum(dS) into float32 sums by atomics;
+#              hopper_backward.py's `_bwd_kernel`, which adds dQ / s (by TMA) and rowsum(dS) into float32 sums;
 #              at head dim 64 it takes both sums of dS rounded to 16 bits, by matmuls with a one-hot column)
 #              dc_t = rowsum(dS)_{query at t} - colsum(dS)_t,  dlog f_t = sum_{u >= t} dc_u
 #                                                         `_gate_grad_kernel`

@@ -500,9 +500,10 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
     B, Tq, H = q.shape[:3]
     Tk = k.shape[1]
     do, delta, dweight, dgate = _delta(do, o, out_norm, rstd)
-    if (hopper_backward is not None and key_lo is None and query_hi is None and threshold2 is None
-            and hopper_backward.usable(q, k, v, do)):
-        dq, dk, dv, dc_col, dc_row = hopper_backward.backward(do, q, k, v, c2, lse, delta, scale)  # dq in float32
+    one_kernel = (hopper_backward is not None and key_lo is None and query_hi is None and threshold2 is None
+                  and hopper_backward.usable(q, k, v, do))
+    if one_kernel:
+        dq, dk, dv, dc_col, dc_row = hopper_backward.backward(do, q, k, v, c2, lse, delta, scale)  # float32 dq / s
     else:
         dq, dk, dv, dc_col, dc_row = _blocked_backward(do, delta, q, k, v, c2, lse, key_lo, query_hi, threshold2,
                                                        scale, query_bounds)
@@ -515,7 +516,9 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
         d_gate = torch.empty(B, Tk, H, dtype=torch.float32, device=q.device)
         _gate_grad_kernel[(B * H,)](dc_col, dc_row, d_gate, *d_gate.stride(), H, Tq, Tk, BLOCK_T=_GATE_BLOCK)
     del dc_col, dc_row
-    return dq.to(q.dtype), dk, dv, d_gate, dweight, dgate
+    if one_kernel:  # its float32 sums of dS k: scaled and rounded in one pass
+        dq = torch.mul(dq, scale, out=torch.empty_like(q))
+    return dq, dk, dv, d_gate, dweight, dgate
 
 
 def _blocked_backward(do, delta, q, k, v, c2, lse, key_lo, query_hi, threshold2, scale, query_bounds):

@@ -39,11 +39,24 @@ from triton.experimental.gluon import language as gl
 from triton.language.core import _aggregate as aggregate  # Triton >= 3.9 also names it gluon.aggregate
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.experimental.gluon.language._core import builtin
+from triton._C.libtriton import ir
 
 from .common import LOG2E, _multiprocessors, _relative_scores, _softmax_update, _tma_layout_ok, triton
 
 # Triton 3.9 renamed the TMA load (async_copy_global_to_shared); both names take the same arguments.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@builtin
+def _tma_add_36(desc, coord, src, _semantic=None):
+    """Triton 3.6's missing `tma.async_atomic_add` (its builder has the operation)."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, coord, src.handle)
+
+
+# A TMA reduction: adds a tile of shared memory into global memory at desc's coordinates, asynchronously.
+_tma_add = getattr(tma, "async_atomic_add", None) or _tma_add_36
 
 # Query rows per consumer warp group and keys per block: with two-deep K and V rings the 2 x 64 query rows fill
 # 160 KiB of shared memory at D = 128, and the 12 warps take the whole register file (`_fwd_kernel`), one program
@@ -95,16 +108,17 @@ def _aligned_rows(*vectors: torch.Tensor):
     return stride, *(torch.nn.functional.pad(t, (0, stride - T)) if stride != T else t.contiguous() for t in vectors)
 
 
-def _descriptor(t: torch.Tensor, block_rows: int):
-    """A TMA descriptor over t (B, T, heads, D) as the (B * T, heads * D) matrix, in (block_rows, D) tiles; over c2
-    (B, H, T') as one vector of B * H * T' floats, in block_rows pieces."""
+def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int = 0):
+    """A TMA descriptor over t (B, T, heads, D) as the (B * T, heads * D) matrix, in (block_rows, block_cols or D)
+    tiles; over c2 (B, H, T') as one vector of B * H * T' floats, in block_rows pieces."""
     if t.dim() == 3:
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
         return TensorDescriptor(t, [t.numel()], [1], [block_rows], layout)
     B, T, heads, D = t.shape
-    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([block_rows, D], dtype)
-    return TensorDescriptor(t, [B * T, heads * D], [t.stride(1), 1], [block_rows, D], layout)
+    block = [block_rows, block_cols or D]
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[t.dtype]
+    return TensorDescriptor(t, [B * T, heads * D], [t.stride(1), 1], block,
+                            gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,14 +14,16 @@ exactly what `blocked._bwd_dkdv_kernel` and `blocked._bwd_dq_kernel` compute (th
 backward recomputes P in both kernels: 7 matmul units (a unit being one causal q k^T) where FlashAttention's
 backward does 5. Here one program owns 128 keys of one (batch, kv head), recomputes P once per 64 query rows, and
 adds its share of dQ (and of the row sums) into float32 sums in global memory, which many programs update; the
-atomic adds are what FlashAttention-3 pays for the two saved units. One program (a CTA) holds three warp groups of
-4 warps, two consumers and one that holds the producer and the dQ writer:
+atomic adds are what FlashAttention-3 pays for the two saved units, and like it this kernel leaves dQ's to the TMA
+unit (a reduction, `_tma_add`: one instruction per tile where pointer atomics took 32 per thread and step, a third
+of the backward's time at head dim 128). One program (a CTA) holds three warp groups of 4 warps, two consumers and
+one that holds the producer and the dQ writer:
 
     producer     1 warp: K and V of the program's keys, then per query block (each head of the group in turn)
                  q, dO and the rows' lse2, delta and c2, by TMA into two-deep rings in shared memory
-    dQ writer    2 warps: per query block, the two consumers' dQ halves and row sums from shared memory into the
-                 float32 sums, by atomic adds (FlashAttention-3 gives this job to a warp of its own too, so the
-                 consumers never wait on the adds)
+    dQ writer    2 warps: per query block, the two consumers' dQ halves from shared memory into the float32 sums
+                 by TMA reductions, and their row sums by atomic adds (FlashAttention-3 gives this job to a warp
+                 of its own too, so the consumers never wait on the adds)
     consumer j   4 warps, keys 128 p + 64 j + [0, 64): per query block, S^T = k q^T and dP^T = v dO^T, then P^T and
                  dS^T, dV += P^T dO and dK += dS^T q (wgmma with A from registers); dS^T goes to shared memory, and
                  once both consumers' halves are there, consumer j computes dQ's columns [D/2 j, D/2 (j + 1)) from all
@@ -40,12 +42,12 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.language.core import _aggregate as aggregate
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
 from . import hopper
 from .common import LOG2E, _relative_scores, triton
-from .hopper import _aligned_rows, _descriptor, _tma_load, wgmma_layout
+from .hopper import _aligned_rows, _descriptor, _tma_add, _tma_load, wgmma_layout
 
 # Query rows per step and keys per consumer (a program owns 2 * BLOCK_N keys).
 BLOCK_M, BLOCK_N = 64, 64
@@ -67,10 +69,11 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor) 
 
 
 def backward(do, q, k, v, c2, lse, delta, scale):
-    """dq as float32 sums, dk, dv in k's dtype and the gate's column and row sums of dS, dc_col and dc_row (B, H, T)
-    float32, of causal forgetting attention (module docstring). The caller rounds dq to q's dtype once it has freed
-    what it no longer needs: that allocation is the backward's peak of memory. do, q (B, T, H, D); k, v
-    (B, T, Hkv, D); c2, lse, delta (B, H, T) float32; inputs as `usable` accepts them."""
+    """dq_sum = dq / scale (B, T, H, D) float32, dk, dv in k's dtype and the gate's column and row sums of dS,
+    dc_col and dc_row (B, H, T) float32, of causal forgetting attention (module docstring). The caller scales and
+    rounds dq_sum into q's dtype (one pass) once it has freed what it no longer needs: that allocation is the
+    backward's peak of memory. do, q (B, T, H, D); k, v (B, T, Hkv, D); c2, lse, delta (B, H, T) float32; inputs as
+    `usable` accepts them."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     stride_c, c2, lse, delta = _aligned_rows(c2, lse, delta)
@@ -79,9 +82,10 @@ def backward(do, q, k, v, c2, lse, delta, scale):
     dc_col = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     dc_row = torch.zeros(B, H, T, dtype=torch.float32, device=q.device)
     descriptors = (_descriptor(q, BLOCK_M), _descriptor(do, BLOCK_M), _descriptor(k, BLOCK_N),
-                   _descriptor(v, BLOCK_N), *(_descriptor(t, BLOCK_M) for t in (lse, delta, c2)))
-    _bwd_kernel[(triton.cdiv(T, 2 * BLOCK_N), B * Hkv)](*descriptors, c2, dk, dv, dq_sum, dc_col, dc_row, T, stride_c,
-                                                       H, scale * LOG2E, scale, GROUP=H // Hkv, HEAD_DIM=D,
+                   _descriptor(v, BLOCK_N), *(_descriptor(t, BLOCK_M) for t in (lse, delta, c2)),
+                   _descriptor(dq_sum, BLOCK_M, D // 2))
+    _bwd_kernel[(triton.cdiv(T, 2 * BLOCK_N), B * Hkv)](*descriptors, c2, dk, dv, dc_col, dc_row, T, stride_c, H,
+                                                       scale * LOG2E, scale, GROUP=H // Hkv, HEAD_DIM=D,
                                                        num_warps=4, maxnreg=168)
     return dq_sum, dk, dv, dc_col, dc_row
 
@@ -229,8 +233,9 @@ def _query_block(step, m0, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Share
     else:
         dq, dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dk, dv))
     mbarrier.arrive(sh.q_free.index(slot), count=1)
-    mbarrier.wait(sh.dq_free, (step & 1) ^ 1)  # the writer has read the last block's
+    mbarrier.wait(sh.dq_free, (step & 1) ^ 1)  # the writer's copy has read the last block's
     sh.dq.index(j).store(dq)
+    fence_async_shared()  # before the TMA reads it
     mbarrier.arrive(sh.dq_full, count=1)
     return dk, dv, dc
 
@@ -293,18 +298,14 @@ def _consumer_1(C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh: _Shar
 
 
 @gluon.jit
-def _dq_writer(DQ_SUM, DC_ROW, T, H, sm_scale, sh: _Shared, GROUP: gl.constexpr):
-    """Two warps: each query block's dQ (s times the consumers' halves) into DQ_SUM (B, T, H, D) and its row sums of
-    dS (the consumers' 8 warps' sums) into DC_ROW (B, H, T), by atomic adds, rows below T only."""
+def _dq_writer(dq_desc, DC_ROW, T, H, sh: _Shared, GROUP: gl.constexpr):
+    """Two warps: each query block's dQ / s (the consumers' halves) into dq_desc's (B T, H D) float32 sums by TMA
+    reductions, and its row sums of dS (the consumers' 8 warps' sums) into DC_ROW (B, H, T) by atomic adds, rows
+    below T only. A block that runs past its sequence's end adds its rows past T, which are exact zeros (P is 0
+    there), into the next sequence's first rows, and the TMA drops those past the tensor's end."""
     n0, b, kv_head, n_steps = _program_keys(T, H, sh, GROUP)
-    DH: gl.constexpr = sh.D // 2
-    ACROSS: gl.constexpr = DH // 4  # threads along a row, 4 floats each
-    R: gl.constexpr = 2 * (32 // ACROSS) * gl.num_warps()  # rows per piece: 8 floats per thread
-    piece: gl.constexpr = gl.BlockedLayout([1, 4], [32 // ACROSS, ACROSS], [gl.num_warps(), 1], [1, 0])
     PARTS: gl.constexpr = sh.rows.type.shape[1]
     sums_layout: gl.constexpr = gl.BlockedLayout([PARTS, 1], [1, 32], [1, gl.num_warps()], [1, 0])  # a row each
-    piece_rows = gl.arange(0, R, layout=gl.SliceLayout(1, piece))
-    piece_cols = gl.arange(0, DH, layout=gl.SliceLayout(0, piece))
     sum_rows = gl.arange(0, sh.BM, layout=gl.SliceLayout(0, sums_layout))
     for g in range(GROUP):
         h = kv_head * GROUP + g
@@ -312,17 +313,13 @@ def _dq_writer(DQ_SUM, DC_ROW, T, H, sm_scale, sh: _Shared, GROUP: gl.constexpr)
             step = g * n_steps + i
             m0 = n0 + i * sh.BM
             mbarrier.wait(sh.dq_full, step & 1)
-            for r in gl.static_range(0, sh.BM, R):
-                rows = m0 + r + piece_rows
-                offsets = ((b * T + rows).to(gl.int64) * H + h)[:, None] * sh.D + piece_cols[None, :]
-                for j in gl.static_range(2):
-                    part = sh.dq.index(j).slice(r, R, dim=0).load(piece)
-                    gl.atomic_add(DQ_SUM + offsets + j * DH, part * sm_scale, mask=(rows < T)[:, None],
-                                  sem="relaxed")
+            for j in gl.static_range(2):
+                _tma_add(dq_desc, [b * T + m0, h * sh.D + j * (sh.D // 2)], sh.dq.index(j))
             buffer = 2 * (step % 2)
             sums = sh.rows.index(buffer).load(sums_layout) + sh.rows.index(buffer + 1).load(sums_layout)
             gl.atomic_add(DC_ROW + (b * H + h) * T + m0 + sum_rows, gl.sum(sums, 0), mask=m0 + sum_rows < T,
                           sem="relaxed")
+            tma.store_wait(0)  # the copies have read sh.dq
             mbarrier.arrive(sh.dq_free, count=1)
 
 
@@ -351,12 +348,12 @@ def _one_hot(BN: gl.constexpr, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, C, DK, DV, DQ_SUM, DC_COL, DC_ROW, T,
+def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, dq_desc, C, DK, DV, DC_COL, DC_ROW, T,
                 stride_c, H, qk_scale, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr):
     """The backward of the module docstring for keys [2 BN p, 2 BN (p + 1)) of batch row b and kv head h' (program
-    (p, b H' + h')): dK, dV (B, T, Hkv, D) and DC_COL (B, H, T) written, DQ_SUM (B, T, H, D) and DC_ROW (B, H, T)
-    float32 added to (zeroed by the caller). q, dO, k, v through their (B * T, heads * D) TMA descriptors; C, lse2,
-    delta (B, H, stride_c) with stride_c >= T a multiple of 4 (C also read directly)."""
+    (p, b H' + h')): dK, dV (B, T, Hkv, D) and DC_COL (B, H, T) written, dQ / s (dq_desc, B T x H D) and DC_ROW
+    (B, H, T) float32 added to (zeroed by the caller). q, dO, k, v, dQ / s through (B * T, heads * D) TMA
+    descriptors; C, lse2, delta (B, H, stride_c) with stride_c >= T a multiple of 4 (C also read directly)."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
     NBUF: gl.constexpr = 2
@@ -371,8 +368,7 @@ def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, C
                  gl.allocate_shared_memory(gl.float32, [NBUF, BM], delta_desc.layout),
                  gl.allocate_shared_memory(gl.float32, [NBUF, BM], c_desc.layout),
                  gl.allocate_shared_memory(dtype, [4, BN, BM], gl.NVMMASharedLayout.get_default_for([BN, BM], dtype)),
-                 gl.allocate_shared_memory(gl.float32, [2, BM, HEAD_DIM // 2],
-                                           gl.NVMMASharedLayout.get_default_for([BM, HEAD_DIM // 2], gl.float32)),
+                 gl.allocate_shared_memory(gl.float32, [2, BM, HEAD_DIM // 2], dq_desc.layout),
                  gl.allocate_shared_memory(gl.float32, [4, ONES if _sums_by_mma(HEAD_DIM) else 4, BM], vector),
                  _one_hot(BN, dtype),
                  gl.allocate_shared_memory(gl.int64, [1], barrier),
@@ -393,7 +389,7 @@ def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, C
     gl.warp_specialize([(_consumer_0, (C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP)),
                         (_producer, (sh, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc), T, stride_c,
                                      H, GROUP)),
-                        (_dq_writer, (DQ_SUM, DC_ROW, T, H, sm_scale, sh, GROUP)),
+                        (_dq_writer, (dq_desc, DC_ROW, T, H, sh, GROUP)),
                         (_consumer_1, (C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP))],
                        [1, 2, 4], [32, 32, 240])
 
