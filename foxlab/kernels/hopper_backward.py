@@ -46,8 +46,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from . import hopper
-from .common import LOG2E, _multiprocessors, _relative_scores, triton
-from .hopper import _aligned_rows, _descriptor, _tile, _tma_add, _tma_load, wgmma_layout
+from .common import LOG2E, _relative_scores, triton
+from .hopper import _aligned_rows, _descriptor, _tma_add, _tma_load, wgmma_layout
 
 # Query rows per step and keys per consumer (a program owns 2 * BLOCK_N keys).
 BLOCK_M, BLOCK_N = 64, 64
@@ -84,10 +84,9 @@ def backward(do, q, k, v, c2, lse, delta, scale):
     descriptors = (_descriptor(q, BLOCK_M), _descriptor(do, BLOCK_M), _descriptor(k, BLOCK_N),
                    _descriptor(v, BLOCK_N), *(_descriptor(t, BLOCK_M) for t in (lse, delta, c2)),
                    _descriptor(dq_sum, BLOCK_M, D // 2))
-    n_tiles = triton.cdiv(T, 2 * BLOCK_N) * B * Hkv
-    _bwd_kernel[(min(n_tiles, _multiprocessors(q.device)),)](*descriptors, c2, dk, dv, dc_col, dc_row, T, stride_c, H,
-                                                            B * Hkv, scale * LOG2E, scale, GROUP=H // Hkv,
-                                                            HEAD_DIM=D, num_warps=4, maxnreg=168)
+    _bwd_kernel[(triton.cdiv(T, 2 * BLOCK_N), B * Hkv)](*descriptors, c2, dk, dv, dc_col, dc_row, T, stride_c, H,
+                                                       scale * LOG2E, scale, GROUP=H // Hkv, HEAD_DIM=D,
+                                                       num_warps=4, maxnreg=168)
     return dq_sum, dk, dv, dc_col, dc_row
 
 
@@ -112,7 +111,6 @@ class _Shared:
     rows: gl.shared_memory_descriptor
     ones: gl.shared_memory_descriptor
     kv_ready: gl.shared_memory_descriptor
-    kv_free: gl.shared_memory_descriptor
     q_ready: gl.shared_memory_descriptor
     q_free: gl.shared_memory_descriptor
     ds_ready: gl.shared_memory_descriptor
@@ -131,11 +129,11 @@ class _Shared:
     SUMS_BY_MMA: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, k, v, q, do, lse, delta, c, ds, dq, rows, ones, kv_ready, kv_free, q_ready, q_free, ds_ready,
-                 dq_full, dq_free):
+    def __init__(self, k, v, q, do, lse, delta, c, ds, dq, rows, ones, kv_ready, q_ready, q_free, ds_ready, dq_full,
+                 dq_free):
         self.k, self.v, self.q, self.do, self.lse, self.delta, self.c = k, v, q, do, lse, delta, c
         self.ds, self.dq, self.rows, self.ones = ds, dq, rows, ones
-        self.kv_ready, self.kv_free, self.q_ready, self.q_free, self.ds_ready = kv_ready, kv_free, q_ready, q_free, ds_ready
+        self.kv_ready, self.q_ready, self.q_free, self.ds_ready = kv_ready, q_ready, q_free, ds_ready
         self.dq_full, self.dq_free = dq_full, dq_free
         self.BM = gl.constexpr(q.type.shape[1])
         self.BN = gl.constexpr(k.type.shape[1])
@@ -151,54 +149,37 @@ class _Shared:
 
 
 @gluon.jit
-def _tile_keys(n, T, H, BHKV, sh: _Shared, GROUP: gl.constexpr):
-    """The program's n-th tile of 2 BN keys of one (batch row, kv head), in hopper._tile's order (the first keys,
-    which see the most query blocks, first): its first key, batch row, kv head, query blocks per head, and whether
-    this round has a tile for this program."""
-    n_key_blocks = gl.cdiv(T, 2 * sh.BN)
-    row_block, bh, has_tile = _tile(n, n_key_blocks, BHKV)
-    n0 = (n_key_blocks - 1 - row_block) * 2 * sh.BN
-    return n0, bh // (H // GROUP), bh % (H // GROUP), gl.cdiv(T - n0, sh.BM), has_tile
+def _program_keys(T, H, sh: _Shared, GROUP: gl.constexpr):
+    """The program's first key, batch row and kv head, and its number of query blocks per head."""
+    n0 = gl.program_id(0) * 2 * sh.BN
+    b = gl.program_id(1) // (H // GROUP)
+    kv_head = gl.program_id(1) % (H // GROUP)
+    return n0, b, kv_head, gl.cdiv(T - n0, sh.BM)
 
 
 @gluon.jit
-def _rounds(T, BHKV, sh: _Shared):
-    """How many tiles each program takes at most."""
-    return gl.cdiv(gl.cdiv(T, 2 * sh.BN) * BHKV, gl.num_programs(0))
-
-
-@gluon.jit
-def _producer(sh: _Shared, descs, T, stride_c, H, BHKV, GROUP: gl.constexpr):
-    """One warp: per tile, its K and V (once both consumers are done with the last tile's), then each head's query
-    blocks from the diagonal on into the rings."""
+def _producer(sh: _Shared, descs, T, stride_c, H, GROUP: gl.constexpr):
+    """One warp: the program's K and V, then each head's query blocks from the diagonal on into the rings."""
     q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc = descs
-    step0 = 0  # query blocks loaded so far, over all tiles: the ring slot and its phase
-    tiles = 0
-    for n in range(_rounds(T, BHKV, sh)):
-        n0, b, kv_head, n_steps, has_tile = _tile_keys(n, T, H, BHKV, sh, GROUP)
-        if has_tile:
-            mbarrier.wait(sh.kv_free, (tiles & 1) ^ 1)
-            mbarrier.expect(sh.kv_ready, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
-            for j in gl.static_range(2):
-                _tma_load(k_desc, [b * T + n0 + j * sh.BN, kv_head * sh.D], sh.kv_ready, sh.k.index(j))
-                _tma_load(v_desc, [b * T + n0 + j * sh.BN, kv_head * sh.D], sh.kv_ready, sh.v.index(j))
-            for g in range(GROUP):
-                h = kv_head * GROUP + g
-                for i in range(n_steps):
-                    step = step0 + g * n_steps + i
-                    slot = step % sh.NBUF
-                    m0 = n0 + i * sh.BM
-                    mbarrier.wait(sh.q_free.index(slot), ((step // sh.NBUF) & 1) ^ 1)
-                    mbarrier.expect(sh.q_ready.index(slot),
-                                    2 * q_desc.block_type.nbytes + 3 * c_desc.block_type.nbytes)
-                    _tma_load(q_desc, [b * T + m0, h * sh.D], sh.q_ready.index(slot), sh.q.index(slot))
-                    _tma_load(do_desc, [b * T + m0, h * sh.D], sh.q_ready.index(slot), sh.do.index(slot))
-                    row = (b * H + h) * stride_c + m0
-                    _tma_load(lse_desc, [row], sh.q_ready.index(slot), sh.lse.index(slot))
-                    _tma_load(delta_desc, [row], sh.q_ready.index(slot), sh.delta.index(slot))
-                    _tma_load(c_desc, [row], sh.q_ready.index(slot), sh.c.index(slot))
-            step0 += GROUP * n_steps
-            tiles += 1
+    n0, b, kv_head, n_steps = _program_keys(T, H, sh, GROUP)
+    mbarrier.expect(sh.kv_ready, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for j in gl.static_range(2):
+        _tma_load(k_desc, [b * T + n0 + j * sh.BN, kv_head * sh.D], sh.kv_ready, sh.k.index(j))
+        _tma_load(v_desc, [b * T + n0 + j * sh.BN, kv_head * sh.D], sh.kv_ready, sh.v.index(j))
+    for g in range(GROUP):
+        h = kv_head * GROUP + g
+        for i in range(n_steps):
+            step = g * n_steps + i
+            slot = step % sh.NBUF
+            m0 = n0 + i * sh.BM
+            mbarrier.wait(sh.q_free.index(slot), ((step // sh.NBUF) & 1) ^ 1)
+            mbarrier.expect(sh.q_ready.index(slot), 2 * q_desc.block_type.nbytes + 3 * c_desc.block_type.nbytes)
+            _tma_load(q_desc, [b * T + m0, h * sh.D], sh.q_ready.index(slot), sh.q.index(slot))
+            _tma_load(do_desc, [b * T + m0, h * sh.D], sh.q_ready.index(slot), sh.do.index(slot))
+            row = (b * H + h) * stride_c + m0
+            _tma_load(lse_desc, [row], sh.q_ready.index(slot), sh.lse.index(slot))
+            _tma_load(delta_desc, [row], sh.q_ready.index(slot), sh.delta.index(slot))
+            _tma_load(c_desc, [row], sh.q_ready.index(slot), sh.c.index(slot))
 
 
 @gluon.jit
@@ -260,36 +241,11 @@ def _query_block(step, m0, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Share
 
 
 @gluon.jit
-def _consumer(j: gl.constexpr, C, DK, DV, DC_COL, T, stride_c, H, BHKV, qk_scale, sm_scale, sh: _Shared,
+def _consumer(j: gl.constexpr, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh: _Shared,
               GROUP: gl.constexpr):
-    """Warp group j: keys n0 + BN j + [0, BN) of each of the program's tiles against every query block of every
-    head of the group. Writes their dK, dV and, per head, the column sums of dS."""
-    step0 = 0
-    tiles = 0
-    for n in range(_rounds(T, BHKV, sh)):
-        n0, b, kv_head, n_steps, has_tile = _tile_keys(n, T, H, BHKV, sh, GROUP)
-        if has_tile:
-            mbarrier.wait(sh.kv_ready, tiles & 1)
-            dk, dv = _tile_gradients(step0, n0, b, kv_head, n_steps, C, DC_COL, T, stride_c, H, qk_scale, sh, j,
-                                     GROUP)
-            mbarrier.arrive(sh.kv_free, count=1)  # the producer loads the next tile's while dK, dV go out
-            first = n0 + j * sh.BN
-            out_rows = first + gl.arange(0, sh.BN, layout=gl.SliceLayout(1, sh.KV_LAYOUT))
-            out_cols = gl.arange(0, sh.D, layout=gl.SliceLayout(0, sh.KV_LAYOUT))
-            offsets = ((b * T + out_rows).to(gl.int64)[:, None] * (H // GROUP * sh.D) + kv_head * sh.D
-                       + out_cols[None, :])
-            mask = (out_rows < T)[:, None]
-            gl.store(DK + offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
-            gl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=mask)
-            step0 += GROUP * n_steps
-            tiles += 1
-
-
-@gluon.jit
-def _tile_gradients(step0, n0, b, kv_head, n_steps, C, DC_COL, T, stride_c, H, qk_scale, sh: _Shared,
-                    j: gl.constexpr, GROUP: gl.constexpr):
-    """One tile of consumer j: dK and dV of its keys (returned, float32), the column sums of dS per head (written);
-    its query blocks are ring positions step0 + [0, GROUP n_steps)."""
+    """Warp group j: keys n0 + BN j + [0, BN) against every query block of every head of the group. Writes their
+    dK, dV and, per head, the column sums of dS."""
+    n0, b, kv_head, n_steps = _program_keys(T, H, sh, GROUP)
     n_diagonal = gl.minimum(n_steps, 2 * sh.BN // sh.BM)
     n_full = gl.maximum(n_diagonal, (T - n0) // sh.BM)  # query blocks that end at or before T
     row_layout: gl.constexpr = gl.SliceLayout(1, sh.S_LAYOUT)
@@ -299,6 +255,7 @@ def _tile_gradients(step0, n0, b, kv_head, n_steps, C, DC_COL, T, stride_c, H, q
     sum_keys = first + gl.arange(0, sh.BN, layout=gl.SliceLayout(1, sh.SUMS_LAYOUT))
     dk = gl.zeros([sh.BN, sh.D], gl.float32, layout=sh.KV_LAYOUT)
     dv = gl.zeros([sh.BN, sh.D], gl.float32, layout=sh.KV_LAYOUT)
+    mbarrier.wait(sh.kv_ready, 0)
     for g in range(GROUP):
         bh = b * H + kv_head * GROUP + g
         c_k = gl.load(C + bh * stride_c + keys, mask=keys < T, other=0.0)
@@ -309,61 +266,61 @@ def _tile_gradients(step0, n0, b, kv_head, n_steps, C, DC_COL, T, stride_c, H, q
             dc = gl.zeros([sh.BN], gl.float32, layout=row_layout)
         # Masked: the two query blocks on the diagonal and a last one that runs past T; the others are not. Three
         # loops, not a runtime `if` in one: that gave wrong gradients with Triton 3.6 (benchmarks/NOTES.md).
-        step = step0 + g * n_steps
         for i in range(0, n_diagonal):
-            dk, dv, dc = _query_block(step + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh, j,
-                                      True)
+            dk, dv, dc = _query_block(g * n_steps + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh,
+                                      j, True)
         for i in range(n_diagonal, n_full):
-            dk, dv, dc = _query_block(step + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh, j,
-                                      False)
+            dk, dv, dc = _query_block(g * n_steps + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh,
+                                      j, False)
         for i in range(n_full, n_steps):
-            dk, dv, dc = _query_block(step + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh, j,
-                                      True)
+            dk, dv, dc = _query_block(g * n_steps + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh,
+                                      j, True)
         if sh.SUMS_BY_MMA:
             gl.store(DC_COL + bh * T + sum_keys, gl.sum(dc, 1), mask=sum_keys < T)
         else:
             gl.store(DC_COL + bh * T + keys, dc, mask=keys < T)
-    return dk, dv
+    out_rows = first + gl.arange(0, sh.BN, layout=gl.SliceLayout(1, sh.KV_LAYOUT))
+    out_cols = gl.arange(0, sh.D, layout=gl.SliceLayout(0, sh.KV_LAYOUT))
+    offsets = (b * T + out_rows).to(gl.int64)[:, None] * (H // GROUP * sh.D) + kv_head * sh.D + out_cols[None, :]
+    mask = (out_rows < T)[:, None]
+    gl.store(DK + offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+    gl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @gluon.jit
-def _consumer_0(C, DK, DV, DC_COL, T, stride_c, H, BHKV, qk_scale, sm_scale, sh: _Shared, GROUP: gl.constexpr):
-    _consumer(0, C, DK, DV, DC_COL, T, stride_c, H, BHKV, qk_scale, sm_scale, sh, GROUP)
+def _consumer_0(C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh: _Shared, GROUP: gl.constexpr):
+    _consumer(0, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP)
 
 
 @gluon.jit
-def _consumer_1(C, DK, DV, DC_COL, T, stride_c, H, BHKV, qk_scale, sm_scale, sh: _Shared, GROUP: gl.constexpr):
-    _consumer(1, C, DK, DV, DC_COL, T, stride_c, H, BHKV, qk_scale, sm_scale, sh, GROUP)
+def _consumer_1(C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh: _Shared, GROUP: gl.constexpr):
+    _consumer(1, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP)
 
 
 @gluon.jit
-def _dq_writer(dq_desc, DC_ROW, T, H, BHKV, sh: _Shared, GROUP: gl.constexpr):
+def _dq_writer(dq_desc, DC_ROW, T, H, sh: _Shared, GROUP: gl.constexpr):
     """Two warps: each query block's dQ / s (the consumers' halves) into dq_desc's (B T, H D) float32 sums by TMA
     reductions, and its row sums of dS (the consumers' 8 warps' sums) into DC_ROW (B, H, T) by atomic adds, rows
     below T only. A block that runs past its sequence's end adds its rows past T, which are exact zeros (P is 0
     there), into the next sequence's first rows, and the TMA drops those past the tensor's end."""
+    n0, b, kv_head, n_steps = _program_keys(T, H, sh, GROUP)
     PARTS: gl.constexpr = sh.rows.type.shape[1]
     sums_layout: gl.constexpr = gl.BlockedLayout([PARTS, 1], [1, 32], [1, gl.num_warps()], [1, 0])  # a row each
     sum_rows = gl.arange(0, sh.BM, layout=gl.SliceLayout(0, sums_layout))
-    step0 = 0
-    for n in range(_rounds(T, BHKV, sh)):
-        n0, b, kv_head, n_steps, has_tile = _tile_keys(n, T, H, BHKV, sh, GROUP)
-        if has_tile:
-            for g in range(GROUP):
-                h = kv_head * GROUP + g
-                for i in range(n_steps):
-                    step = step0 + g * n_steps + i
-                    m0 = n0 + i * sh.BM
-                    mbarrier.wait(sh.dq_full, step & 1)
-                    for j in gl.static_range(2):
-                        _tma_add(dq_desc, [b * T + m0, h * sh.D + j * (sh.D // 2)], sh.dq.index(j))
-                    buffer = 2 * (step % 2)
-                    sums = sh.rows.index(buffer).load(sums_layout) + sh.rows.index(buffer + 1).load(sums_layout)
-                    gl.atomic_add(DC_ROW + (b * H + h) * T + m0 + sum_rows, gl.sum(sums, 0), mask=m0 + sum_rows < T,
-                                  sem="relaxed")
-                    tma.store_wait(0)  # the copies have read sh.dq
-                    mbarrier.arrive(sh.dq_free, count=1)
-            step0 += GROUP * n_steps
+    for g in range(GROUP):
+        h = kv_head * GROUP + g
+        for i in range(n_steps):
+            step = g * n_steps + i
+            m0 = n0 + i * sh.BM
+            mbarrier.wait(sh.dq_full, step & 1)
+            for j in gl.static_range(2):
+                _tma_add(dq_desc, [b * T + m0, h * sh.D + j * (sh.D // 2)], sh.dq.index(j))
+            buffer = 2 * (step % 2)
+            sums = sh.rows.index(buffer).load(sums_layout) + sh.rows.index(buffer + 1).load(sums_layout)
+            gl.atomic_add(DC_ROW + (b * H + h) * T + m0 + sum_rows, gl.sum(sums, 0), mask=m0 + sum_rows < T,
+                          sem="relaxed")
+            tma.store_wait(0)  # the copies have read sh.dq
+            mbarrier.arrive(sh.dq_free, count=1)
 
 
 @gluon.constexpr_function
@@ -392,7 +349,7 @@ def _one_hot(BN: gl.constexpr, dtype: gl.constexpr):
 
 @gluon.jit
 def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, dq_desc, C, DK, DV, DC_COL, DC_ROW, T,
-                stride_c, H, BHKV, qk_scale, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr):
+                stride_c, H, qk_scale, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr):
     """The backward of the module docstring for keys [2 BN p, 2 BN (p + 1)) of batch row b and kv head h' (program
     (p, b H' + h')): dK, dV (B, T, Hkv, D) and DC_COL (B, H, T) written, dQ / s (dq_desc, B T x H D) and DC_ROW
     (B, H, T) float32 added to (zeroed by the caller). q, dO, k, v, dQ / s through (B * T, heads * D) TMA
@@ -414,13 +371,12 @@ def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, d
                  gl.allocate_shared_memory(gl.float32, [2, BM, HEAD_DIM // 2], dq_desc.layout),
                  gl.allocate_shared_memory(gl.float32, [4, ONES if _sums_by_mma(HEAD_DIM) else 4, BM], vector),
                  _one_hot(BN, dtype),
-                 gl.allocate_shared_memory(gl.int64, [1], barrier), gl.allocate_shared_memory(gl.int64, [1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [2, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [1], barrier), gl.allocate_shared_memory(gl.int64, [1], barrier))
     mbarrier.init(sh.kv_ready, count=1)
-    mbarrier.init(sh.kv_free, count=2)
     for i in gl.static_range(NBUF):
         mbarrier.init(sh.q_ready.index(i), count=1)
         mbarrier.init(sh.q_free.index(i), count=2)
@@ -430,10 +386,10 @@ def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, d
     mbarrier.init(sh.dq_free, count=1)
     # Registers per thread: 32 for the producer's and the writer's warp group, 240 for each consumer's (dK and dV
     # (64 x D float32), S^T and dP^T).
-    gl.warp_specialize([(_consumer_0, (C, DK, DV, DC_COL, T, stride_c, H, BHKV, qk_scale, sm_scale, sh, GROUP)),
+    gl.warp_specialize([(_consumer_0, (C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP)),
                         (_producer, (sh, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc), T, stride_c,
-                                     H, BHKV, GROUP)),
-                        (_dq_writer, (dq_desc, DC_ROW, T, H, BHKV, sh, GROUP)),
-                        (_consumer_1, (C, DK, DV, DC_COL, T, stride_c, H, BHKV, qk_scale, sm_scale, sh, GROUP))],
+                                     H, GROUP)),
+                        (_dq_writer, (dq_desc, DC_ROW, T, H, sh, GROUP)),
+                        (_consumer_1, (C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP))],
                        [1, 2, 4], [32, 32, 240])
 
