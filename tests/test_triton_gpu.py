@@ -75,6 +75,16 @@ def test_head_dims_and_dtypes(D, dtype):
     check(2, 1024, 4, D, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_kernel_rounds_like_torch(dtype):
+    """The Hopper backward's last pass, float32 dQ sums times the scale into dq, rounds as torch does."""
+    from foxlab.kernels import blocked
+    x = torch.randn(3 * blocked._SCALE_BLOCK + 77, device="cuda") * 30
+    y = torch.empty(x.shape, dtype=dtype, device="cuda")
+    blocked._scale_kernel[(4,)](x, y, 0.125, x.numel(), BLOCK=blocked._SCALE_BLOCK)
+    assert torch.equal(y, (x * 0.125).to(dtype))
+
+
 @pytest.mark.parametrize("D", [48, 80, 96, 192])
 def test_non_power_of_two_head_dims(D):
     check(2, 777, 4, D)

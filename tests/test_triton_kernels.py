@@ -165,6 +165,17 @@ def test_tma_only_where_a_descriptor_can_read_the_layout():
     assert not kernels.common._tma_wanted("fwd", q, rows_8_bytes_off, k)
 
 
+def test_scale_kernel_rounds_like_torch():
+    """The one-kernel backward's last pass (Hopper: float32 dQ sums into dq) is scale * x rounded to 16 bits, bit
+    for bit as torch rounds it, at a size that is not a multiple of the block. float16 only: the interpreter
+    truncates to bfloat16 where GPUs round to nearest (tests/test_triton_gpu.py checks bfloat16)."""
+    from foxlab.kernels import blocked
+    x = torch.randn(3 * blocked._SCALE_BLOCK + 77) * 30
+    y = torch.empty(x.shape, dtype=torch.float16)
+    blocked._scale_kernel[(4,)](x, y, 0.125, x.numel(), BLOCK=blocked._SCALE_BLOCK)
+    assert torch.equal(y, (x * 0.125).to(torch.float16))
+
+
 def test_float16():
     check(Tq=33, D=48, dtype=torch.float16, tol=1e-2)
 
