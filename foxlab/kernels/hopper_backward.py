@@ -32,7 +32,7 @@ one that holds the producer and the dQ writer:
 Only the two query blocks on the diagonal (and a last, partial one) are masked. Programs of the first keys, which
 see the most queries, start first. At head dim 64 the row and column sums of dS come from the tensor cores too
 (`_sums_by_mma`). On an H200 the backward (this kernel with the delta and gate-gradient kernels around it) runs at
-0.77-0.89x cuDNN's causal backward without a gate, where the two portable kernels reach 0.69-0.78x (BENCHMARKS.md).
+0.84-0.95x cuDNN's causal backward without a gate, where the two portable kernels reach 0.70-0.78x (BENCHMARKS.md).
 The float32 dQ sums take twice dq's bytes, and the atomic adds arrive in no fixed order: with
 torch.use_deterministic_algorithms(True) the portable backward runs instead (`usable`). It serves the same common
 case as hopper.py's forward, at head dims 64 and 128; everything else takes the portable kernels.
