@@ -33,7 +33,7 @@ KERNELS = {"fwd": blocked._fwd_kernel, "dq": blocked._bwd_dq_kernel, "dkdv": blo
 # The flag whose two settings `main` compares (the dK/dV kernel has none: it is compiled once).
 VARIANT = {"fwd": "TMA", "dq": "TMA", "dkdv": None}
 FLOAT_POINTERS = {"C", "KEY_LO", "QUERY_HI", "DELTA", "BOUNDS", "LSE", "W_OUT", "GATE", "Y", "RSTD_OUT", "THRESHOLD",
-                  "DC_ROW", "DC_COL", "DQ_SUM"}
+                  "DC_ROW", "DC_COL"}
 TILE_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 WATCHED = ("UTMALDG", "UTMAREDG", "LDGSTS", "LDG", "STG", "REDG", "HGMMA", "MUFU", "SYNCS", "USETMAXREG")
 
