@@ -222,6 +222,7 @@ def warp_specialized_backward_calls(monkeypatch):
 
 
 @hopper_only
+@pytest.mark.parametrize("D", [64, 128])  # at 64 the row sums come from the tensor cores (`hopper._sums_by_mma`)
 @pytest.mark.parametrize("B,T,H,Hkv,dtype", [
     (2, 1000, 4, 4, torch.bfloat16),  # T not a multiple of the 128-row tiles
     (1, 129, 4, 2, torch.float16),    # GQA, one row past a tile, c2's rows not 16 bytes apart (padded)
@@ -229,18 +230,18 @@ def warp_specialized_backward_calls(monkeypatch):
     (1, 100, 4, 4, torch.bfloat16),   # shorter than one tile
     (1, 4096, 8, 8, torch.bfloat16),  # more tiles than SMs: the persistent loop's later rounds
 ])
-def test_warp_specialized_forward(warp_specialized_calls, B, T, H, Hkv, dtype):
+def test_warp_specialized_forward(warp_specialized_calls, B, T, H, Hkv, dtype, D):
     """Output and all four gradients (the backward reads its lse) against the reference."""
-    check(B, T, H, 128, dtype, Hkv=Hkv)
-    assert warp_specialized_calls == [(B, T, H, 128)]
+    check(B, T, H, D, dtype, Hkv=Hkv)
+    assert warp_specialized_calls == [(B, T, H, D)]
 
 
 @hopper_only
+@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("T", [3000, 3001])
-def test_warp_specialized_and_portable_forwards_agree(monkeypatch, T):
+def test_warp_specialized_and_portable_forwards_agree(monkeypatch, T, D):
     """Same inputs through both forwards: O to bf16 rounding, the lse (what the backward reads) to float32's."""
     from foxlab.kernels import blocked
-    D = 128
     q, k, v, log_f = make_inputs(2, T, T, 4, 2, D, torch.bfloat16)
     c2 = blocked._base2_prefix_sums(log_f, False)
     o_ws, lse_ws, *_ = blocked._triton_forward(q, k, v, c2, None, None, D ** -0.5)
@@ -264,9 +265,9 @@ def test_warp_specialized_forward_reads_stacked_projections(warp_specialized_cal
 
 
 @hopper_only
-@pytest.mark.parametrize("case", ["padding", "chunked prefill", "pruning", "head dim 64", "float32", "output norm"])
+@pytest.mark.parametrize("case", ["padding", "chunked prefill", "pruning", "head dim 80", "float32", "output norm"])
 def test_portable_forward_where_the_warp_specialized_one_does_not_apply(warp_specialized_calls, case):
-    B, T, H, D = 2, 512, 4, 64 if case == "head dim 64" else 128
+    B, T, H, D = 2, 512, 4, 80 if case == "head dim 80" else 128
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     q, k, v, log_f = make_inputs(B, T, T, H, H, D, dtype)
     kw = {"padding": dict(seq_start=torch.tensor([0, 100], device="cuda")), "pruning": dict(adaptive_threshold="auto"),

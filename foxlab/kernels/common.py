@@ -136,14 +136,21 @@ def _key_block_query_range(n0, offset, q_end, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @_jit
-def _softmax_update(t, r, m_i, l_i):
-    """The online softmax's bookkeeping for one key block of base-2 scores s = t + r[:, None] (rows, keys), given as
-    a tile t and a per-row term r (`_relative_scores`): the new running max m of s, the block's unnormalized
-    probabilities p = exp2(s - m), the factor alpha = exp2(m_old - m) that rescales what was summed before, and the
-    new denominator l. s itself is never formed: exp2(s - m) = exp2(t - (m - r)), one subtraction per score."""
+def _softmax_weights(t, r, m_i):
+    """The online softmax's weights for one key block of base-2 scores s = t + r[:, None] (rows, keys), given as
+    a tile t and a per-row term r (`_relative_scores`): the block's unnormalized probabilities p = exp2(s - m)
+    under the new running max m of s, the factor alpha = exp2(m_old - m) that rescales what was summed before, and
+    m. s itself is never formed: exp2(s - m) = exp2(t - (m - r)), one subtraction per score."""
     m_new = tl.maximum(m_i, tl.max(t, 1) + r)
     p = tl.exp2(t - (m_new - r)[:, None])
     alpha = tl.exp2(m_i - m_new)
+    return p, alpha, m_new
+
+
+@_jit
+def _softmax_update(t, r, m_i, l_i):
+    """`_softmax_weights` and the new denominator l = alpha l_old + the row sums of p: (p, alpha, m, l)."""
+    p, alpha, m_new = _softmax_weights(t, r, m_i)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 

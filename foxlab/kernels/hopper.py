@@ -37,12 +37,13 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.language.core import _aggregate as aggregate  # Triton >= 3.9 also names it gluon.aggregate
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.experimental.gluon.language._core import builtin
 from triton._C.libtriton import ir
 
-from .common import LOG2E, _multiprocessors, _relative_scores, _softmax_update, _tma_layout_ok, triton
+from .common import LOG2E, _multiprocessors, _relative_scores, _softmax_weights, _tma_layout_ok, triton
 
 # Triton 3.9 renamed the TMA load (async_copy_global_to_shared); both names take the same arguments.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -62,8 +63,9 @@ _tma_add = getattr(tma, "async_atomic_add", None) or _tma_add_36
 # 160 KiB of shared memory at D = 128, and the 12 warps take the whole register file (`_fwd_kernel`), one program
 # per SM.
 BLOCK_M, BLOCK_N = 64, 128
-# Head dim 64 was not faster than the portable forward in this form (benchmarks/NOTES.md), so it stays there.
-HEAD_DIMS = (128,)
+HEAD_DIMS = (64, 128)
+# Columns of a row-sum matmul: the narrowest wgmma (N = 8).
+ONES = gl.constexpr(8)
 # Tests turn this off to compare with the portable forward on the same inputs.
 enabled = True
 
@@ -79,8 +81,8 @@ def on_hopper(q: torch.Tensor, *others: torch.Tensor) -> bool:
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `forward` can run these: `on_hopper`, at head dim 128. The caller checks what this kernel leaves out
-    (padding, pruning, the output norm)."""
+    """Whether `forward` can run these: `on_hopper`, at head dim 64 or 128. The caller checks what this kernel
+    leaves out (padding, pruning, the output norm)."""
     return enabled and on_hopper(q, k, v) and q.shape[-1] in HEAD_DIMS
 
 
@@ -127,6 +129,31 @@ def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int = 0):
 
 
 @gluon.constexpr_function
+def _sums_by_mma(head_dim):
+    """Whether the consumers sum a 16-bit tile over one axis (P's rows here; dS's rows and columns in
+    hopper_backward.py) by the tensor cores, as products with a one-hot column (`_one_hot`; column 0 of the
+    (64, ONES) result holds the sums), rather than in registers: an add per element and shuffles between threads.
+    At head dim 64 the consumers' instructions, not the matmuls, set the pace and registers are to spare: there the
+    narrow matmul makes this forward 5-14% faster on an H200 (benchmarks/NOTES.md, session 14) and the backward
+    ~4%. At head dim 128 its accumulator makes the consumers spill: the forward 4-7% slower, the backward 1-4%.
+    The sums are then of the rounded tile, the very numbers that the other matmuls take."""
+    return head_dim <= 64
+
+
+@gluon.jit
+def _one_hot(BN: gl.constexpr, dtype: gl.constexpr):
+    """(ONES, BN) in shared memory, row 0 ones and the rest zeros: its transpose is the B operand that turns a
+    (BM, BN) tile into its row sums."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [ONES, 32 // ONES], [gl.num_warps(), 1], [1, 0])
+    first = gl.arange(0, ONES, layout=gl.SliceLayout(1, layout))[:, None] == 0
+    values = gl.where(first, 1.0, 0.0) + gl.zeros([ONES, BN], gl.float32, layout=layout)
+    ones = gl.allocate_shared_memory(dtype, [ONES, BN], gl.NVMMASharedLayout.get_default_for([ONES, BN], dtype))
+    ones.store(values.to(dtype))
+    fence_async_shared()
+    return ones
+
+
+@gluon.constexpr_function
 def wgmma_layout(columns):
     """How a warp group's asynchronous matmul (wgmma) leaves an accumulator of `columns` columns in its 4 warps'
     registers (16 rows per warp and instruction)."""
@@ -138,7 +165,8 @@ class _Shared:
     """One program's shared memory and the mbarriers that pass it between the producer and the consumers: q (2, BM, D),
     the tile's query rows, one half per consumer; k, v (NBUF, BN, D) and c (NBUF, BN), rings of key blocks and their
     c2. A "ready" barrier completes when the producer's TMA copies into its slot have landed, a "free" one when both
-    consumers have released the slot; turn (2,) says which consumer issues matmuls next."""
+    consumers have released the slot; turn (2,) says which consumer issues matmuls next. ones (ONES, BN): the
+    one-hot column of the row sums' matmul (`_sums_by_mma`; 2 KiB, unused at head dim 128)."""
     q: gl.shared_memory_descriptor
     k: gl.shared_memory_descriptor
     v: gl.shared_memory_descriptor
@@ -150,6 +178,7 @@ class _Shared:
     v_ready: gl.shared_memory_descriptor
     v_free: gl.shared_memory_descriptor
     turn: gl.shared_memory_descriptor
+    ones: gl.shared_memory_descriptor
     BM: gl.constexpr  # query rows per consumer
     BN: gl.constexpr  # keys per block
     D: gl.constexpr
@@ -157,12 +186,15 @@ class _Shared:
     S_LAYOUT: gl.constexpr  # a consumer's scores S (BM, BN) as wgmma leaves them in its 4 warps
     O_LAYOUT: gl.constexpr  # its output accumulator (BM, D)
     P_LAYOUT: gl.constexpr  # P (BM, BN) as wgmma's A operand
+    SUMS_BY_MMA: gl.constexpr  # `_sums_by_mma`
+    SUMS_LAYOUT: gl.constexpr  # the row sums' accumulator (BM, ONES)
+    SUMS_A_LAYOUT: gl.constexpr  # P as their A operand
 
     @gluon.constexpr_function
-    def __init__(self, q, k, v, c, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn):
+    def __init__(self, q, k, v, c, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, ones):
         self.q, self.k, self.v, self.c = q, k, v, c
         self.q_ready, self.q_free, self.k_ready, self.k_free = q_ready, q_free, k_ready, k_free
-        self.v_ready, self.v_free, self.turn = v_ready, v_free, turn
+        self.v_ready, self.v_free, self.turn, self.ones = v_ready, v_free, turn, ones
         self.BM = gl.constexpr(q.type.shape[1])
         self.BN = gl.constexpr(k.type.shape[1])
         self.D = gl.constexpr(k.type.shape[2])
@@ -170,6 +202,9 @@ class _Shared:
         self.S_LAYOUT = gl.constexpr(wgmma_layout(self.BN))
         self.O_LAYOUT = gl.constexpr(wgmma_layout(self.D))
         self.P_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=self.O_LAYOUT, k_width=2))
+        self.SUMS_BY_MMA = gl.constexpr(_sums_by_mma(self.D))
+        self.SUMS_LAYOUT = gl.constexpr(wgmma_layout(ONES))
+        self.SUMS_A_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=self.SUMS_LAYOUT, k_width=2))
 
 
 @gluon.jit
@@ -219,19 +254,40 @@ def _producer(sh: _Shared, dims, descs, GROUP: gl.constexpr):
 
 
 @gluon.jit
-def _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, l_i, qk_scale, MASK: gl.constexpr):
-    """Scores of one block (rows, keys) from S = q k^T, causally masked on the diagonal, into the online softmax."""
+def _scores_and_softmax(s, c_k, keys, rows, c_ref, m_i, r, qk_scale, MASK: gl.constexpr):
+    """Scores of one block (rows, keys) from S = q k^T, causally masked on the diagonal, into the online softmax's
+    weights: (P, alpha, m), `_softmax_weights`."""
     t = _relative_scores(s, c_k[None, :], c_ref, qk_scale)
     if MASK:
         t = gl.where(keys[None, :] <= rows[:, None], t, float("-inf"))
-    return _softmax_update(t, r, m_i, l_i)
+    return _softmax_weights(t, r, m_i)
+
+
+@gluon.jit
+def _issue_p_v(p, acc, l, slot, sh: _Shared):
+    """Issues acc += P v for the key block in ring slot `slot`, asynchronously, and with `_sums_by_mma` also the
+    row sums of the same rounded P into l (BM, ONES). Returns acc and l, in flight until `_wait_p_v`."""
+    p = gl.convert_layout(p.to(sh.q.dtype), sh.P_LAYOUT)
+    acc = warpgroup_mma(p, sh.v.index(slot), acc, is_async=True)
+    if sh.SUMS_BY_MMA:
+        l = warpgroup_mma(gl.convert_layout(p, sh.SUMS_A_LAYOUT), sh.ones.permute((1, 0)), l, is_async=True)
+    return acc, l
+
+
+@gluon.jit
+def _wait_p_v(acc, l, sh: _Shared):
+    if sh.SUMS_BY_MMA:
+        acc, l = warpgroup_mma_wait(num_outstanding=0, deps=(acc, l))
+    else:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    return acc, l
 
 
 @gluon.jit
 def _diagonal_block(slot_index, n0, q, turns, rows, c_ref, r, qk_scale, sh: _Shared, j: gl.constexpr):
     """Consumer j's first key block of a tile, the diagonal (keys n0 + [0, BN), the only masked one): S and its
     softmax only, as there is no previous block's P v to overlap; this block's P v goes out with the next block's S.
-    Returns P, m, l, turns."""
+    Returns P, m, l (the row sums so far: (BM,), or with `_sums_by_mma` a (BM, ONES) accumulator), turns."""
     s_layout: gl.constexpr = sh.S_LAYOUT
     slot = slot_index % sh.NBUF
     mbarrier.wait(sh.turn.index(j), turns & 1)
@@ -244,38 +300,44 @@ def _diagonal_block(slot_index, n0, q, turns, rows, c_ref, r, qk_scale, sh: _Sha
     mbarrier.arrive(sh.k_free.index(slot), count=1)
     keys = n0 + gl.arange(0, sh.BN, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([sh.BM], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([sh.BM], gl.float32, layout=gl.SliceLayout(1, s_layout))
     # alpha is not needed: nothing has been summed yet to rescale
-    p, _, m_i, l_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, l_i, qk_scale, True)
-    return p, m_i, l_i, turns + 1
+    p, _, m_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, m_i, r, qk_scale, True)
+    if sh.SUMS_BY_MMA:
+        l = gl.zeros([sh.BM, ONES], gl.float32, layout=sh.SUMS_LAYOUT)  # P's sums go out with its P v
+    else:
+        l = gl.sum(p, 1)
+    return p, m_i, l, turns + 1
 
 
 @gluon.jit
-def _key_block(slot_index, n0, q, p, acc, m_i, l_i, turns, rows, c_ref, r, qk_scale, sh: _Shared, j: gl.constexpr,
+def _key_block(slot_index, n0, q, p, acc, m_i, l, turns, rows, c_ref, r, qk_scale, sh: _Shared, j: gl.constexpr,
                MASK: gl.constexpr):
     """Consumer j's work on one key block (keys n0 + [0, BN), ring position slot_index), FA3's overlap within a
     warp group: this block's S = q k^T is issued before the previous block's P v, and this block's softmax runs
     while that P v is in flight. Returns the new P (of this block, for the next call's P v), acc, m, l, turns."""
     s_layout: gl.constexpr = sh.S_LAYOUT
-    o_layout: gl.constexpr = sh.O_LAYOUT
-    p_layout: gl.constexpr = sh.P_LAYOUT
     slot, prev = slot_index % sh.NBUF, (slot_index - 1) % sh.NBUF
     mbarrier.wait(sh.turn.index(j), turns & 1)  # this consumer's turn to issue matmuls
     mbarrier.wait(sh.k_ready.index(slot), (slot_index // sh.NBUF) & 1)
     s = warpgroup_mma(q, sh.k.index(slot).permute((1, 0)), gl.zeros([sh.BM, sh.BN], gl.float32, layout=s_layout),
                       use_acc=False, is_async=True)
     mbarrier.wait(sh.v_ready.index(prev), ((slot_index - 1) // sh.NBUF) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(sh.q.dtype), p_layout), sh.v.index(prev), acc, is_async=True)
+    acc, l = _issue_p_v(p, acc, l, prev, sh)
     mbarrier.arrive(sh.turn.index(1 - j), count=1)  # the other consumer's turn
-    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+    IN_FLIGHT: gl.constexpr = 1 + sh.SUMS_BY_MMA  # P v and its row sums stay on the tensor cores
+    s = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(s, ))
     c_k = sh.c.index(slot).load(gl.SliceLayout(0, s_layout))
     mbarrier.arrive(sh.k_free.index(slot), count=1)
     keys = n0 + gl.arange(0, sh.BN, layout=gl.SliceLayout(0, s_layout))
-    p, alpha, m_i, l_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, l_i, qk_scale, MASK)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    p, alpha, m_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, m_i, r, qk_scale, MASK)
+    if not sh.SUMS_BY_MMA:
+        l = l * alpha + gl.sum(p, 1)
+    acc, l = _wait_p_v(acc, l, sh)
     mbarrier.arrive(sh.v_free.index(prev), count=1)
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    return p, acc, m_i, l_i, turns + 1
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, sh.O_LAYOUT))[:, None]
+    if sh.SUMS_BY_MMA:
+        l = l * gl.convert_layout(alpha, gl.SliceLayout(1, sh.SUMS_LAYOUT))[:, None]
+    return p, acc, m_i, l, turns + 1
 
 
 @gluon.jit
@@ -300,8 +362,6 @@ def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, sh: _Shared, dims):
     # Key blocks that reach past this group's first row need the causal mask.
     N_DIAGONAL: gl.constexpr = (2 * sh.BM) // sh.BN
     s_layout: gl.constexpr = sh.S_LAYOUT
-    o_layout: gl.constexpr = sh.O_LAYOUT
-    p_layout: gl.constexpr = sh.P_LAYOUT
     q = sh.q.index(j)
     if j == 1:
         mbarrier.arrive(sh.turn.index(0), count=1)  # consumer 0 issues first
@@ -319,22 +379,22 @@ def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, sh: _Shared, dims):
             r = c_q - c_ref
             n_blocks = gl.cdiv(m0 + 2 * sh.BM, sh.BN)
             mbarrier.wait(sh.q_ready, tiles & 1)
-            p, m_i, l_i, turns = _diagonal_block(ring, (n_blocks - 1) * sh.BN, q, turns, rows, c_ref, r, qk_scale,
-                                                 sh, j)
-            acc = gl.zeros([sh.BM, sh.D], gl.float32, layout=o_layout)
+            p, m_i, l, turns = _diagonal_block(ring, (n_blocks - 1) * sh.BN, q, turns, rows, c_ref, r, qk_scale, sh, j)
+            acc = gl.zeros([sh.BM, sh.D], gl.float32, layout=sh.O_LAYOUT)
             for i in range(1, N_DIAGONAL):
-                p, acc, m_i, l_i, turns = _key_block(ring + i, (n_blocks - 1 - i) * sh.BN, q, p, acc, m_i, l_i, turns,
-                                                     rows, c_ref, r, qk_scale, sh, j, True)
+                p, acc, m_i, l, turns = _key_block(ring + i, (n_blocks - 1 - i) * sh.BN, q, p, acc, m_i, l, turns,
+                                                   rows, c_ref, r, qk_scale, sh, j, True)
             for i in range(N_DIAGONAL, n_blocks):
-                p, acc, m_i, l_i, turns = _key_block(ring + i, (n_blocks - 1 - i) * sh.BN, q, p, acc, m_i, l_i, turns,
-                                                     rows, c_ref, r, qk_scale, sh, j, False)
+                p, acc, m_i, l, turns = _key_block(ring + i, (n_blocks - 1 - i) * sh.BN, q, p, acc, m_i, l, turns,
+                                                   rows, c_ref, r, qk_scale, sh, j, False)
             mbarrier.arrive(sh.q_free, count=1)  # this group's last q k^T is done
             last = (ring + n_blocks - 1) % sh.NBUF
             mbarrier.wait(sh.v_ready.index(last), ((ring + n_blocks - 1) // sh.NBUF) & 1)
-            acc = warpgroup_mma(gl.convert_layout(p.to(sh.q.dtype), p_layout), sh.v.index(last), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            acc, l = _wait_p_v(*_issue_p_v(p, acc, l, last, sh), sh)
             mbarrier.arrive(sh.v_free.index(last), count=1)
-            _write_rows(acc, l_i, m_i, rows, first, bh, O, LSE, T, H)
+            if sh.SUMS_BY_MMA:
+                l = gl.convert_layout(gl.sum(l, 1), gl.SliceLayout(1, s_layout))  # column 0 holds the sums
+            _write_rows(acc, l, m_i, rows, first, bh, O, LSE, T, H)
             ring += n_blocks
             tiles += 1
 
@@ -368,7 +428,7 @@ def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, O, LSE, T, stride_c, H, BH, q
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
-                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier))
+                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier), _one_hot(BN, q_desc.dtype))
     mbarrier.init(sh.q_ready, count=1)  # the producer's TMA copies complete the "ready" barriers
     mbarrier.init(sh.q_free, count=2)  # both consumers release a buffer
     for i in gl.static_range(NBUF):

@@ -47,12 +47,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from . import hopper
 from .common import LOG2E, _relative_scores, triton
-from .hopper import _aligned_rows, _descriptor, _tma_add, _tma_load, wgmma_layout
+from .hopper import ONES, _aligned_rows, _descriptor, _one_hot, _sums_by_mma, _tma_add, _tma_load, wgmma_layout
 
 # Query rows per step and keys per consumer (a program owns 2 * BLOCK_N keys).
 BLOCK_M, BLOCK_N = 64, 64
-# Columns of the row-sum matmul: the narrowest wgmma (N = 8).
-ONES = gl.constexpr(8)
 HEAD_DIMS = (64, 128)
 # Tests turn this off to compare with the portable backward on the same inputs.
 enabled = True
@@ -209,7 +207,9 @@ def _query_block(step, m0, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Share
     ds_16 = ds_t.to(sh.q.dtype)  # what dK, dQ (and at head dim 64 the sums) take
     ds_a = gl.convert_layout(ds_16, sh.A_LAYOUT)
     dk = warpgroup_mma(ds_a, q, dk, is_async=True)
-    if sh.SUMS_BY_MMA:  # the column sums here, the row sums below (`_sums_by_mma`)
+    # With `_sums_by_mma` both sums are of dS rounded to 16 bits, as dK and dQ take it: the gate's gradient needs
+    # the two to be sums of the same numbers (__init__.py). The column sums here, the row sums below.
+    if sh.SUMS_BY_MMA:
         dc = warpgroup_mma(gl.convert_layout(ds_a, sh.SUMS_A_LAYOUT), sh.ones.permute((1, 0)), dc, is_async=True)
     else:  # the row sums over each warp's 16 keys, which the writer adds up: no warp waits here for the others
         dc += gl.sum(ds_t, 1)
@@ -321,30 +321,6 @@ def _dq_writer(dq_desc, DC_ROW, T, H, sh: _Shared, GROUP: gl.constexpr):
                           sem="relaxed")
             tma.store_wait(0)  # the copies have read sh.dq
             mbarrier.arrive(sh.dq_free, count=1)
-
-
-@gluon.constexpr_function
-def _sums_by_mma(head_dim):
-    """Whether the consumers take the column and row sums of dS by the tensor cores, as products with a one-hot
-    column (`_one_hot`; column 0 of the (64, ONES) result holds the sums), rather than by reducing dS^T in
-    registers (shuffles between threads, and at head dim 64 ~4% of the backward's time on an H200). The sums are
-    then of dS rounded to 16 bits, as dK and dQ use it; the gate's gradient needs the two to be sums of the same
-    numbers (__init__.py), so both move. At head dim 128, dK and dV hold 128 registers per thread and the two
-    (64, ONES) accumulators made the consumers spill: 1-4% slower there, so they keep the reduction."""
-    return head_dim <= 64
-
-
-@gluon.jit
-def _one_hot(BN: gl.constexpr, dtype: gl.constexpr):
-    """(ONES, BN) in shared memory, row 0 ones and the rest zeros: its transpose is the B operand that turns a
-    (BM, BN) dS into its row sums (`_query_block`)."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [ONES, 32 // ONES], [gl.num_warps(), 1], [1, 0])
-    first = gl.arange(0, ONES, layout=gl.SliceLayout(1, layout))[:, None] == 0
-    values = gl.where(first, 1.0, 0.0) + gl.zeros([ONES, BN], gl.float32, layout=layout)
-    ones = gl.allocate_shared_memory(dtype, [ONES, BN], gl.NVMMASharedLayout.get_default_for([ONES, BN], dtype))
-    ones.store(values.to(dtype))
-    fence_async_shared()
-    return ones
 
 
 @gluon.jit
