@@ -162,10 +162,11 @@ def wgmma_layout(columns):
 
 @aggregate
 class _Shared:
-    """One program's shared memory and the mbarriers that pass it between the producer and the consumers: q (2, BM, D),
-    the tile's query rows, one half per consumer; k, v (NBUF, BN, D) and c (NBUF, BN), rings of key blocks and their
-    c2. A "ready" barrier completes when the producer's TMA copies into its slot have landed, a "free" one when both
-    consumers have released the slot; turn (2,) says which consumer issues matmuls next. ones (ONES, BN): the
+    """One program's shared memory and the mbarriers that pass it between the producer and the consumers: q
+    (2 QBUF, BM, D), the query rows of QBUF tiles, one half per consumer (index 2 slot + j): with two, the next
+    tile's rows and first key blocks load while this tile finishes; k, v (NBUF, BN, D) and c (NBUF, BN), rings of key blocks
+    and their c2. A "ready" barrier completes when the producer's TMA copies into its slot have landed, a "free" one
+    when both consumers have released the slot; turn (2,) says which consumer issues matmuls next. ones (ONES, BN): the
     one-hot column of the row sums' matmul (`_sums_by_mma`; 2 KiB, unused at head dim 128)."""
     q: gl.shared_memory_descriptor
     k: gl.shared_memory_descriptor
@@ -183,6 +184,7 @@ class _Shared:
     BN: gl.constexpr  # keys per block
     D: gl.constexpr
     NBUF: gl.constexpr  # ring slots
+    QBUF: gl.constexpr  # query tiles in shared memory
     S_LAYOUT: gl.constexpr  # a consumer's scores S (BM, BN) as wgmma leaves them in its 4 warps
     O_LAYOUT: gl.constexpr  # its output accumulator (BM, D)
     P_LAYOUT: gl.constexpr  # P (BM, BN) as wgmma's A operand
@@ -199,6 +201,7 @@ class _Shared:
         self.BN = gl.constexpr(k.type.shape[1])
         self.D = gl.constexpr(k.type.shape[2])
         self.NBUF = gl.constexpr(k.type.shape[0])
+        self.QBUF = gl.constexpr(q.type.shape[0] // 2)
         self.S_LAYOUT = gl.constexpr(wgmma_layout(self.BN))
         self.O_LAYOUT = gl.constexpr(wgmma_layout(self.D))
         self.P_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=self.O_LAYOUT, k_width=2))
@@ -232,10 +235,12 @@ def _producer(sh: _Shared, dims, descs, GROUP: gl.constexpr):
         if has_tile:
             m0 = row_block * 2 * sh.BM
             row0 = (bh // H) * T  # the sequence's first row in the (B * T, heads * D) matrices
-            mbarrier.wait(sh.q_free, (tiles & 1) ^ 1)
-            mbarrier.expect(sh.q_ready, 2 * q_desc.block_type.nbytes)
-            _tma_load(q_desc, [row0 + m0, (bh % H) * sh.D], sh.q_ready, sh.q.index(0))
-            _tma_load(q_desc, [row0 + m0 + sh.BM, (bh % H) * sh.D], sh.q_ready, sh.q.index(1))
+            q_slot = tiles % sh.QBUF
+            mbarrier.wait(sh.q_free.index(q_slot), ((tiles // sh.QBUF) & 1) ^ 1)
+            mbarrier.expect(sh.q_ready.index(q_slot), 2 * q_desc.block_type.nbytes)
+            for j in gl.static_range(2):
+                _tma_load(q_desc, [row0 + m0 + j * sh.BM, (bh % H) * sh.D], sh.q_ready.index(q_slot),
+                          sh.q.index(2 * q_slot + j))
             kv_col = ((bh % H) // GROUP) * sh.D
             n_blocks = gl.cdiv(m0 + 2 * sh.BM, sh.BN)
             for i in range(n_blocks):
@@ -362,7 +367,6 @@ def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, sh: _Shared, dims):
     # Key blocks that reach past this group's first row need the causal mask.
     N_DIAGONAL: gl.constexpr = (2 * sh.BM) // sh.BN
     s_layout: gl.constexpr = sh.S_LAYOUT
-    q = sh.q.index(j)
     if j == 1:
         mbarrier.arrive(sh.turn.index(0), count=1)  # consumer 0 issues first
     ring = 0
@@ -378,7 +382,9 @@ def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, sh: _Shared, dims):
             c_ref = gl.load(C + bh * stride_c + gl.minimum(first, T - 1))  # the group's first row, as the portable
             r = c_q - c_ref
             n_blocks = gl.cdiv(m0 + 2 * sh.BM, sh.BN)
-            mbarrier.wait(sh.q_ready, tiles & 1)
+            q_slot = tiles % sh.QBUF
+            q = sh.q.index(2 * q_slot + j)
+            mbarrier.wait(sh.q_ready.index(q_slot), (tiles // sh.QBUF) & 1)
             p, m_i, l, turns = _diagonal_block(ring, (n_blocks - 1) * sh.BN, q, turns, rows, c_ref, r, qk_scale, sh, j)
             acc = gl.zeros([sh.BM, sh.D], gl.float32, layout=sh.O_LAYOUT)
             for i in range(1, N_DIAGONAL):
@@ -387,7 +393,7 @@ def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, sh: _Shared, dims):
             for i in range(N_DIAGONAL, n_blocks):
                 p, acc, m_i, l, turns = _key_block(ring + i, (n_blocks - 1 - i) * sh.BN, q, p, acc, m_i, l, turns,
                                                    rows, c_ref, r, qk_scale, sh, j, False)
-            mbarrier.arrive(sh.q_free, count=1)  # this group's last q k^T is done
+            mbarrier.arrive(sh.q_free.index(q_slot), count=1)  # this group's last q k^T is done
             last = (ring + n_blocks - 1) % sh.NBUF
             mbarrier.wait(sh.v_ready.index(last), ((ring + n_blocks - 1) // sh.NBUF) & 1)
             acc, l = _wait_p_v(*_issue_p_v(p, acc, l, last, sh), sh)
@@ -418,19 +424,24 @@ def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, O, LSE, T, stride_c, H, BH, q
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
     NBUF: gl.constexpr = 2
+    # Two query tiles at head dim 64: 1-2% faster on short sequences (many tiles). At 128 (200 KiB of shared memory
+    # then) it measured 3% slower at (16, 1024, 16, 128) and even elsewhere (benchmarks/NOTES.md, session 14).
+    QBUF: gl.constexpr = 2 if HEAD_DIM == 64 else 1
     barrier: gl.constexpr = mbarrier.MBarrierLayout()
-    sh = _Shared(gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout),
+    sh = _Shared(gl.allocate_shared_memory(q_desc.dtype, [2 * QBUF, BM, HEAD_DIM], q_desc.layout),
                  gl.allocate_shared_memory(k_desc.dtype, [NBUF, BN, HEAD_DIM], k_desc.layout),
                  gl.allocate_shared_memory(v_desc.dtype, [NBUF, BN, HEAD_DIM], v_desc.layout),
                  gl.allocate_shared_memory(gl.float32, [NBUF, BN], c_desc.layout),
-                 gl.allocate_shared_memory(gl.int64, [1], barrier), gl.allocate_shared_memory(gl.int64, [1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [QBUF, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [QBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [2, 1], barrier), _one_hot(BN, q_desc.dtype))
-    mbarrier.init(sh.q_ready, count=1)  # the producer's TMA copies complete the "ready" barriers
-    mbarrier.init(sh.q_free, count=2)  # both consumers release a buffer
+    for i in gl.static_range(QBUF):
+        mbarrier.init(sh.q_ready.index(i), count=1)  # the producer's TMA copies complete the "ready" barriers
+        mbarrier.init(sh.q_free.index(i), count=2)  # both consumers release a buffer
     for i in gl.static_range(NBUF):
         mbarrier.init(sh.k_ready.index(i), count=1)
         mbarrier.init(sh.v_ready.index(i), count=1)
