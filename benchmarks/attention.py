@@ -477,8 +477,10 @@ def tune():
         o, lse, _ = kernels.blocked._triton_forward(q, k, v, c2, None, None, scale)
         d_out = torch.randn_like(o)
         calls = {"fwd": lambda: kernels.blocked._triton_forward(q, k, v, c2, None, None, scale),
-                 "dkdv": lambda: kernels.blocked._triton_backward(d_out, q, k, v, c2, o, lse, None, None, None, scale),
-                 "dq": lambda: kernels.blocked._triton_backward(d_out, q, k, v, c2, o, lse, None, None, None, scale)}
+                 "dkdv": lambda: kernels.blocked._triton_backward(d_out, q, k, v, log_f, o, lse, None, None, None,
+                                                                  scale),
+                 "dq": lambda: kernels.blocked._triton_backward(d_out, q, k, v, log_f, o, lse, None, None, None,
+                                                                scale)}
         for kind in ("fwd", "dkdv", "dq"):  # the whole backward is timed; dq with the best dkdv pinned
             times = {}
             for cand in TUNE_CANDIDATES[(kind, D)]:

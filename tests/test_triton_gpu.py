@@ -329,7 +329,7 @@ def test_warp_specialized_and_portable_backwards_agree(monkeypatch, T, D):
     do = torch.randn_like(q)
     c2 = blocked._base2_prefix_sums(log_f, False)
     o, lse, *_ = blocked._triton_forward(q, k, v, c2, None, None, D ** -0.5)
-    args = (do, q, k, v, c2, o, lse, None, None, None, D ** -0.5)
+    args = (do, q, k, v, log_f, o, lse, None, None, None, D ** -0.5)
     fast = blocked._triton_backward(*args)[:4]
     monkeypatch.setattr(blocked.hopper_backward, "enabled", False)
     portable = blocked._triton_backward(*args)[:4]

@@ -121,19 +121,17 @@ class _TritonForgettingAttention(torch.autograd.Function):
         else:
             o, lse, ctx.query_bounds, y, rstd = blocked._triton_forward(q, k, v, c2, key_lo, threshold2, scale,
                                                                        out_norm)
-        ctx.save_for_backward(q, k, v, gate if c2 is None else c2, o, lse, key_lo, query_hi, threshold2, out_weight,
-                              out_gate, rstd)
-        ctx.scale, ctx.is_cumsum, ctx.saved_c2, ctx.out_eps = scale, is_cumsum, c2 is not None, out_eps
+        # The gate, not c2: the backward scans it again (a few microseconds) and drops c2 before its peak of memory.
+        ctx.save_for_backward(q, k, v, gate, o, lse, key_lo, query_hi, threshold2, out_weight, out_gate, rstd)
+        ctx.scale, ctx.is_cumsum, ctx.out_eps = scale, is_cumsum, out_eps
         return o if y is None else y
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, c2, o, lse, key_lo, query_hi, threshold2, out_weight, out_gate, rstd = ctx.saved_tensors
-        if not ctx.saved_c2:  # the forward read c in place; the backward kernels want c2
-            c2 = blocked._base2_prefix_sums(c2, True)
+        q, k, v, gate, o, lse, key_lo, query_hi, threshold2, out_weight, out_gate, rstd = ctx.saved_tensors
         out_norm = (out_weight, out_gate, ctx.out_eps) if out_weight is not None else None
         dq, dk, dv, dgate, dweight, dout_gate = blocked._triton_backward(
-            do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, ctx.scale, ctx.is_cumsum, ctx.query_bounds,
+            do, q, k, v, gate, o, lse, key_lo, query_hi, threshold2, ctx.scale, ctx.is_cumsum, ctx.query_bounds,
             out_norm, rstd)
         return dq, dk, dv, dgate, None, None, None, None, None, None, dweight, dout_gate, None
 

@@ -499,10 +499,14 @@ def _delta(do, o, out_norm=None, rstd=None):
     return do, delta, dweight, dgate
 
 
-def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scale, gate_is_cumsum=False,
+def _triton_backward(do, q, k, v, gate, o, lse, key_lo, query_hi, threshold2, scale, gate_is_cumsum=False,
                      query_bounds=None, out_norm=None, rstd=None):
     """dq, dk, dv in their inputs' dtypes, dlog f (B, Tk, H) in float32 (with ``gate_is_cumsum``, dc instead), and
     the output norm's dweight and dgate (`_delta`; None without ``out_norm``, whose do is then dO itself).
+
+    gate (B, Tk, H) float32: log f, or with ``gate_is_cumsum`` its prefix sums c. The kernels' c2 is made here and
+    freed before dq is, the backward's peak of memory (the forward's c2 is not kept: its B H Tk floats would be
+    there too).
 
     query_bounds: the forward's pruning bounds by tile shape (`_triton_forward`), reused when dQ's tiles match.
     On Hopper the common case (`hopper_backward.usable`, with no padding or pruning) takes hopper_backward.py's
@@ -510,6 +514,7 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
     """
     B, Tq, H = q.shape[:3]
     Tk = k.shape[1]
+    c2 = _base2_prefix_sums(gate, gate_is_cumsum)
     do, delta, dweight, dgate = _delta(do, o, out_norm, rstd)
     one_kernel = (hopper_backward is not None and key_lo is None and query_hi is None and threshold2 is None
                   and hopper_backward.usable(q, k, v, do))
@@ -518,7 +523,7 @@ def _triton_backward(do, q, k, v, c2, o, lse, key_lo, query_hi, threshold2, scal
     else:
         dq, dk, dv, dc_col, dc_row = _blocked_backward(do, delta, q, k, v, c2, lse, key_lo, query_hi, threshold2,
                                                        scale, query_bounds)
-    del delta  # peak memory: the (B, H, T) vectors go before dq's conversion below allocates dq
+    del delta, c2  # peak memory: the (B, H, T) vectors go before dq's conversion below allocates dq
     if gate_is_cumsum:  # dc_t = rowsum(dS) of the query at t - colsum(dS)_t (why the row sums stay: __init__.py)
         d_gate = dc_col.neg_()
         d_gate[:, :, Tk - Tq:] += dc_row
