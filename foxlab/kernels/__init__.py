@@ -29,10 +29,11 @@ from .common import LOG2E, triton
 #
 # Per batch row b and query head h (kv head h // GROUP), with q (Tq, D), k, v (Tk, D), log f (Tk,):
 #   forward    c = cumsum(log f)                          `_gate_cumsum_kernel`, float32 (skipped when the
-#                                                         caller passes c itself, as a decoding cache does)
+#                                                         caller passes c itself, as a decoding cache does;
+#                                                         the backward scans again rather than keep c)
 #              O = softmax(s q k^T + D) v, lse per row     `_fwd_kernel`; decoding (Tq x GROUP <= 64 rows) and
 #                                                         short chunked prefill: `_fwd_split_kernel`; on an
-#                                                         sm_90 GPU, 16-bit, head dim 128, Tq = Tk, no padding,
+#                                                         sm_90 GPU, 16-bit, head dim 64/128, Tq = Tk, no padding,
 #                                                         pruning or output norm: hopper.py's `_fwd_kernel`
 #   backward   delta_i = sum_d O_id dO_id                  `_bwd_delta_kernel`
 # FoX Pro's output norm (and gate) of O can ride along: the forward's epilogue also writes Y = norm(O) (* sigmoid

@@ -8,27 +8,29 @@ Per batch row b and query head h (kv head h // GROUP), q, k, v (T, D), base-2 pr
     lse2_i = log2 sum_j exp2(s2_ij)
 
 exactly what `blocked._fwd_kernel` computes (and the same relative scores, `_relative_scores`, and online softmax,
-`_softmax_update`), with O (B, T, H, D) and lse2 (B, H, T) laid out as it lays them out, so its backward takes over.
+`_softmax_weights`), with O (B, T, H, D) and lse2 (B, H, T) laid out as it lays them out, so its backward takes over.
 What differs is how a GPU's streaming multiprocessor (SM) spends its time. One program (a CTA) holds three warp
 groups of 4 warps:
 
-    producer     1 warp (of its group): TMA copies of the query tile (128 rows), then of each key block's K (with
-                 its c2) and V (128 keys) into two-deep rings in shared memory, as soon as both consumers have
-                 released a slot
+    producer     1 warp (of its group): TMA copies of the query tile (128 rows; at head dim 64 into one of two
+                 buffers), then of each key block's K (with its c2) and V (128 keys) into two-deep rings in shared
+                 memory, as soon as both consumers have released a slot
     consumer 0   4 warps: query rows [0, 64) of the tile
     consumer 1   4 warps: rows [64, 128)
 
 A consumer runs the key blocks from the diagonal backwards. In each it issues S = q k^T for this block and
 P v for the previous one as asynchronous warp-group matmuls (wgmma), then does this block's softmax while P v is
 still on the tensor cores. The two consumers take turns issuing (a ping-pong through two mbarriers), so one's
-softmax runs under the other's matmuls. Only the diagonal block is masked. The grid is persistent: one program
-per SM loops over tiles dealt longest first in snake order, so the producer already loads the next tile while the
+softmax runs under the other's matmuls. Only the diagonal block is masked. At head dim 64 the matmuls take half
+as long and the softmax's own instructions set the pace, so there the softmax's row sums l = sum_j P_ij move to
+the tensor cores too, as one more narrow matmul with P (`_sums_by_mma`). The grid is persistent: one program per
+SM loops over tiles dealt longest first in snake order, so the producer already loads the next tile while the
 consumers finish this one. The portable kernels get no such overlap from Triton 3.6 for sm_90.
 
-At head dim 128 on an H200 this forward reaches 0.88-1.00x the speed of cuDNN's causal attention without a gate,
-where `blocked._fwd_kernel` reaches 0.80-0.83x (BENCHMARKS.md). It serves the common case only: 16-bit q, k, v of
-head dim 128 laid out as TMA can read them, Tq == Tk, no padding, no pruning, no fused output norm (`usable`);
-everything else, and every other GPU, takes the portable kernels.
+On an H200 this forward reaches 0.90-1.00x the speed of cuDNN's causal attention without a gate at head dim 128
+and 0.80-0.97x at 64, where `blocked._fwd_kernel` reaches 0.78-0.89x (BENCHMARKS.md). It serves the common case
+only: 16-bit q, k, v of head dim 64 or 128 laid out as TMA can read them, Tq == Tk, no padding, no pruning, no
+fused output norm (`usable`); everything else, and every other GPU, takes the portable kernels.
 """
 
 import os
