@@ -166,10 +166,10 @@ def wgmma_layout(columns):
 class _Shared:
     """One program's shared memory and the mbarriers that pass it between the producer and the consumers: q
     (2 QBUF, BM, D), the query rows of QBUF tiles, one half per consumer (index 2 slot + j): with two, the next
-    tile's rows and first key blocks load while this tile finishes; k, v (NBUF, BN, D) and c (NBUF, BN), rings of key blocks
-    and their c2. A "ready" barrier completes when the producer's TMA copies into its slot have landed, a "free" one
-    when both consumers have released the slot; turn (2,) says which consumer issues matmuls next. ones (ONES, BN): the
-    one-hot column of the row sums' matmul (`_sums_by_mma`; 2 KiB, unused at head dim 128)."""
+    tile's rows and first key blocks load while this tile finishes; k, v (NBUF, BN, D) and c (NBUF, BN), rings of
+    key blocks and their c2. A "ready" barrier completes when the producer's TMA copies into its slot have landed,
+    a "free" one when both consumers have released the slot; turn (2,) says which consumer issues matmuls next.
+    ones (ONES, BN): the one-hot column of the row sums' matmul (`_sums_by_mma`; 2 KiB, unused at head dim 128)."""
     q: gl.shared_memory_descriptor
     k: gl.shared_memory_descriptor
     v: gl.shared_memory_descriptor
@@ -261,7 +261,7 @@ def _producer(sh: _Shared, dims, descs, GROUP: gl.constexpr):
 
 
 @gluon.jit
-def _scores_and_softmax(s, c_k, keys, rows, c_ref, m_i, r, qk_scale, MASK: gl.constexpr):
+def _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, qk_scale, MASK: gl.constexpr):
     """Scores of one block (rows, keys) from S = q k^T, causally masked on the diagonal, into the online softmax's
     weights: (P, alpha, m), `_softmax_weights`."""
     t = _relative_scores(s, c_k[None, :], c_ref, qk_scale)
@@ -283,6 +283,7 @@ def _issue_p_v(p, acc, l, slot, sh: _Shared):
 
 @gluon.jit
 def _wait_p_v(acc, l, sh: _Shared):
+    """Waits for `_issue_p_v`'s matmuls: acc and l, landed."""
     if sh.SUMS_BY_MMA:
         acc, l = warpgroup_mma_wait(num_outstanding=0, deps=(acc, l))
     else:
@@ -308,7 +309,7 @@ def _diagonal_block(slot_index, n0, q, turns, rows, c_ref, r, qk_scale, sh: _Sha
     keys = n0 + gl.arange(0, sh.BN, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([sh.BM], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
     # alpha is not needed: nothing has been summed yet to rescale
-    p, _, m_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, m_i, r, qk_scale, True)
+    p, _, m_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, qk_scale, True)
     if sh.SUMS_BY_MMA:
         l = gl.zeros([sh.BM, ONES], gl.float32, layout=sh.SUMS_LAYOUT)  # P's sums go out with its P v
     else:
@@ -336,7 +337,7 @@ def _key_block(slot_index, n0, q, p, acc, m_i, l, turns, rows, c_ref, r, qk_scal
     c_k = sh.c.index(slot).load(gl.SliceLayout(0, s_layout))
     mbarrier.arrive(sh.k_free.index(slot), count=1)
     keys = n0 + gl.arange(0, sh.BN, layout=gl.SliceLayout(0, s_layout))
-    p, alpha, m_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, m_i, r, qk_scale, MASK)
+    p, alpha, m_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, qk_scale, MASK)
     if not sh.SUMS_BY_MMA:
         l = l * alpha + gl.sum(p, 1)
     acc, l = _wait_p_v(acc, l, sh)
