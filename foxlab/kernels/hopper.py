@@ -47,8 +47,10 @@ from triton._C.libtriton import ir
 
 from .common import LOG2E, _multiprocessors, _relative_scores, _softmax_weights, _tma_layout_ok, triton
 
-# Triton 3.9 renamed the TMA load (async_copy_global_to_shared); both names take the same arguments.
+# Triton 3.9 renamed the TMA load and store (async_copy_global_to_shared, async_copy_shared_to_global); both names
+# take the same arguments.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 
 @builtin
@@ -98,7 +100,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2: torch.Tensor,
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     n_tiles = triton.cdiv(T, 2 * BLOCK_M) * B * H
     grid = (min(n_tiles, _multiprocessors(q.device)),)
-    descriptors = (_descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(c2, BLOCK_N))
+    descriptors = (_descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(c2, BLOCK_N),
+                   _descriptor(o, BLOCK_M))
     _fwd_kernel[grid](*descriptors, c2, o, lse, T, stride_c, H, B * H, scale * LOG2E, GROUP=H // k.shape[2],
                       HEAD_DIM=D, num_warps=4, maxnreg=168)
     return o, lse
@@ -142,6 +145,15 @@ def _sums_by_mma(head_dim):
     return head_dim <= 64
 
 
+@gluon.constexpr_function
+def _o_by_tma(head_dim):
+    """Whether the consumers' O tiles leave through shared memory by TMA (one asynchronous copy each) rather than
+    as stores from registers, 4 bytes per thread and instruction, which kept a tile's epilogue ~1,000 cycles longer
+    (clock stamps on an H200; benchmarks/NOTES.md, session 15): 1-7% faster at head dim 64. At 128 the two
+    (64, 128) buffers take shared memory to 200 KiB, and the forward measured 5% slower at (1, 16384, 16, 128)."""
+    return head_dim <= 64
+
+
 @gluon.jit
 def _one_hot(BN: gl.constexpr, dtype: gl.constexpr):
     """(ONES, BN) in shared memory, row 0 ones and the rest zeros: its transpose is the B operand that turns a
@@ -169,11 +181,14 @@ class _Shared:
     tile's rows and first key blocks load while this tile finishes; k, v (NBUF, BN, D) and c (NBUF, BN), rings of
     key blocks and their c2. A "ready" barrier completes when the producer's TMA copies into its slot have landed,
     a "free" one when both consumers have released the slot; turn (2,) says which consumer issues matmuls next.
-    ones (ONES, BN): the one-hot column of the row sums' matmul (`_sums_by_mma`; 2 KiB, unused at head dim 128)."""
+    o (2, BM, D): the consumers' O tiles on their way out (`_o_by_tma`; at head dim 128, where O leaves from
+    registers, q stands in). ones (ONES, BN): the one-hot column of the row sums' matmul (`_sums_by_mma`; 2 KiB,
+    unused at head dim 128)."""
     q: gl.shared_memory_descriptor
     k: gl.shared_memory_descriptor
     v: gl.shared_memory_descriptor
     c: gl.shared_memory_descriptor
+    o: gl.shared_memory_descriptor
     q_ready: gl.shared_memory_descriptor
     q_free: gl.shared_memory_descriptor
     k_ready: gl.shared_memory_descriptor
@@ -193,10 +208,11 @@ class _Shared:
     SUMS_BY_MMA: gl.constexpr  # `_sums_by_mma`
     SUMS_LAYOUT: gl.constexpr  # the row sums' accumulator (BM, ONES)
     SUMS_A_LAYOUT: gl.constexpr  # P as their A operand
+    O_BY_TMA: gl.constexpr  # `_o_by_tma`
 
     @gluon.constexpr_function
-    def __init__(self, q, k, v, c, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, ones):
-        self.q, self.k, self.v, self.c = q, k, v, c
+    def __init__(self, q, k, v, c, o, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, ones):
+        self.q, self.k, self.v, self.c, self.o = q, k, v, c, o
         self.q_ready, self.q_free, self.k_ready, self.k_free = q_ready, q_free, k_ready, k_free
         self.v_ready, self.v_free, self.turn, self.ones = v_ready, v_free, turn, ones
         self.BM = gl.constexpr(q.type.shape[1])
@@ -210,6 +226,7 @@ class _Shared:
         self.SUMS_BY_MMA = gl.constexpr(_sums_by_mma(self.D))
         self.SUMS_LAYOUT = gl.constexpr(wgmma_layout(ONES))
         self.SUMS_A_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=self.SUMS_LAYOUT, k_width=2))
+        self.O_BY_TMA = gl.constexpr(_o_by_tma(self.D))
 
 
 @gluon.jit
@@ -349,22 +366,29 @@ def _key_block(slot_index, n0, q, p, acc, m_i, l, turns, rows, c_ref, r, qk_scal
 
 
 @gluon.jit
-def _write_rows(acc, l_i, m_i, rows, first, bh, O, LSE, T, H):
-    """A group's epilogue: O = acc / l for its rows [first, first + BM) below T (O (B, T, H, D) contiguous; bh the
-    batch-head), and the base-2 lse m + log2(l) for the rows `rows` (the scores' row layout)."""
-    BM: gl.constexpr = acc.type.shape[0]
-    D: gl.constexpr = acc.type.shape[1]
+def _write_rows(acc, l_i, m_i, rows, first, bh, out, T, H, sh: _Shared, j: gl.constexpr):
+    """Consumer j's epilogue: O = acc / l for its rows [first, first + BM) below T (bh the batch-head; out = (O
+    (B, T, H, D) contiguous, its TMA descriptor, LSE)), and the base-2 lse m + log2(l) for the rows `rows` (the
+    scores' row layout). With `_o_by_tma` a whole tile of rows leaves by TMA from shared memory; one that runs past
+    T (whose rows past T would land in the next sequence) is stored from registers."""
+    O, o_desc, LSE = out
     o_layout: gl.constexpr = acc.type.layout
-    o = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-    o_rows = first + gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
-    o_cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    offsets = ((bh // H) * T + o_rows).to(gl.int64)[:, None] * (H * D) + (bh % H) * D + o_cols[None, :]
-    gl.store(O + offsets, o.to(O.dtype.element_ty), mask=(o_rows < T)[:, None])
+    o = (acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]).to(O.dtype.element_ty)
+    if sh.O_BY_TMA and first + sh.BM <= T:
+        tma.store_wait(0)  # this consumer's last tile has left sh.o
+        sh.o.index(j).store(o)
+        fence_async_shared()
+        _tma_store(o_desc, [(bh // H) * T + first, (bh % H) * sh.D], sh.o.index(j))
+    else:
+        o_rows = first + gl.arange(0, sh.BM, layout=gl.SliceLayout(1, o_layout))
+        o_cols = gl.arange(0, sh.D, layout=gl.SliceLayout(0, o_layout))
+        offsets = ((bh // H) * T + o_rows).to(gl.int64)[:, None] * (H * sh.D) + (bh % H) * sh.D + o_cols[None, :]
+        gl.store(O + offsets, o, mask=(o_rows < T)[:, None])
     gl.store(LSE + bh * T + rows, m_i + gl.log2(l_i), mask=rows < T)
 
 
 @gluon.jit
-def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, sh: _Shared, dims):
+def _consumer(j: gl.constexpr, C, out, qk_scale, sh: _Shared, dims):
     """Warp group j: query rows [j * BM, (j + 1) * BM) of every tile of this program. Writes O and the lse."""
     T, stride_c, H, BH, n_row_blocks = dims
     # Key blocks that reach past this group's first row need the causal mask.
@@ -403,23 +427,24 @@ def _consumer(j: gl.constexpr, C, O, LSE, qk_scale, sh: _Shared, dims):
             mbarrier.arrive(sh.v_free.index(last), count=1)
             if sh.SUMS_BY_MMA:
                 l = gl.convert_layout(gl.sum(l, 1), gl.SliceLayout(1, s_layout))  # column 0 holds the sums
-            _write_rows(acc, l, m_i, rows, first, bh, O, LSE, T, H)
+            _write_rows(acc, l, m_i, rows, first, bh, out, T, H, sh, j)
             ring += n_blocks
             tiles += 1
+    tma.store_wait(0)  # the last tile's O has left shared memory before the program ends
 
 
 @gluon.jit
-def _consumer_0(C, O, LSE, qk_scale, sh: _Shared, dims):
-    _consumer(0, C, O, LSE, qk_scale, sh, dims)
+def _consumer_0(C, out, qk_scale, sh: _Shared, dims):
+    _consumer(0, C, out, qk_scale, sh, dims)
 
 
 @gluon.jit
-def _consumer_1(C, O, LSE, qk_scale, sh: _Shared, dims):
-    _consumer(1, C, O, LSE, qk_scale, sh, dims)
+def _consumer_1(C, out, qk_scale, sh: _Shared, dims):
+    _consumer(1, C, out, qk_scale, sh, dims)
 
 
 @gluon.jit
-def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, O, LSE, T, stride_c, H, BH, qk_scale, GROUP: gl.constexpr,
+def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, o_desc, C, O, LSE, T, stride_c, H, BH, qk_scale, GROUP: gl.constexpr,
                 HEAD_DIM: gl.constexpr):
     """Causal forgetting attention, O (B, T, H, D) and LSE (B, H, T) as in the module docstring; q, k, v through
     their (B * T, heads * D) TMA descriptors, C (B, H, stride_c) the base-2 prefix sums (also read through c_desc),
@@ -431,10 +456,14 @@ def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, O, LSE, T, stride_c, H, BH, q
     # then) it measured 3% slower at (16, 1024, 16, 128) and even elsewhere (benchmarks/NOTES.md, session 14).
     QBUF: gl.constexpr = 2 if HEAD_DIM == 64 else 1
     barrier: gl.constexpr = mbarrier.MBarrierLayout()
-    sh = _Shared(gl.allocate_shared_memory(q_desc.dtype, [2 * QBUF, BM, HEAD_DIM], q_desc.layout),
-                 gl.allocate_shared_memory(k_desc.dtype, [NBUF, BN, HEAD_DIM], k_desc.layout),
+    q = gl.allocate_shared_memory(q_desc.dtype, [2 * QBUF, BM, HEAD_DIM], q_desc.layout)
+    if _o_by_tma(HEAD_DIM):
+        o = gl.allocate_shared_memory(o_desc.dtype, [2, BM, HEAD_DIM], o_desc.layout)
+    else:
+        o = q  # not used
+    sh = _Shared(q, gl.allocate_shared_memory(k_desc.dtype, [NBUF, BN, HEAD_DIM], k_desc.layout),
                  gl.allocate_shared_memory(v_desc.dtype, [NBUF, BN, HEAD_DIM], v_desc.layout),
-                 gl.allocate_shared_memory(gl.float32, [NBUF, BN], c_desc.layout),
+                 gl.allocate_shared_memory(gl.float32, [NBUF, BN], c_desc.layout), o,
                  gl.allocate_shared_memory(gl.int64, [QBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [QBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
@@ -455,6 +484,7 @@ def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, O, LSE, T, stride_c, H, BH, q
     dims = (T, stride_c, H, BH, gl.cdiv(T, 2 * BM))
     # Registers per thread: 24 for the producer's warp group, 240 for each consumer's (the 64 x 128 float32
     # scores, the 64 x D accumulator, P).
-    gl.warp_specialize([(_consumer_0, (C, O, LSE, qk_scale, sh, dims)),
+    out = (O, o_desc, LSE)
+    gl.warp_specialize([(_consumer_0, (C, out, qk_scale, sh, dims)),
                         (_producer, (sh, dims, (q_desc, k_desc, v_desc, c_desc), GROUP)),
-                        (_consumer_1, (C, O, LSE, qk_scale, sh, dims))], [1, 4], [24, 240])
+                        (_consumer_1, (C, out, qk_scale, sh, dims))], [1, 4], [24, 240])
