@@ -35,7 +35,7 @@ VARIANT = {"fwd": "TMA", "dq": "TMA", "dkdv": None}
 FLOAT_POINTERS = {"C", "KEY_LO", "QUERY_HI", "DELTA", "BOUNDS", "LSE", "W_OUT", "GATE", "Y", "RSTD_OUT", "THRESHOLD",
                   "DC_ROW", "DC_COL"}
 TILE_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-WATCHED = ("UTMALDG", "UTMAREDG", "LDGSTS", "LDG", "STG", "REDG", "HGMMA", "MUFU", "SYNCS", "USETMAXREG")
+WATCHED = ("UTMALDG", "UTMASTG", "UTMAREDG", "LDGSTS", "LDG", "STG", "REDG", "HGMMA", "MUFU", "SYNCS", "USETMAXREG")
 
 
 def signature(kernel: str, head_dim: int, tile: tuple[int, int], variant: bool) -> tuple[dict, dict, dict]:
@@ -86,7 +86,7 @@ def inspect_warp_specialized(head_dim: int, backward: bool = False) -> dict:
                      delta_desc=(vec, rows), c_desc=(vec, rows), dq_desc=(x.float(), rows, head_dim // 2))
     else:
         fn, rows, keys = hopper._fwd_kernel, hopper.BLOCK_M, hopper.BLOCK_N
-        descs = dict(q_desc=(x, rows), k_desc=(x, keys), v_desc=(x, keys), c_desc=(vec, keys))
+        descs = dict(q_desc=(x, rows), k_desc=(x, keys), v_desc=(x, keys), c_desc=(vec, keys), o_desc=(x, rows))
     descs = {name: hopper._descriptor(*args) for name, args in descs.items()}
     types = {name: "constexpr" if i in fn.constexprs else mangle_type(descs[name]) if name in descs
              else "*bf16" if name in ("O", "DK", "DV") else "*fp32" if name in FLOAT_POINTERS

@@ -27,7 +27,8 @@ def test_tma_variants_issue_tma_loads_and_nothing_spills(kernel, head_dim, tile)
 def test_warp_specialized_forward_compiles_for_hopper(head_dim):
     """kernels/hopper.py's Gluon forward compiles with this Triton for sm_90: TMA loads, asynchronous warp-group
     matmuls, mbarrier waits and the register split between producer and consumers (setmaxnreg); at head dim 64
-    with the row sums as narrow matmuls (`hopper._sums_by_mma`), which must not spill."""
+    with the row sums as narrow matmuls (`hopper._sums_by_mma`), which must not spill, and O out by TMA stores
+    (`hopper._o_by_tma`)."""
     from foxlab.kernels import blocked
     if blocked.hopper is None:
         pytest.skip("this Triton has no Gluon")
@@ -35,6 +36,7 @@ def test_warp_specialized_forward_compiles_for_hopper(head_dim):
     print(f"\nwarp-specialized forward D{head_dim}: {row}")  # stack: 0 with Triton 3.6, ~60 bytes with 3.9
     assert row["UTMALDG"] > 0 and row["HGMMA"] > 0 and row["SYNCS"] > 0 and row["USETMAXREG"] > 0
     assert row["shared_kib"] <= 227  # one program per SM fits
+    assert (row["UTMASTG"] > 0) == (head_dim == 64)
     if head_dim == 64:
         assert row["stack"] == 0
 
