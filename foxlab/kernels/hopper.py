@@ -23,12 +23,13 @@ P v for the previous one as asynchronous warp-group matmuls (wgmma), then does t
 still on the tensor cores. The two consumers take turns issuing (a ping-pong through two mbarriers), so one's
 softmax runs under the other's matmuls. Only the diagonal block is masked. At head dim 64 the matmuls take half
 as long and the softmax's own instructions set the pace, so there the softmax's row sums l = sum_j P_ij move to
-the tensor cores too, as one more narrow matmul with P (`_sums_by_mma`). The grid is persistent: one program per
+the tensor cores too, as one more narrow matmul with P (`_sums_by_mma`), and each tile's O leaves through shared
+memory by one TMA store (`_o_by_tma`). The grid is persistent: one program per
 SM loops over tiles dealt longest first in snake order, so the producer already loads the next tile while the
 consumers finish this one. The portable kernels get no such overlap from Triton 3.6 for sm_90.
 
 On an H200 this forward reaches 0.90-1.00x the speed of cuDNN's causal attention without a gate at head dim 128
-and 0.80-0.97x at 64, where `blocked._fwd_kernel` reaches 0.78-0.89x (BENCHMARKS.md). It serves the common case
+and 0.82-0.97x at 64, where `blocked._fwd_kernel` reaches 0.78-0.89x (BENCHMARKS.md). It serves the common case
 only: 16-bit q, k, v of head dim 64 or 128 laid out as TMA can read them, Tq == Tk, no padding, no pruning, no
 fused output norm (`usable`); everything else, and every other GPU, takes the portable kernels.
 """
