@@ -24,9 +24,9 @@ still on the tensor cores. The two consumers take turns issuing (a ping-pong thr
 softmax runs under the other's matmuls. Only the diagonal block is masked. At head dim 64 the matmuls take half
 as long and the softmax's own instructions set the pace, so there the softmax's row sums l = sum_j P_ij move to
 the tensor cores too, as one more narrow matmul with P (`_sums_by_mma`), and each tile's O leaves through shared
-memory by one TMA store (`_o_by_tma`). The grid is persistent: one program per
-SM loops over tiles dealt longest first in snake order, so the producer already loads the next tile while the
-consumers finish this one. The portable kernels get no such overlap from Triton 3.6 for sm_90.
+memory by one TMA store (`_o_by_tma`). The grid is persistent: one program per SM loops over tiles dealt longest
+first in snake order, so the producer already loads the next tile while the consumers finish this one. The
+portable kernels get no such overlap from Triton 3.6 for sm_90.
 
 On an H200 this forward reaches 0.90-1.00x the speed of cuDNN's causal attention without a gate at head dim 128
 and 0.82-0.97x at 64, where `blocked._fwd_kernel` reaches 0.78-0.89x (BENCHMARKS.md). It serves the common case
@@ -150,8 +150,9 @@ def _sums_by_mma(head_dim):
 def _o_by_tma(head_dim):
     """Whether the consumers' O tiles leave through shared memory by TMA (one asynchronous copy each) rather than
     as stores from registers, 4 bytes per thread and instruction, which kept a tile's epilogue ~1,000 cycles longer
-    (clock stamps on an H200; benchmarks/NOTES.md, session 15): 1-7% faster at head dim 64. At 128 the two
-    (64, 128) buffers take shared memory to 200 KiB, and the forward measured 5% slower at (1, 16384, 16, 128)."""
+    (clock stamps on an H200; benchmarks/NOTES.md, session 15): at head dim 64 3% faster at (8, 2048, 32, 64), 7%
+    at (32, 512, 16, 64), even at (1, 32768, 16, 64), where tiles are few. At 128 the two (64, 128) buffers take
+    shared memory to 200 KiB, and the forward measured 5% slower at (1, 16384, 16, 128)."""
     return head_dim <= 64
 
 
