@@ -90,6 +90,7 @@ def inspect_warp_specialized(head_dim: int, backward: bool = False) -> dict:
     descs = {name: hopper._descriptor(*args) for name, args in descs.items()}
     types = {name: "constexpr" if i in fn.constexprs else mangle_type(descs[name]) if name in descs
              else "*bf16" if name in ("O", "DK", "DV") else "*fp32" if name in FLOAT_POINTERS
+             else "*i32" if name == "NEXT_TILE"
              else "fp32" if name.endswith("_scale") else "i32" for i, name in enumerate(fn.arg_names)}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if types[name].startswith("*")}
     source = GluonASTSource(fn, types, dict(GROUP=1, HEAD_DIM=head_dim), attrs)

@@ -293,11 +293,25 @@ def test_portable_forward_on_hopper(monkeypatch):
     (3, 257, 2, 1, 64, torch.float16, False),     # one kv head for two query heads, head dim 64
     (1, 100, 4, 4, 64, torch.bfloat16, False),    # shorter than one program's keys
     (2, 333, 4, 4, 64, torch.bfloat16, True),     # the gate as its prefix sums: dc straight from the sums
-    (1, 4096, 8, 8, 128, torch.bfloat16, False),  # many programs adding into the same dQ rows
+    (1, 4096, 8, 8, 128, torch.bfloat16, False),  # many tiles adding into the same dQ rows, more than SMs
 ])
 def test_warp_specialized_backward(warp_specialized_backward_calls, B, T, H, Hkv, D, dtype, cumsum):
     """All four gradients against the reference."""
     check(B, T, H, D, dtype, Hkv=Hkv, cumsum=cumsum)
+    assert warp_specialized_backward_calls == [(B, T, H, D)]
+
+
+@hopper_only
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("heads_per_group", [1, 4, 15])
+def test_warp_specialized_backward_tile_orders(monkeypatch, warp_specialized_backward_calls, heads_per_group, D):
+    """180 tiles (12 per (batch, kv head), 15 of those) on fewer SMs, so programs take several, in groups of one
+    head, of four (the last group of three) and of all 15 (`hopper_backward._tile_keys`)."""
+    from foxlab.kernels import hopper_backward
+    B, T, H, Hkv = 5, 1500, 6, 3
+    head_bytes = 2 * T * (H // Hkv) * D * 2  # q and dO of one (batch, kv head)
+    monkeypatch.setattr(hopper_backward, "Q_DO_IN_L2", heads_per_group * head_bytes)
+    check(B, T, H, D, torch.bfloat16, Hkv=Hkv)
     assert warp_specialized_backward_calls == [(B, T, H, D)]
 
 

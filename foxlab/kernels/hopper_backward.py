@@ -12,26 +12,29 @@ delta_i = dO_i . O_i (`blocked._delta`):
 exactly what `blocked._bwd_dkdv_kernel` and `blocked._bwd_dq_kernel` compute (the same relative scores,
 `_relative_scores`), so the gate's gradient (`_gate_grad_kernel`) takes the sums as it takes theirs. The portable
 backward recomputes P in both kernels: 7 matmul units (a unit being one causal q k^T) where FlashAttention's
-backward does 5. Here one program owns 128 keys of one (batch, kv head), recomputes P once per 64 query rows, and
-adds its share of dQ (and of the row sums) into float32 sums in global memory, which many programs update; the
-atomic adds are what FlashAttention-3 pays for the two saved units, and like it this kernel leaves dQ's to the TMA
-unit (a reduction, `_tma_add`: one instruction per tile where pointer atomics took 32 per thread and step, a third
-of the backward's time at head dim 128). One program (a CTA) holds three warp groups of 4 warps, two consumers and
-one that holds the producer and the dQ writer:
+backward does 5. Here a tile is 128 keys of one (batch, kv head); its program recomputes P once per 64 query
+rows and adds the tile's share of dQ (and of the row sums) into float32 sums in global memory, which many tiles
+update; the atomic adds are what FlashAttention-3 pays for the two saved units, and like it this kernel leaves dQ's
+to the TMA unit (a reduction, `_tma_add`: one instruction per tile where pointer atomics took 32 per thread and
+step, a third of the backward's time at head dim 128). One program (a CTA) holds three warp groups of 4 warps, two
+consumers and one that holds the producer and the dQ writer:
 
-    producer     1 warp: K and V of the program's keys, then per query block (each head of the group in turn)
-                 q, dO and the rows' lse2, delta and c2, by TMA into two-deep rings in shared memory
+    producer     1 warp: per tile, which it takes from a counter (`_take_tile`), K and V of the tile's keys, then
+                 per query block (each head of the group in turn) q, dO and the rows' lse2, delta and c2, by TMA
+                 into two-deep rings in shared memory
     dQ writer    2 warps: per query block, the two consumers' dQ halves from shared memory into the float32 sums
                  by TMA reductions, and their row sums by atomic adds (FlashAttention-3 gives this job to a warp
                  of its own too, so the consumers never wait on the adds)
-    consumer j   4 warps, keys 128 p + 64 j + [0, 64): per query block, S^T = k q^T and dP^T = v dO^T, then P^T and
-                 dS^T, dV += P^T dO and dK += dS^T q (wgmma with A from registers); dS^T goes to shared memory, and
-                 once both consumers' halves are there, consumer j computes dQ's columns [D/2 j, D/2 (j + 1)) from all
-                 128 keys (wgmma from shared memory) and hands them to the writer
+    consumer j   4 warps, the tile's keys n0 + 64 j + [0, 64): per query block, S^T = k q^T and dP^T = v dO^T,
+                 then P^T and dS^T, dV += P^T dO and dK += dS^T q (wgmma with A from registers); dS^T goes to
+                 shared memory, and once both consumers' halves are there, consumer j computes dQ's columns
+                 [D/2 j, D/2 (j + 1)) from all 128 keys (wgmma from shared memory) and hands them to the writer
 
-Only the two query blocks on the diagonal (and a last, partial one) are masked. Programs of the first keys, which
-see the most queries, start first. At head dim 64 the row and column sums of dS come from the tensor cores too
-(`_sums_by_mma`). On an H200 the backward (this kernel with the delta and gate-gradient kernels around it) runs at
+Only the two query blocks on the diagonal (and a last, partial one) are masked. The grid is persistent: one program
+per SM takes tiles as it gets free, in an order that keeps L2 warm and ends on short tiles (`_tile_keys`); at head
+dim 64 it holds two tiles' K and V, so that the next tile's arrive while the consumers finish this one (at 128 there
+is room for one: `_key_tiles_in_shared`). At head dim 64 the row and column sums of dS come from the tensor cores
+too (`_sums_by_mma`). On an H200 the backward (this kernel with the delta and gate-gradient kernels around it) runs at
 0.84-0.95x cuDNN's causal backward without a gate, where the two portable kernels reach 0.70-0.78x (BENCHMARKS.md).
 The float32 dQ sums take twice dq's bytes, and the atomic adds arrive in no fixed order: with
 torch.use_deterministic_algorithms(True) the portable backward runs instead (`usable`). It serves the same common
@@ -46,12 +49,17 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from . import hopper
-from .common import LOG2E, _relative_scores, triton
+from .common import LOG2E, _multiprocessors, _relative_scores, triton
 from .hopper import ONES, _aligned_rows, _descriptor, _one_hot, _sums_by_mma, _tma_add, _tma_load, wgmma_layout
 
 # Query rows per step and keys per consumer (a program owns 2 * BLOCK_N keys).
 BLOCK_M, BLOCK_N = 64, 64
 HEAD_DIMS = (64, 128)
+# Bytes of q and dO of the heads whose tiles run at the same time (`_tile_keys`), a quarter of an H100's or
+# H200's 50 MB of L2. On an H200 (benchmarks/NOTES.md, session 16) two heads of 8 MiB together were 2% slower than
+# one at a time at (1, 32768, 16, 64), eight of 2 MiB 3% faster than one at (4, 4096, 16, 128) and even with 24 at
+# (2, 8192, 16, 64), and all heads at once (no grouping) 4-15% slower at T <= 2048.
+Q_DO_IN_L2 = 12 * 2**20
 # Tests turn this off to compare with the portable backward on the same inputs.
 enabled = True
 
@@ -82,21 +90,29 @@ def backward(do, q, k, v, c2, lse, delta, scale):
     descriptors = (_descriptor(q, BLOCK_M), _descriptor(do, BLOCK_M), _descriptor(k, BLOCK_N),
                    _descriptor(v, BLOCK_N), *(_descriptor(t, BLOCK_M) for t in (lse, delta, c2)),
                    _descriptor(dq_sum, BLOCK_M, D // 2))
-    _bwd_kernel[(triton.cdiv(T, 2 * BLOCK_N), B * Hkv)](*descriptors, c2, dk, dv, dc_col, dc_row, T, stride_c, H,
-                                                       scale * LOG2E, scale, GROUP=H // Hkv, HEAD_DIM=D,
-                                                       num_warps=4, maxnreg=168)
+    n_tiles = triton.cdiv(T, 2 * BLOCK_N) * B * Hkv
+    heads_per_group = max(1, min(B * Hkv, Q_DO_IN_L2 // (2 * q[0, :, :H // Hkv].nbytes)))  # `_tile_keys`
+    next_tile = torch.zeros(1, dtype=torch.int32, device=q.device)  # the tile counter (`_take_tile`)
+    _bwd_kernel[(min(n_tiles, _multiprocessors(q.device)),)](*descriptors, c2, dk, dv, dc_col, dc_row, next_tile, T,
+                                                            stride_c, H, n_tiles, heads_per_group, scale * LOG2E,
+                                                            scale, GROUP=H // Hkv, HEAD_DIM=D, num_warps=4,
+                                                            maxnreg=168)
     return dq_sum, dk, dv, dc_col, dc_row
 
 
 @aggregate
 class _Shared:
-    """One program's shared memory and mbarriers. k, v (2, BN, D): consumer j's keys at index j. Rings of NBUF
-    query blocks: q, do (NBUF, BM, D) and the rows' lse2, delta, c2 (NBUF, BM), "ready" when the producer's copies
-    have landed, "free" when both consumers are done with them. ds (4, BN, BM): dS^T of both consumers, two-deep
-    (ds_ready completes when both halves are in). dq (2, BM, D/2) float32: the consumers' dQ halves, rows (4, W, BM)
-    float32: their partial row sums of dS, two-deep, which add up over axis 1 (W = ONES, or 4 warps' sums:
-    `_sums_by_mma`); dq_full completes when both consumers have handed theirs over, dq_free when the writer has
-    read them. ones (ONES, BN): a one-hot column, stored K-major (`_one_hot`; 1 KiB, unused at head dim 128)."""
+    """One program's shared memory and mbarriers. tile (2, 1) int32: the tiles the producer took (`_take_tile`), a
+    two-deep ring, "ready" once written, "free" once both consumers and the writer have read it. k, v (2 KV, BN,
+    D): the keys of KV tiles, consumer j's at index 2 slot + j, "ready" when loaded, "free" when both consumers are
+    done with the tile. Rings of NBUF query blocks: q, do (NBUF, BM, D) and the rows' lse2, delta, c2 (NBUF, BM),
+    "ready" when the producer's copies have landed, "free" when both consumers are done with them. ds (4, BN, BM):
+    dS^T of both consumers, two-deep (ds_ready completes when both halves are in). dq (2, BM, D/2) float32: the
+    consumers' dQ halves, rows (4, W, BM) float32: their partial row sums of dS, two-deep, which add up over axis 1
+    (W = ONES, or 4 warps' sums: `_sums_by_mma`); dq_full completes when both consumers have handed theirs over,
+    dq_free when the writer has read them. ones (ONES, BN): a one-hot column, stored K-major (`_one_hot`; 1 KiB,
+    unused at head dim 128)."""
+    tile: gl.shared_memory_descriptor
     k: gl.shared_memory_descriptor
     v: gl.shared_memory_descriptor
     q: gl.shared_memory_descriptor
@@ -108,7 +124,10 @@ class _Shared:
     dq: gl.shared_memory_descriptor
     rows: gl.shared_memory_descriptor
     ones: gl.shared_memory_descriptor
+    tile_ready: gl.shared_memory_descriptor
+    tile_free: gl.shared_memory_descriptor
     kv_ready: gl.shared_memory_descriptor
+    kv_free: gl.shared_memory_descriptor
     q_ready: gl.shared_memory_descriptor
     q_free: gl.shared_memory_descriptor
     ds_ready: gl.shared_memory_descriptor
@@ -117,6 +136,7 @@ class _Shared:
     BM: gl.constexpr  # query rows per step
     BN: gl.constexpr  # keys per consumer
     D: gl.constexpr
+    KV: gl.constexpr  # tiles of keys in shared memory
     NBUF: gl.constexpr
     S_LAYOUT: gl.constexpr  # S^T, dP^T (BN, BM) as wgmma leaves them in a consumer's 4 warps
     KV_LAYOUT: gl.constexpr  # dK, dV (BN, D)
@@ -127,15 +147,17 @@ class _Shared:
     SUMS_BY_MMA: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, k, v, q, do, lse, delta, c, ds, dq, rows, ones, kv_ready, q_ready, q_free, ds_ready, dq_full,
-                 dq_free):
-        self.k, self.v, self.q, self.do, self.lse, self.delta, self.c = k, v, q, do, lse, delta, c
+    def __init__(self, tile, k, v, q, do, lse, delta, c, ds, dq, rows, ones, tile_ready, tile_free, kv_ready, kv_free,
+                 q_ready, q_free, ds_ready, dq_full, dq_free):
+        self.tile, self.k, self.v, self.q, self.do, self.lse, self.delta, self.c = tile, k, v, q, do, lse, delta, c
         self.ds, self.dq, self.rows, self.ones = ds, dq, rows, ones
-        self.kv_ready, self.q_ready, self.q_free, self.ds_ready = kv_ready, q_ready, q_free, ds_ready
+        self.tile_ready, self.tile_free, self.kv_ready, self.kv_free = tile_ready, tile_free, kv_ready, kv_free
+        self.q_ready, self.q_free, self.ds_ready = q_ready, q_free, ds_ready
         self.dq_full, self.dq_free = dq_full, dq_free
         self.BM = gl.constexpr(q.type.shape[1])
         self.BN = gl.constexpr(k.type.shape[1])
         self.D = gl.constexpr(k.type.shape[2])
+        self.KV = gl.constexpr(k.type.shape[0] // 2)
         self.NBUF = gl.constexpr(q.type.shape[0])
         self.S_LAYOUT = gl.constexpr(wgmma_layout(self.BM))
         self.KV_LAYOUT = gl.constexpr(wgmma_layout(self.D))
@@ -146,53 +168,102 @@ class _Shared:
         self.SUMS_BY_MMA = gl.constexpr(_sums_by_mma(self.D))
 
 
+@gluon.constexpr_function
+def _key_tiles_in_shared(head_dim):
+    """Tiles of keys (K and V of 2 BN keys) a program holds: at head dim 64 two, so that the producer loads the next
+    tile's while the consumers finish this one (158 KiB of shared memory); at 128 one (two would take 257 KiB)."""
+    return 2 if head_dim <= 64 else 1
+
+
 @gluon.jit
-def _program_keys(T, H, sh: _Shared, GROUP: gl.constexpr):
-    """The program's first key, batch row and kv head, and its number of query blocks per head."""
-    n0 = gl.program_id(0) * 2 * sh.BN
-    b = gl.program_id(1) // (H // GROUP)
-    kv_head = gl.program_id(1) % (H // GROUP)
+def _take_tile(NEXT_TILE, tiles, sh: _Shared):
+    """The producer's next tile: the counter's value, which it advances (an atomic add), published to the
+    consumers and the writer through sh.tile (`_read_tile`). Taking tiles as programs get free, rather than
+    dealing them out in advance, balances programs whose tiles differ in length up to T / 128 times."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    t = gl.atomic_add(NEXT_TILE + gl.arange(0, 1, layout=layout), gl.full([1], 1, gl.int32, layout), sem="relaxed")
+    slot = tiles % 2
+    mbarrier.wait(sh.tile_free.index(slot), ((tiles // 2) & 1) ^ 1)
+    sh.tile.index(slot).store(t)
+    mbarrier.arrive(sh.tile_ready.index(slot), count=1)
+    return gl.max(t, 0)
+
+
+@gluon.jit
+def _read_tile(tiles, sh: _Shared):
+    """The program's tiles-th tile, as the producer took it (`_take_tile`)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    slot = tiles % 2
+    mbarrier.wait(sh.tile_ready.index(slot), (tiles // 2) & 1)
+    t = gl.max(sh.tile.index(slot).load(layout), 0)
+    mbarrier.arrive(sh.tile_free.index(slot), count=1)
+    return t
+
+
+@gluon.jit
+def _tile_keys(t, T, H, n_tiles, heads_per_group, sh: _Shared, GROUP: gl.constexpr):
+    """Tile t's first key, batch row and kv head, and its number of query blocks per head. The (batch, kv head)s
+    go in groups of heads_per_group, and within a group the tiles go longest first (a tile's first keys see the
+    most queries), head after head: the programs that run at the same time read one group's q and dO, sized to
+    stay in L2 (`backward`), and the last tiles of all are short, so that the programs finish together."""
+    key_tiles = gl.cdiv(T, 2 * sh.BN)
+    first_head = t // (key_tiles * heads_per_group) * heads_per_group
+    heads = gl.minimum(heads_per_group, n_tiles // key_tiles - first_head)  # the last group may have fewer
+    rank = t - first_head * key_tiles  # within the group
+    n0 = rank // heads * 2 * sh.BN
+    b = (first_head + rank % heads) // (H // GROUP)
+    kv_head = (first_head + rank % heads) % (H // GROUP)
     return n0, b, kv_head, gl.cdiv(T - n0, sh.BM)
 
 
 @gluon.jit
-def _producer(sh: _Shared, descs, T, stride_c, H, GROUP: gl.constexpr):
-    """One warp: the program's K and V, then each head's query blocks from the diagonal on into the rings."""
+def _producer(sh: _Shared, descs, NEXT_TILE, T, stride_c, H, n_tiles, heads_per_group, GROUP: gl.constexpr):
+    """One warp: per tile it takes, the tile's K and V, then each head's query blocks from the diagonal on into
+    the rings."""
     q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc = descs
-    n0, b, kv_head, n_steps = _program_keys(T, H, sh, GROUP)
-    mbarrier.expect(sh.kv_ready, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
-    for j in gl.static_range(2):
-        _tma_load(k_desc, [b * T + n0 + j * sh.BN, kv_head * sh.D], sh.kv_ready, sh.k.index(j))
-        _tma_load(v_desc, [b * T + n0 + j * sh.BN, kv_head * sh.D], sh.kv_ready, sh.v.index(j))
-    for g in range(GROUP):
-        h = kv_head * GROUP + g
-        for i in range(n_steps):
-            step = g * n_steps + i
-            slot = step % sh.NBUF
-            m0 = n0 + i * sh.BM
-            mbarrier.wait(sh.q_free.index(slot), ((step // sh.NBUF) & 1) ^ 1)
-            mbarrier.expect(sh.q_ready.index(slot), 2 * q_desc.block_type.nbytes + 3 * c_desc.block_type.nbytes)
-            _tma_load(q_desc, [b * T + m0, h * sh.D], sh.q_ready.index(slot), sh.q.index(slot))
-            _tma_load(do_desc, [b * T + m0, h * sh.D], sh.q_ready.index(slot), sh.do.index(slot))
-            row = (b * H + h) * stride_c + m0
-            _tma_load(lse_desc, [row], sh.q_ready.index(slot), sh.lse.index(slot))
-            _tma_load(delta_desc, [row], sh.q_ready.index(slot), sh.delta.index(slot))
-            _tma_load(c_desc, [row], sh.q_ready.index(slot), sh.c.index(slot))
+    tiles = 0
+    step = 0  # query blocks loaded so far, over all tiles: the ring slot and its phase
+    t = _take_tile(NEXT_TILE, tiles, sh)
+    while t < n_tiles:
+        n0, b, kv_head, n_steps = _tile_keys(t, T, H, n_tiles, heads_per_group, sh, GROUP)
+        kv = tiles % sh.KV
+        mbarrier.wait(sh.kv_free.index(kv), ((tiles // sh.KV) & 1) ^ 1)
+        mbarrier.expect(sh.kv_ready.index(kv), 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+        for j in gl.static_range(2):
+            _tma_load(k_desc, [b * T + n0 + j * sh.BN, kv_head * sh.D], sh.kv_ready.index(kv), sh.k.index(2 * kv + j))
+            _tma_load(v_desc, [b * T + n0 + j * sh.BN, kv_head * sh.D], sh.kv_ready.index(kv), sh.v.index(2 * kv + j))
+        for g in range(GROUP):
+            h = kv_head * GROUP + g
+            for i in range(n_steps):
+                slot = step % sh.NBUF
+                m0 = n0 + i * sh.BM
+                mbarrier.wait(sh.q_free.index(slot), ((step // sh.NBUF) & 1) ^ 1)
+                mbarrier.expect(sh.q_ready.index(slot), 2 * q_desc.block_type.nbytes + 3 * c_desc.block_type.nbytes)
+                _tma_load(q_desc, [b * T + m0, h * sh.D], sh.q_ready.index(slot), sh.q.index(slot))
+                _tma_load(do_desc, [b * T + m0, h * sh.D], sh.q_ready.index(slot), sh.do.index(slot))
+                row = (b * H + h) * stride_c + m0
+                _tma_load(lse_desc, [row], sh.q_ready.index(slot), sh.lse.index(slot))
+                _tma_load(delta_desc, [row], sh.q_ready.index(slot), sh.delta.index(slot))
+                _tma_load(c_desc, [row], sh.q_ready.index(slot), sh.c.index(slot))
+                step += 1
+        tiles += 1
+        t = _take_tile(NEXT_TILE, tiles, sh)
 
 
 @gluon.jit
-def _query_block(step, m0, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Shared, j: gl.constexpr,
+def _query_block(step, m0, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Shared, j: gl.constexpr,
                  MASK: gl.constexpr):
-    """Consumer j's work on one query block (rows m0 + [0, BM), ring position step): dK, dV and the column sums
-    of dS grow; dS^T goes to the other consumer and dQ's half and the row sums to the writer."""
+    """Consumer j's work on one query block (rows m0 + [0, BM), ring position step) against its keys in key slot
+    kv: dK, dV and the column sums of dS grow; dS^T goes to the other consumer and dQ's half and the row sums to
+    the writer."""
     s_layout: gl.constexpr = sh.S_LAYOUT
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)  # a query row's vector
     slot = step % sh.NBUF
     mbarrier.wait(sh.q_ready.index(slot), (step // sh.NBUF) & 1)
     q, do = sh.q.index(slot), sh.do.index(slot)
     zero = gl.zeros([sh.BN, sh.BM], gl.float32, layout=s_layout)
-    s_t = warpgroup_mma(sh.k.index(j), q.permute((1, 0)), zero, use_acc=False, is_async=True)
-    dp_t = warpgroup_mma(sh.v.index(j), do.permute((1, 0)), zero, use_acc=False, is_async=True)
+    s_t = warpgroup_mma(sh.k.index(2 * kv + j), q.permute((1, 0)), zero, use_acc=False, is_async=True)
+    dp_t = warpgroup_mma(sh.v.index(2 * kv + j), do.permute((1, 0)), zero, use_acc=False, is_async=True)
     s_t, dp_t = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, dp_t))
     lse = sh.lse.index(slot).load(col_layout)
     delta = sh.delta.index(slot).load(col_layout)
@@ -221,10 +292,10 @@ def _query_block(step, m0, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Share
     mbarrier.arrive(sh.ds_ready.index(ds_buffer), count=1)
     mbarrier.wait(sh.ds_ready.index(ds_buffer), (step // 2) & 1)
     DH: gl.constexpr = sh.D // 2
-    dq = warpgroup_mma(sh.ds.index(2 * ds_buffer).permute((1, 0)), sh.k.index(0).slice(j * DH, DH, dim=1),
+    dq = warpgroup_mma(sh.ds.index(2 * ds_buffer).permute((1, 0)), sh.k.index(2 * kv).slice(j * DH, DH, dim=1),
                        gl.zeros([sh.BM, DH], gl.float32, layout=sh.DQ_LAYOUT), use_acc=False, is_async=True)
-    dq = warpgroup_mma(sh.ds.index(2 * ds_buffer + 1).permute((1, 0)), sh.k.index(1).slice(j * DH, DH, dim=1), dq,
-                       is_async=True)
+    dq = warpgroup_mma(sh.ds.index(2 * ds_buffer + 1).permute((1, 0)), sh.k.index(2 * kv + 1).slice(j * DH, DH, dim=1),
+                       dq, is_async=True)
     if sh.SUMS_BY_MMA:
         rows = warpgroup_mma(sh.ds.index(2 * ds_buffer + j).permute((1, 0)), sh.ones.permute((1, 0)),
                              gl.zeros([sh.BM, ONES], gl.float32, layout=sh.SUMS_LAYOUT), use_acc=False, is_async=True)
@@ -241,21 +312,22 @@ def _query_block(step, m0, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Share
 
 
 @gluon.jit
-def _consumer(j: gl.constexpr, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh: _Shared,
-              GROUP: gl.constexpr):
-    """Warp group j: keys n0 + BN j + [0, BN) against every query block of every head of the group. Writes their
-    dK, dV and, per head, the column sums of dS."""
-    n0, b, kv_head, n_steps = _program_keys(T, H, sh, GROUP)
+def _key_tile(t, tiles, step, C, DK, DV, DC_COL, T, stride_c, H, n_tiles, heads_per_group, qk_scale, sm_scale,
+              sh: _Shared, j: gl.constexpr, GROUP: gl.constexpr):
+    """Consumer j's part of tile t (the program's tiles-th; its first query block at ring position step): keys
+    n0 + BN j + [0, BN) against every query block of every head of the group. Writes their dK, dV and, per head,
+    the column sums of dS; returns the ring position after the tile."""
+    n0, b, kv_head, n_steps = _tile_keys(t, T, H, n_tiles, heads_per_group, sh, GROUP)
     n_diagonal = gl.minimum(n_steps, 2 * sh.BN // sh.BM)
     n_full = gl.maximum(n_diagonal, (T - n0) // sh.BM)  # query blocks that end at or before T
     row_layout: gl.constexpr = gl.SliceLayout(1, sh.S_LAYOUT)
-    gl.static_assert(sh.BM == sh.BN, "sh.ones serves both sums")
     first = n0 + j * sh.BN
     keys = first + gl.arange(0, sh.BN, layout=row_layout)
     sum_keys = first + gl.arange(0, sh.BN, layout=gl.SliceLayout(1, sh.SUMS_LAYOUT))
     dk = gl.zeros([sh.BN, sh.D], gl.float32, layout=sh.KV_LAYOUT)
     dv = gl.zeros([sh.BN, sh.D], gl.float32, layout=sh.KV_LAYOUT)
-    mbarrier.wait(sh.kv_ready, 0)
+    kv = tiles % sh.KV
+    mbarrier.wait(sh.kv_ready.index(kv), (tiles // sh.KV) & 1)
     for g in range(GROUP):
         bh = b * H + kv_head * GROUP + g
         c_k = gl.load(C + bh * stride_c + keys, mask=keys < T, other=0.0)
@@ -267,77 +339,107 @@ def _consumer(j: gl.constexpr, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_s
         # Masked: the two query blocks on the diagonal and a last one that runs past T; the others are not. Three
         # loops, not a runtime `if` in one: that gave wrong gradients with Triton 3.6 (benchmarks/NOTES.md).
         for i in range(0, n_diagonal):
-            dk, dv, dc = _query_block(g * n_steps + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh,
-                                      j, True)
+            dk, dv, dc = _query_block(step + i, n0 + i * sh.BM, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh, j,
+                                      True)
         for i in range(n_diagonal, n_full):
-            dk, dv, dc = _query_block(g * n_steps + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh,
-                                      j, False)
+            dk, dv, dc = _query_block(step + i, n0 + i * sh.BM, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh, j,
+                                      False)
         for i in range(n_full, n_steps):
-            dk, dv, dc = _query_block(g * n_steps + i, n0 + i * sh.BM, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh,
-                                      j, True)
+            dk, dv, dc = _query_block(step + i, n0 + i * sh.BM, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh, j,
+                                      True)
+        step += n_steps
         if sh.SUMS_BY_MMA:
             gl.store(DC_COL + bh * T + sum_keys, gl.sum(dc, 1), mask=sum_keys < T)
         else:
             gl.store(DC_COL + bh * T + keys, dc, mask=keys < T)
+    mbarrier.arrive(sh.kv_free.index(kv), count=1)  # the last block's matmuls are done with K and V
     out_rows = first + gl.arange(0, sh.BN, layout=gl.SliceLayout(1, sh.KV_LAYOUT))
     out_cols = gl.arange(0, sh.D, layout=gl.SliceLayout(0, sh.KV_LAYOUT))
     offsets = (b * T + out_rows).to(gl.int64)[:, None] * (H // GROUP * sh.D) + kv_head * sh.D + out_cols[None, :]
     mask = (out_rows < T)[:, None]
     gl.store(DK + offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     gl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=mask)
+    return step
 
 
 @gluon.jit
-def _consumer_0(C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh: _Shared, GROUP: gl.constexpr):
-    _consumer(0, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP)
+def _consumer(j: gl.constexpr, C, DK, DV, DC_COL, T, stride_c, H, n_tiles, heads_per_group, qk_scale, sm_scale,
+              sh: _Shared, GROUP: gl.constexpr):
+    """Warp group j: its half of the keys of every tile the program takes (`_key_tile`)."""
+    gl.static_assert(sh.BM == sh.BN, "sh.ones serves both sums")
+    tiles = 0
+    step = 0
+    t = _read_tile(tiles, sh)
+    while t < n_tiles:
+        step = _key_tile(t, tiles, step, C, DK, DV, DC_COL, T, stride_c, H, n_tiles, heads_per_group, qk_scale,
+                         sm_scale, sh, j, GROUP)
+        tiles += 1
+        t = _read_tile(tiles, sh)
 
 
 @gluon.jit
-def _consumer_1(C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh: _Shared, GROUP: gl.constexpr):
-    _consumer(1, C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP)
+def _consumer_0(C, DK, DV, DC_COL, T, stride_c, H, n_tiles, heads_per_group, qk_scale, sm_scale, sh: _Shared,
+                GROUP: gl.constexpr):
+    _consumer(0, C, DK, DV, DC_COL, T, stride_c, H, n_tiles, heads_per_group, qk_scale, sm_scale, sh, GROUP)
 
 
 @gluon.jit
-def _dq_writer(dq_desc, DC_ROW, T, H, sh: _Shared, GROUP: gl.constexpr):
+def _consumer_1(C, DK, DV, DC_COL, T, stride_c, H, n_tiles, heads_per_group, qk_scale, sm_scale, sh: _Shared,
+                GROUP: gl.constexpr):
+    _consumer(1, C, DK, DV, DC_COL, T, stride_c, H, n_tiles, heads_per_group, qk_scale, sm_scale, sh, GROUP)
+
+
+@gluon.jit
+def _dq_writer(dq_desc, DC_ROW, T, H, n_tiles, heads_per_group, sh: _Shared, GROUP: gl.constexpr):
     """Two warps: each query block's dQ / s (the consumers' halves) into dq_desc's (B T, H D) float32 sums by TMA
     reductions, and its row sums of dS (the consumers' 8 warps' sums) into DC_ROW (B, H, T) by atomic adds, rows
     below T only. A block that runs past its sequence's end adds its rows past T, which are exact zeros (P is 0
     there), into the next sequence's first rows, and the TMA drops those past the tensor's end."""
-    n0, b, kv_head, n_steps = _program_keys(T, H, sh, GROUP)
     PARTS: gl.constexpr = sh.rows.type.shape[1]
     sums_layout: gl.constexpr = gl.BlockedLayout([PARTS, 1], [1, 32], [1, gl.num_warps()], [1, 0])  # a row each
     sum_rows = gl.arange(0, sh.BM, layout=gl.SliceLayout(0, sums_layout))
-    for g in range(GROUP):
-        h = kv_head * GROUP + g
-        for i in range(n_steps):
-            step = g * n_steps + i
-            m0 = n0 + i * sh.BM
-            mbarrier.wait(sh.dq_full, step & 1)
-            for j in gl.static_range(2):
-                _tma_add(dq_desc, [b * T + m0, h * sh.D + j * (sh.D // 2)], sh.dq.index(j))
-            buffer = 2 * (step % 2)
-            sums = sh.rows.index(buffer).load(sums_layout) + sh.rows.index(buffer + 1).load(sums_layout)
-            gl.atomic_add(DC_ROW + (b * H + h) * T + m0 + sum_rows, gl.sum(sums, 0), mask=m0 + sum_rows < T,
-                          sem="relaxed")
-            tma.store_wait(0)  # the copies have read sh.dq
-            mbarrier.arrive(sh.dq_free, count=1)
+    tiles = 0
+    step = 0
+    t = _read_tile(tiles, sh)
+    while t < n_tiles:
+        n0, b, kv_head, n_steps = _tile_keys(t, T, H, n_tiles, heads_per_group, sh, GROUP)
+        for g in range(GROUP):
+            h = kv_head * GROUP + g
+            for i in range(n_steps):
+                m0 = n0 + i * sh.BM
+                mbarrier.wait(sh.dq_full, step & 1)
+                for j in gl.static_range(2):
+                    _tma_add(dq_desc, [b * T + m0, h * sh.D + j * (sh.D // 2)], sh.dq.index(j))
+                buffer = 2 * (step % 2)
+                sums = sh.rows.index(buffer).load(sums_layout) + sh.rows.index(buffer + 1).load(sums_layout)
+                gl.atomic_add(DC_ROW + (b * H + h) * T + m0 + sum_rows, gl.sum(sums, 0), mask=m0 + sum_rows < T,
+                              sem="relaxed")
+                tma.store_wait(0)  # the copies have read sh.dq
+                mbarrier.arrive(sh.dq_free, count=1)
+                step += 1
+        tiles += 1
+        t = _read_tile(tiles, sh)
 
 
 @gluon.jit
-def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, dq_desc, C, DK, DV, DC_COL, DC_ROW, T,
-                stride_c, H, qk_scale, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """The backward of the module docstring for keys [2 BN p, 2 BN (p + 1)) of batch row b and kv head h' (program
-    (p, b H' + h')): dK, dV (B, T, Hkv, D) and DC_COL (B, H, T) written, dQ / s (dq_desc, B T x H D) and DC_ROW
+def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, dq_desc, C, DK, DV, DC_COL, DC_ROW,
+                NEXT_TILE, T, stride_c, H, n_tiles, heads_per_group, qk_scale, sm_scale, GROUP: gl.constexpr,
+                HEAD_DIM: gl.constexpr):
+    """The backward of the module docstring, persistent: each program takes tiles of 2 BN keys of one (batch, kv
+    head), numbered kv-head-major (`_tile_keys`), from the counter NEXT_TILE (int32, zeroed by the caller) until all
+    n_tiles are taken. dK, dV (B, T, Hkv, D) and DC_COL (B, H, T) written, dQ / s (dq_desc, B T x H D) and DC_ROW
     (B, H, T) float32 added to (zeroed by the caller). q, dO, k, v, dQ / s through (B * T, heads * D) TMA
     descriptors; C, lse2, delta (B, H, stride_c) with stride_c >= T a multiple of 4 (C also read directly)."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
+    KV: gl.constexpr = _key_tiles_in_shared(HEAD_DIM)
     NBUF: gl.constexpr = 2
     dtype: gl.constexpr = q_desc.dtype
     barrier: gl.constexpr = mbarrier.MBarrierLayout()
     vector: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    sh = _Shared(gl.allocate_shared_memory(dtype, [2, BN, HEAD_DIM], k_desc.layout),
-                 gl.allocate_shared_memory(dtype, [2, BN, HEAD_DIM], v_desc.layout),
+    sh = _Shared(gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0])),
+                 gl.allocate_shared_memory(dtype, [2 * KV, BN, HEAD_DIM], k_desc.layout),
+                 gl.allocate_shared_memory(dtype, [2 * KV, BN, HEAD_DIM], v_desc.layout),
                  gl.allocate_shared_memory(dtype, [NBUF, BM, HEAD_DIM], q_desc.layout),
                  gl.allocate_shared_memory(dtype, [NBUF, BM, HEAD_DIM], do_desc.layout),
                  gl.allocate_shared_memory(gl.float32, [NBUF, BM], lse_desc.layout),
@@ -347,12 +449,20 @@ def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, d
                  gl.allocate_shared_memory(gl.float32, [2, BM, HEAD_DIM // 2], dq_desc.layout),
                  gl.allocate_shared_memory(gl.float32, [4, ONES if _sums_by_mma(HEAD_DIM) else 4, BM], vector),
                  _one_hot(BN, dtype),
-                 gl.allocate_shared_memory(gl.int64, [1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [KV, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [KV, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [2, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [1], barrier), gl.allocate_shared_memory(gl.int64, [1], barrier))
-    mbarrier.init(sh.kv_ready, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(sh.tile_ready.index(i), count=1)
+        mbarrier.init(sh.tile_free.index(i), count=3)  # both consumers and the writer
+    for i in gl.static_range(KV):
+        mbarrier.init(sh.kv_ready.index(i), count=1)
+        mbarrier.init(sh.kv_free.index(i), count=2)
     for i in gl.static_range(NBUF):
         mbarrier.init(sh.q_ready.index(i), count=1)
         mbarrier.init(sh.q_free.index(i), count=2)
@@ -362,10 +472,10 @@ def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, d
     mbarrier.init(sh.dq_free, count=1)
     # Registers per thread: 32 for the producer's and the writer's warp group, 240 for each consumer's (dK and dV
     # (64 x D float32), S^T and dP^T).
-    gl.warp_specialize([(_consumer_0, (C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP)),
-                        (_producer, (sh, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc), T, stride_c,
-                                     H, GROUP)),
-                        (_dq_writer, (dq_desc, DC_ROW, T, H, sh, GROUP)),
-                        (_consumer_1, (C, DK, DV, DC_COL, T, stride_c, H, qk_scale, sm_scale, sh, GROUP))],
+    consumer_args = (C, DK, DV, DC_COL, T, stride_c, H, n_tiles, heads_per_group, qk_scale, sm_scale, sh, GROUP)
+    gl.warp_specialize([(_consumer_0, consumer_args),
+                        (_producer, (sh, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc), NEXT_TILE,
+                                     T, stride_c, H, n_tiles, heads_per_group, GROUP)),
+                        (_dq_writer, (dq_desc, DC_ROW, T, H, n_tiles, heads_per_group, sh, GROUP)),
+                        (_consumer_1, consumer_args)],
                        [1, 2, 4], [32, 32, 240])
-
