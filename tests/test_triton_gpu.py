@@ -306,7 +306,7 @@ def test_warp_specialized_backward(warp_specialized_backward_calls, B, T, H, Hkv
 @pytest.mark.parametrize("heads_per_group", [1, 4, 15])
 def test_warp_specialized_backward_tile_orders(monkeypatch, warp_specialized_backward_calls, heads_per_group, D):
     """180 tiles (12 per (batch, kv head), 15 of those) on fewer SMs, so programs take several, in groups of one
-    head, of four (the last group of three) and of all 15 (`hopper_backward._tile_keys`)."""
+    head, of four (the first group of three) and of all 15 (`hopper_backward._tile_keys`)."""
     from foxlab.kernels import hopper_backward
     B, T, H, Hkv = 5, 1500, 6, 3
     head_bytes = 2 * T * (H // Hkv) * D * 2  # q and dO of one (batch, kv head)

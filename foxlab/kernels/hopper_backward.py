@@ -203,13 +203,18 @@ def _read_tile(tiles, sh: _Shared):
 @gluon.jit
 def _tile_keys(t, T, H, n_tiles, heads_per_group, sh: _Shared, GROUP: gl.constexpr):
     """Tile t's first key, batch row and kv head, and its number of query blocks per head. The (batch, kv head)s
-    go in groups of heads_per_group, and within a group the tiles go longest first (a tile's first keys see the
-    most queries), head after head: the programs that run at the same time read one group's q and dO, sized to
-    stay in L2 (`backward`), and the last tiles of all are short, so that the programs finish together."""
+    go in groups of heads_per_group (the first group takes what is left over), and within a group the tiles go
+    longest first (a tile's first keys see the most queries), head after head: the programs that run at the same
+    time read one group's q and dO, sized to stay in L2 (`backward`), and the last tiles of all are short, so that
+    the programs finish together (a short last group would start its longest tiles last)."""
     key_tiles = gl.cdiv(T, 2 * sh.BN)
-    first_head = t // (key_tiles * heads_per_group) * heads_per_group
-    heads = gl.minimum(heads_per_group, n_tiles // key_tiles - first_head)  # the last group may have fewer
-    rank = t - first_head * key_tiles  # within the group
+    first_group = (n_tiles // key_tiles) % heads_per_group * key_tiles  # its tiles
+    later = t - first_group  # t's rank among the full groups' tiles, if it is in one
+    in_first = later < 0
+    first_head = gl.where(in_first, 0,
+                          first_group // key_tiles + later // (key_tiles * heads_per_group) * heads_per_group)
+    heads = gl.where(in_first, first_group // key_tiles, heads_per_group)
+    rank = gl.where(in_first, t, later % (key_tiles * heads_per_group))  # within the group
     n0 = rank // heads * 2 * sh.BN
     b = (first_head + rank % heads) // (H // GROUP)
     kv_head = (first_head + rank % heads) % (H // GROUP)
