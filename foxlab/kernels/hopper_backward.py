@@ -52,13 +52,13 @@ from . import hopper
 from .common import LOG2E, _multiprocessors, _relative_scores, triton
 from .hopper import ONES, _aligned_rows, _descriptor, _one_hot, _sums_by_mma, _tma_add, _tma_load, wgmma_layout
 
-# Query rows per step and keys per consumer (a program owns 2 * BLOCK_N keys).
+# Query rows per step and keys per consumer (a tile is 2 * BLOCK_N keys).
 BLOCK_M, BLOCK_N = 64, 64
 HEAD_DIMS = (64, 128)
 # Bytes of q and dO of the heads whose tiles run at the same time (`_tile_keys`), a quarter of an H100's or
 # H200's 50 MB of L2. On an H200 (benchmarks/NOTES.md, session 16) two heads of 8 MiB together were 2% slower than
 # one at a time at (1, 32768, 16, 64), eight of 2 MiB 3% faster than one at (4, 4096, 16, 128) and even with 24 at
-# (2, 8192, 16, 64), and all heads at once (no grouping) 4-15% slower at T <= 2048.
+# (2, 8192, 16, 64), and all heads at once (no grouping) 6-16% slower at T <= 2048.
 Q_DO_IN_L2 = 12 * 2**20
 # Tests turn this off to compare with the portable backward on the same inputs.
 enabled = True
@@ -171,7 +171,7 @@ class _Shared:
 @gluon.constexpr_function
 def _key_tiles_in_shared(head_dim):
     """Tiles of keys (K and V of 2 BN keys) a program holds: at head dim 64 two, so that the producer loads the next
-    tile's while the consumers finish this one (158 KiB of shared memory); at 128 one (two would take 257 KiB)."""
+    tile's while the consumers finish this one (155 KiB of shared memory); at 128 one (two would take 257 KiB)."""
     return 2 if head_dim <= 64 else 1
 
 
