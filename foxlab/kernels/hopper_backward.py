@@ -91,7 +91,8 @@ def backward(do, q, k, v, c2, lse, delta, scale):
                    _descriptor(v, BLOCK_N), *(_descriptor(t, BLOCK_M) for t in (lse, delta, c2)),
                    _descriptor(dq_sum, BLOCK_M, D // 2))
     n_tiles = triton.cdiv(T, 2 * BLOCK_N) * B * Hkv
-    heads_per_group = max(1, min(B * Hkv, Q_DO_IN_L2 // (2 * q[0, :, :H // Hkv].nbytes)))  # `_tile_keys`
+    head_bytes = 2 * T * (H // Hkv) * D * q.element_size()  # q and dO of one (batch, kv head)
+    heads_per_group = max(1, min(B * Hkv, Q_DO_IN_L2 // max(head_bytes, 1)))  # `_tile_keys`
     next_tile = torch.zeros(1, dtype=torch.int32, device=q.device)  # the tile counter (`_take_tile`)
     _bwd_kernel[(min(n_tiles, _multiprocessors(q.device)),)](*descriptors, c2, dk, dv, dc_col, dc_row, next_tile, T,
                                                             stride_c, H, n_tiles, heads_per_group, scale * LOG2E,
