@@ -209,17 +209,15 @@ def _tile_keys(t, T, H, n_tiles, heads_per_group, sh: _Shared, GROUP: gl.constex
     time read one group's q and dO, sized to stay in L2 (`backward`), and the last tiles of all are short, so that
     the programs finish together (a short last group would start its longest tiles last)."""
     key_tiles = gl.cdiv(T, 2 * sh.BN)
-    first_group = (n_tiles // key_tiles) % heads_per_group * key_tiles  # its tiles
-    later = t - first_group  # t's rank among the full groups' tiles, if it is in one
+    first_heads = (n_tiles // key_tiles) % heads_per_group  # the first group's (0: every group is full)
+    later = t - first_heads * key_tiles  # t's rank among the full groups' tiles, if it is in one
     in_first = later < 0
-    first_head = gl.where(in_first, 0,
-                          first_group // key_tiles + later // (key_tiles * heads_per_group) * heads_per_group)
-    heads = gl.where(in_first, first_group // key_tiles, heads_per_group)
+    first_head = gl.where(in_first, 0, first_heads + later // (key_tiles * heads_per_group) * heads_per_group)
+    heads = gl.where(in_first, first_heads, heads_per_group)
     rank = gl.where(in_first, t, later % (key_tiles * heads_per_group))  # within the group
     n0 = rank // heads * 2 * sh.BN
-    b = (first_head + rank % heads) // (H // GROUP)
-    kv_head = (first_head + rank % heads) % (H // GROUP)
-    return n0, b, kv_head, gl.cdiv(T - n0, sh.BM)
+    batch_kv_head = first_head + rank % heads
+    return n0, batch_kv_head // (H // GROUP), batch_kv_head % (H // GROUP), gl.cdiv(T - n0, sh.BM)
 
 
 @gluon.jit
