@@ -28,8 +28,8 @@ memory by one TMA store (`_o_by_tma`). The grid is persistent: one program per S
 first in snake order, so the producer already loads the next tile while the consumers finish this one. The
 portable kernels get no such overlap from Triton 3.6 for sm_90.
 
-On an H200 this forward reaches 0.90-1.00x the speed of cuDNN's causal attention without a gate at head dim 128
-and 0.82-0.97x at 64, where `blocked._fwd_kernel` reaches 0.78-0.89x (BENCHMARKS.md). It serves the common case
+On an H200 this forward reaches 0.91-1.00x the speed of cuDNN's causal attention without a gate at head dim 128
+and 0.84-0.97x at 64, where `blocked._fwd_kernel` reaches 0.77-0.89x (BENCHMARKS.md). It serves the common case
 only: 16-bit q, k, v of head dim 64 or 128 laid out as TMA can read them, Tq == Tk, no padding, no pruning, no
 fused output norm (`usable`); everything else, and every other GPU, takes the portable kernels.
 """

@@ -35,7 +35,7 @@ per SM takes tiles as it gets free, in an order that keeps L2 warm and ends on s
 dim 64 a program holds two tiles' K and V, so that the next tile's come in while the consumers finish this one (at
 128 there is room for one: `_key_tiles_in_shared`), and the row and column sums of dS come from the tensor cores
 too (`_sums_by_mma`). On an H200 the backward (this kernel with the delta and gate-gradient kernels around it) runs at
-0.86-0.93x cuDNN's causal backward without a gate, where the two portable kernels reach 0.69-0.78x (BENCHMARKS.md).
+0.89-0.94x cuDNN's causal backward without a gate, where the two portable kernels reach 0.69-0.79x (BENCHMARKS.md).
 The float32 dQ sums take twice dq's bytes, and the atomic adds arrive in no fixed order: with
 torch.use_deterministic_algorithms(True) the portable backward runs instead (`usable`). It serves the same common
 case as hopper.py's forward, at head dims 64 and 128; everything else takes the portable kernels.
