@@ -27,8 +27,11 @@ consumers and one that holds the producer and the dQ writer:
                  of its own too, so the consumers never wait on the adds)
     consumer j   4 warps, the tile's keys n0 + 64 j + [0, 64): per query block, S^T = k q^T and dP^T = v dO^T,
                  then P^T and dS^T, dV += P^T dO and dK += dS^T q (wgmma with A from registers); dS^T goes to
-                 shared memory, and once both consumers' halves are there, consumer j computes dQ's columns
-                 [D/2 j, D/2 (j + 1)) from all 128 keys (wgmma from shared memory) and hands them to the writer
+                 shared memory, and one block later, when the other consumer's half is there too, consumer j
+                 computes that block's dQ columns [D/2 j, D/2 (j + 1)) from all 128 keys (wgmma from shared
+                 memory) and hands them to the writer. Waiting for the other half at once kept the two consumers
+                 in step, both on their exponentials while the tensor cores idled; a block apart they fall out of
+                 phase (1-5% faster at head dim 64, even at 128: benchmarks/NOTES.md, session 17)
 
 Only the two query blocks on the diagonal (and a last, partial one) are masked. The grid is persistent: one program
 per SM takes tiles as it gets free, in an order that keeps L2 warm and ends on short tiles (`_tile_keys`). At head
@@ -132,6 +135,7 @@ class _Shared:
     q_ready: gl.shared_memory_descriptor
     q_free: gl.shared_memory_descriptor
     ds_ready: gl.shared_memory_descriptor
+    ds_free: gl.shared_memory_descriptor
     dq_full: gl.shared_memory_descriptor
     dq_free: gl.shared_memory_descriptor
     BM: gl.constexpr  # query rows per step
@@ -149,11 +153,11 @@ class _Shared:
 
     @gluon.constexpr_function
     def __init__(self, tile, k, v, q, do, lse, delta, c, ds, dq, rows, ones, tile_ready, tile_free, kv_ready, kv_free,
-                 q_ready, q_free, ds_ready, dq_full, dq_free):
+                 q_ready, q_free, ds_ready, ds_free, dq_full, dq_free):
         self.tile, self.k, self.v, self.q, self.do, self.lse, self.delta, self.c = tile, k, v, q, do, lse, delta, c
         self.ds, self.dq, self.rows, self.ones = ds, dq, rows, ones
         self.tile_ready, self.tile_free, self.kv_ready, self.kv_free = tile_ready, tile_free, kv_ready, kv_free
-        self.q_ready, self.q_free, self.ds_ready = q_ready, q_free, ds_ready
+        self.q_ready, self.q_free, self.ds_ready, self.ds_free = q_ready, q_free, ds_ready, ds_free
         self.dq_full, self.dq_free = dq_full, dq_free
         self.BM = gl.constexpr(q.type.shape[1])
         self.BN = gl.constexpr(k.type.shape[1])
@@ -255,11 +259,12 @@ def _producer(sh: _Shared, descs, NEXT_TILE, T, stride_c, H, n_tiles, heads_per_
 
 
 @gluon.jit
-def _query_block(step, m0, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Shared, j: gl.constexpr,
-                 MASK: gl.constexpr):
-    """Consumer j's work on one query block (rows m0 + [0, BM), ring position step) against its keys in key slot
-    kv: dK, dV and the column sums of dS grow; dS^T goes to the other consumer and dQ's half and the row sums to
-    the writer."""
+def _scores(step, m0, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Shared, j: gl.constexpr, MASK: gl.constexpr):
+    """The first half of consumer j's work on one query block (rows m0 + [0, BM), ring position step) against its
+    keys in key slot kv: S^T and dP^T, then P^T and dS^T; dV += P^T dO and dK += dS^T q (and the column sums of dS)
+    issued, and dS^T stored for `_dq`, which the consumer runs one step later, so that the two consumers need not
+    wait for each other's dS^T at once and drift apart: one's softmax then runs under the other's matmuls. Returns
+    dk, dv, dc, in flight."""
     s_layout: gl.constexpr = sh.S_LAYOUT
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)  # a query row's vector
     slot = step % sh.NBUF
@@ -283,17 +288,37 @@ def _query_block(step, m0, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _S
     ds_a = gl.convert_layout(ds_16, sh.A_LAYOUT)
     dk = warpgroup_mma(ds_a, q, dk, is_async=True)
     # With `_sums_by_mma` both sums are of dS rounded to 16 bits, as dK and dQ take it: the gate's gradient needs
-    # the two to be sums of the same numbers (__init__.py). The column sums here, the row sums below.
+    # the two to be sums of the same numbers (__init__.py). The column sums here, the row sums in `_dq`.
     if sh.SUMS_BY_MMA:
         dc = warpgroup_mma(gl.convert_layout(ds_a, sh.SUMS_A_LAYOUT), sh.ones.permute((1, 0)), dc, is_async=True)
     else:  # the row sums over each warp's 16 keys, which the writer adds up: no warp waits here for the others
         dc += gl.sum(ds_t, 1)
-        sh.rows.index(2 * (step % 2) + j).store(gl.sum(gl.reshape(ds_t, [4, sh.BN // 4, sh.BM]), 1))
-    # dQ: both consumers' dS^T in shared memory, then this consumer's columns of dQ = dS k from all 2 BN keys.
+        sh.rows.index(2 * (step % 3) + j).store(gl.sum(gl.reshape(ds_t, [4, sh.BN // 4, sh.BM]), 1))
     ds_buffer = step % 2
+    mbarrier.wait(sh.ds_free.index(ds_buffer), ((step // 2) & 1) ^ 1)  # both consumers' dQ two steps back are done
     sh.ds.index(2 * ds_buffer + j).store(ds_16)
     fence_async_shared()
     mbarrier.arrive(sh.ds_ready.index(ds_buffer), count=1)
+    return dk, dv, dc
+
+
+@gluon.jit
+def _wait_kv(dk, dv, dc, sh: _Shared):
+    """dk, dv and the column sums dc (a matmul's, with `_sums_by_mma`), landed."""
+    if sh.SUMS_BY_MMA:
+        dk, dv, dc = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dc))
+    else:
+        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+    return dk, dv, dc
+
+
+@gluon.jit
+def _dq(step, kv, dk, dv, dc, sh: _Shared, j: gl.constexpr):
+    """The second half of consumer j's work on the query block at ring position step, a step after `_scores`:
+    its columns [D/2 j, D/2 (j + 1)) of dQ = dS k from both consumers' dS^T over all 2 BN keys (and with
+    `_sums_by_mma` the block's row sums of this consumer's dS) to the writer. Waits for every matmul in flight, also
+    dk, dv, dc of the block after this one, and returns them."""
+    ds_buffer = step % 2
     mbarrier.wait(sh.ds_ready.index(ds_buffer), (step // 2) & 1)
     DH: gl.constexpr = sh.D // 2
     dq = warpgroup_mma(sh.ds.index(2 * ds_buffer).permute((1, 0)), sh.k.index(2 * kv).slice(j * DH, DH, dim=1),
@@ -304,14 +329,25 @@ def _query_block(step, m0, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _S
         rows = warpgroup_mma(sh.ds.index(2 * ds_buffer + j).permute((1, 0)), sh.ones.permute((1, 0)),
                              gl.zeros([sh.BM, ONES], gl.float32, layout=sh.SUMS_LAYOUT), use_acc=False, is_async=True)
         dq, rows, dk, dv, dc = warpgroup_mma_wait(num_outstanding=0, deps=(dq, rows, dk, dv, dc))
-        sh.rows.index(2 * (step % 2) + j).permute((1, 0)).store(rows)
+        sh.rows.index(2 * (step % 3) + j).permute((1, 0)).store(rows)
     else:
         dq, dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dk, dv))
-    mbarrier.arrive(sh.q_free.index(slot), count=1)
+    mbarrier.arrive(sh.ds_free.index(ds_buffer), count=1)
     mbarrier.wait(sh.dq_free, (step & 1) ^ 1)  # the writer's copy has read the last block's
     sh.dq.index(j).store(dq)
     fence_async_shared()  # before the TMA reads it
     mbarrier.arrive(sh.dq_full, count=1)
+    return dk, dv, dc
+
+
+@gluon.jit
+def _query_block(step, m0, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh: _Shared, j: gl.constexpr,
+                 MASK: gl.constexpr):
+    """Consumer j's step at ring position step: this query block's `_scores`, then the previous one's `_dq`; the
+    block's ring slot is free once its dV and dK matmuls are done."""
+    dk, dv, dc = _scores(step, m0, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh, j, MASK)
+    dk, dv, dc = _dq(step - 1, kv, dk, dv, dc, sh, j)
+    mbarrier.arrive(sh.q_free.index(step % sh.NBUF), count=1)
     return dk, dv, dc
 
 
@@ -342,7 +378,10 @@ def _key_tile(t, tiles, step, C, DK, DV, DC_COL, T, stride_c, H, n_tiles, heads_
             dc = gl.zeros([sh.BN], gl.float32, layout=row_layout)
         # Masked: the two query blocks on the diagonal and a last one that runs past T; the others are not. Three
         # loops, not a runtime `if` in one: that gave wrong gradients with Triton 3.6 (benchmarks/NOTES.md).
-        for i in range(0, n_diagonal):
+        # The head's first block: its scores alone, waited for (the loops carry dk, dv landed).
+        dk, dv, dc = _wait_kv(*_scores(step, n0, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh, j, True), sh)
+        mbarrier.arrive(sh.q_free.index(step % sh.NBUF), count=1)
+        for i in range(1, n_diagonal):
             dk, dv, dc = _query_block(step + i, n0 + i * sh.BM, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh, j,
                                       True)
         for i in range(n_diagonal, n_full):
@@ -351,6 +390,7 @@ def _key_tile(t, tiles, step, C, DK, DV, DC_COL, T, stride_c, H, n_tiles, heads_
         for i in range(n_full, n_steps):
             dk, dv, dc = _query_block(step + i, n0 + i * sh.BM, kv, keys, c_k, c_ref, dk, dv, dc, qk_scale, T, sh, j,
                                       True)
+        dk, dv, dc = _dq(step + n_steps - 1, kv, dk, dv, dc, sh, j)  # the head's last block's
         step += n_steps
         if sh.SUMS_BY_MMA:
             gl.store(DC_COL + bh * T + sum_keys, gl.sum(dc, 1), mask=sum_keys < T)
@@ -414,7 +454,7 @@ def _dq_writer(dq_desc, DC_ROW, T, H, n_tiles, heads_per_group, sh: _Shared, GRO
                 mbarrier.wait(sh.dq_full, step & 1)
                 for j in gl.static_range(2):
                     _tma_add(dq_desc, [b * T + m0, h * sh.D + j * (sh.D // 2)], sh.dq.index(j))
-                buffer = 2 * (step % 2)
+                buffer = 2 * (step % 3)
                 sums = sh.rows.index(buffer).load(sums_layout) + sh.rows.index(buffer + 1).load(sums_layout)
                 gl.atomic_add(DC_ROW + (b * H + h) * T + m0 + sum_rows, gl.sum(sums, 0), mask=m0 + sum_rows < T,
                               sem="relaxed")
@@ -451,7 +491,7 @@ def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, d
                  gl.allocate_shared_memory(gl.float32, [NBUF, BM], c_desc.layout),
                  gl.allocate_shared_memory(dtype, [4, BN, BM], gl.NVMMASharedLayout.get_default_for([BN, BM], dtype)),
                  gl.allocate_shared_memory(gl.float32, [2, BM, HEAD_DIM // 2], dq_desc.layout),
-                 gl.allocate_shared_memory(gl.float32, [4, ONES if _sums_by_mma(HEAD_DIM) else 4, BM], vector),
+                 gl.allocate_shared_memory(gl.float32, [6, ONES if _sums_by_mma(HEAD_DIM) else 4, BM], vector),
                  _one_hot(BN, dtype),
                  gl.allocate_shared_memory(gl.int64, [2, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [2, 1], barrier),
@@ -459,6 +499,7 @@ def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, d
                  gl.allocate_shared_memory(gl.int64, [KV, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [2, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [1], barrier), gl.allocate_shared_memory(gl.int64, [1], barrier))
     for i in gl.static_range(2):
@@ -472,6 +513,7 @@ def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, c_desc, d
         mbarrier.init(sh.q_free.index(i), count=2)
     for i in gl.static_range(2):
         mbarrier.init(sh.ds_ready.index(i), count=2)
+        mbarrier.init(sh.ds_free.index(i), count=2)
     mbarrier.init(sh.dq_full, count=2)
     mbarrier.init(sh.dq_free, count=1)
     # Registers per thread: 32 for the producer's and the writer's warp group, 240 for each consumer's (dK and dV
