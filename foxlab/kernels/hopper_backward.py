@@ -111,10 +111,11 @@ class _Shared:
     D): the keys of KV tiles, consumer j's at index 2 slot + j, "ready" when loaded, "free" when both consumers are
     done with the tile. Rings of NBUF query blocks: q, do (NBUF, BM, D) and the rows' lse2, delta, c2 (NBUF, BM),
     "ready" when the producer's copies have landed, "free" when both consumers are done with them. ds (4, BN, BM):
-    dS^T of both consumers, two-deep (ds_ready completes when both halves are in). dq (2, BM, D/2) float32: the
-    consumers' dQ halves, rows (4, W, BM) float32: their partial row sums of dS, two-deep, which add up over axis 1
-    (W = ONES, or 4 warps' sums: `_sums_by_mma`); dq_full completes when both consumers have handed theirs over,
-    dq_free when the writer has read them. ones (ONES, BN): a one-hot column, stored K-major (`_one_hot`; 1 KiB,
+    dS^T of both consumers, two-deep (ds_ready completes when both halves are in, ds_free when both consumers' dQ
+    has read them). dq (2, BM, D/2) float32: the consumers' dQ halves, rows (6, W, BM) float32: their partial row
+    sums of dS, three-deep (at head dim 128 a block's are stored with its scores, a block before its dQ), which add
+    up over axis 1 (W = ONES, or 4 warps' sums: `_sums_by_mma`); dq_full completes when both consumers have handed
+    theirs over, dq_free when the writer has read them. ones (ONES, BN): a one-hot column, stored K-major (`_one_hot`; 1 KiB,
     unused at head dim 128)."""
     tile: gl.shared_memory_descriptor
     k: gl.shared_memory_descriptor
