@@ -115,8 +115,8 @@ class _Shared:
     has read them). dq (2, BM, D/2) float32: the consumers' dQ halves, rows (6, W, BM) float32: their partial row
     sums of dS, three-deep (at head dim 128 a block's are stored with its scores, a block before its dQ), which add
     up over axis 1 (W = ONES, or 4 warps' sums: `_sums_by_mma`); dq_full completes when both consumers have handed
-    theirs over, dq_free when the writer has read them. ones (ONES, BN): a one-hot column, stored K-major (`_one_hot`; 1 KiB,
-    unused at head dim 128)."""
+    theirs over, dq_free when the writer has read them. ones (ONES, BN): a one-hot column, stored K-major
+    (`_one_hot`; 1 KiB, unused at head dim 128)."""
     tile: gl.shared_memory_descriptor
     k: gl.shared_memory_descriptor
     v: gl.shared_memory_descriptor
