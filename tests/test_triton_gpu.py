@@ -238,6 +238,17 @@ def test_warp_specialized_forward(warp_specialized_calls, B, T, H, Hkv, dtype, D
 
 @hopper_only
 @pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("heads_per_group", [2, 8, 30])
+def test_warp_specialized_forward_tile_orders(monkeypatch, warp_specialized_calls, heads_per_group, D):
+    """360 tiles (12 per (batch, head), 30 of those, two heads per kv head) on fewer SMs, so programs take several,
+    in groups of one kv head, of four (the first group of three) and of all 30 (`hopper._longest_first`)."""
+    monkeypatch.setattr(_hopper(), "_heads_per_group", lambda *args: heads_per_group)
+    check(5, 1500, 6, D, torch.bfloat16, Hkv=3)
+    assert warp_specialized_calls == [(5, 1500, 6, D)]
+
+
+@hopper_only
+@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("T", [3000, 3001])
 def test_warp_specialized_and_portable_forwards_agree(monkeypatch, T, D):
     """Same inputs through both forwards: O to bf16 rounding, the lse (what the backward reads) to float32's."""

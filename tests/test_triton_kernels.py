@@ -324,3 +324,20 @@ def test_warp_specialized_forward_only_on_hopper_gpus():
     q = torch.randn(1, 256, 2, 128, dtype=torch.bfloat16)  # what it takes on an sm_90 GPU
     assert not kernels.blocked.hopper.usable(q, q, q)
     assert not kernels.blocked.hopper_backward.usable(q, q, q, q)
+
+
+def test_warp_specialized_forward_groups_heads_to_stay_in_l2(monkeypatch):
+    """`hopper._heads_per_group`: all heads where one round of programs reads K and V within KV_IN_L2 anyway, else
+    as many whole kv heads as fit there, at least one."""
+    hopper = kernels.blocked.hopper
+    if hopper is None:
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.setattr(hopper, "KV_IN_L2", 32 * 2**20)
+    mib = 2**20
+    assert hopper._heads_per_group(512, 132, mib // 8, 1) == 512  # (32, 512, 16, 64): 132 heads x 128 KiB fit
+    assert hopper._heads_per_group(256, 132, mib // 2, 1) == 64  # (8, 2048, 32, 64)
+    assert hopper._heads_per_group(16, 132, 8 * mib, 1) == 4  # (1, 32768, 16, 64)
+    assert hopper._heads_per_group(16, 132, 64 * mib, 1) == 1  # one head past the budget: one at a time
+    assert hopper._heads_per_group(64, 132, 2 * mib, 4) == 64  # 16 kv heads of 2 MiB
+    assert hopper._heads_per_group(256, 132, 2 * mib, 4) == 64  # 64 kv heads: 16 at a time, 4 query heads each
+    assert hopper._heads_per_group(3, 2, 64 * mib, 1) == 1  # fewer tiles than SMs, heads past the budget

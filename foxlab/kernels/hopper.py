@@ -24,9 +24,11 @@ still on the tensor cores. The two consumers take turns issuing (a ping-pong thr
 softmax runs under the other's matmuls. Only the diagonal block is masked. At head dim 64 the matmuls take half
 as long and the softmax's own instructions set the pace, so there the softmax's row sums l = sum_j P_ij move to
 the tensor cores too, as one more narrow matmul with P (`_sums_by_mma`), and each tile's O leaves through shared
-memory by one TMA store (`_o_by_tma`). The grid is persistent: one program per SM loops over tiles dealt longest
-first in snake order, so the producer already loads the next tile while the consumers finish this one. The
-portable kernels get no such overlap from Triton 3.6 for sm_90.
+memory by one TMA store (`_o_by_tma`). The grid is persistent: one program per SM takes tiles from a counter
+as it gets free (`_take_tile`), so the producer already loads the next tile while the consumers finish this one
+(the portable kernels get no such overlap from Triton 3.6 for sm_90), in an order that keeps K and V in L2: the
+(batch, head)s go in groups whose K and V fit in a share of it (`KV_IN_L2`), and within a group the longest tiles
+go first (`_longest_first`).
 
 On an H200 this forward reaches 0.91-1.00x the speed of cuDNN's causal attention without a gate at head dim 128
 and 0.84-0.97x at 64, where `blocked._fwd_kernel` reaches 0.77-0.89x (BENCHMARKS.md). It serves the common case
@@ -69,6 +71,12 @@ _tma_add = getattr(tma, "async_atomic_add", None) or _tma_add_36
 # per SM.
 BLOCK_M, BLOCK_N = 64, 128
 HEAD_DIMS = (64, 128)
+# Bytes of K and V of the heads whose tiles run at the same time (`_heads_per_group`). Dealt all heads at once,
+# each tile re-read its head's keys from HBM once the programs ran more heads than L2 holds: on an H200
+# (benchmarks/NOTES.md, session 18) groups within 32 MiB made the forward 6% faster at (8, 2048, 32, 64), 3-7% at
+# T >= 4096, and groups of 4 or 12 MiB were 0-2% behind. Where the heads that one round of programs runs fit anyway
+# (T = 512 and 16 heads, say) groups cost 4-8%, so there they stay ungrouped.
+KV_IN_L2 = 32 * 2**20
 # Columns of a row-sum matmul: the narrowest wgmma (N = 8).
 ONES = gl.constexpr(8)
 # Tests turn this off to compare with the portable forward on the same inputs.
@@ -100,12 +108,24 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2: torch.Tensor,
     o = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     n_tiles = triton.cdiv(T, 2 * BLOCK_M) * B * H
-    grid = (min(n_tiles, _multiprocessors(q.device)),)
+    programs = min(n_tiles, _multiprocessors(q.device))
     descriptors = (_descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(c2, BLOCK_N),
                    _descriptor(o, BLOCK_M))
-    _fwd_kernel[grid](*descriptors, c2, o, lse, T, stride_c, H, B * H, scale * LOG2E, GROUP=H // k.shape[2],
-                      HEAD_DIM=D, num_warps=4, maxnreg=168)
+    group = H // k.shape[2]
+    heads_per_group = _heads_per_group(B * H, programs, 2 * T * D * k.element_size(), group)
+    next_tile = torch.zeros(1, dtype=torch.int32, device=q.device)  # the tile counter (`_take_tile`)
+    _fwd_kernel[(programs,)](*descriptors, c2, o, lse, next_tile, T, stride_c, H, B * H, heads_per_group,
+                             scale * LOG2E, GROUP=group, HEAD_DIM=D, num_warps=4, maxnreg=168)
     return o, lse
+
+
+def _heads_per_group(heads: int, programs: int, kv_bytes: int, group: int) -> int:
+    """How many of the `heads` (batch, query head)s the programs work on at a time (`_longest_first`), when a kv
+    head's K and V take kv_bytes and `group` query heads share it: all of them where the heads of one round of
+    `programs` tiles fit in KV_IN_L2 anyway, else as many as fit there, whole kv heads (at least one)."""
+    if min(heads, programs) * kv_bytes <= KV_IN_L2 * group:
+        return heads
+    return min(heads, max(1, KV_IN_L2 // kv_bytes) * group)
 
 
 def _aligned_rows(*vectors: torch.Tensor):
@@ -185,7 +205,8 @@ class _Shared:
     a "free" one when both consumers have released the slot; turn (2,) says which consumer issues matmuls next.
     o (2, BM, D): the consumers' O tiles on their way out (`_o_by_tma`; at head dim 128, where O leaves from
     registers, q stands in). ones (ONES, BN): the one-hot column of the row sums' matmul (`_sums_by_mma`; 2 KiB,
-    unused at head dim 128)."""
+    unused at head dim 128). tile (2, 1): the numbers of the tiles that the producer took, for the consumers
+    (`_take_tile`), with their ready and free barriers."""
     q: gl.shared_memory_descriptor
     k: gl.shared_memory_descriptor
     v: gl.shared_memory_descriptor
@@ -199,6 +220,9 @@ class _Shared:
     v_free: gl.shared_memory_descriptor
     turn: gl.shared_memory_descriptor
     ones: gl.shared_memory_descriptor
+    tile: gl.shared_memory_descriptor
+    tile_ready: gl.shared_memory_descriptor
+    tile_free: gl.shared_memory_descriptor
     BM: gl.constexpr  # query rows per consumer
     BN: gl.constexpr  # keys per block
     D: gl.constexpr
@@ -213,10 +237,12 @@ class _Shared:
     O_BY_TMA: gl.constexpr  # `_o_by_tma`
 
     @gluon.constexpr_function
-    def __init__(self, q, k, v, c, o, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, ones):
+    def __init__(self, q, k, v, c, o, q_ready, q_free, k_ready, k_free, v_ready, v_free, turn, ones, tile, tile_ready,
+                 tile_free):
         self.q, self.k, self.v, self.c, self.o = q, k, v, c, o
         self.q_ready, self.q_free, self.k_ready, self.k_free = q_ready, q_free, k_ready, k_free
         self.v_ready, self.v_free, self.turn, self.ones = v_ready, v_free, turn, ones
+        self.tile, self.tile_ready, self.tile_free = tile, tile_ready, tile_free
         self.BM = gl.constexpr(q.type.shape[1])
         self.BN = gl.constexpr(k.type.shape[1])
         self.D = gl.constexpr(k.type.shape[2])
@@ -232,51 +258,82 @@ class _Shared:
 
 
 @gluon.jit
-def _tile(n, n_row_blocks, BH):
-    """The program's n-th tile. Tiles are ranked longest first (the last query rows of every (batch, head), then
-    the rows before them) and dealt to the programs in snake order, left to right in even rounds and right to left
-    in odd ones, so every program gets about the same number of key blocks. Returns (query row block of 128 rows,
-    batch-head, whether this round has a tile for this program)."""
-    P = gl.num_programs(0)
-    pid = gl.program_id(0)
-    rank = n * P + gl.where(n % 2 == 0, pid, P - 1 - pid)
-    return n_row_blocks - 1 - rank // BH, rank % BH, rank < n_row_blocks * BH
+def _take_tile(NEXT_TILE, tiles, sh):
+    """The producer's next tile: the counter's value, which it advances (an atomic add), published to the other
+    partitions through sh.tile (`_read_tile`; sh, this kernel's or hopper_backward.py's shared state). Taking tiles
+    as programs get free, rather than dealing them out in advance, balances programs whose tiles differ in length
+    up to T / 128 times."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    t = gl.atomic_add(NEXT_TILE + gl.arange(0, 1, layout=layout), gl.full([1], 1, gl.int32, layout), sem="relaxed")
+    slot = tiles % 2
+    mbarrier.wait(sh.tile_free.index(slot), ((tiles // 2) & 1) ^ 1)
+    sh.tile.index(slot).store(t)
+    mbarrier.arrive(sh.tile_ready.index(slot), count=1)
+    return gl.max(t, 0)
 
 
 @gluon.jit
-def _producer(sh: _Shared, dims, descs, GROUP: gl.constexpr):
-    """One warp: per tile, the two query tiles (once both consumers are done with the last ones), then each key
-    block's K (with its c2) and V, each into its ring slot as soon as both consumers have released it."""
-    T, stride_c, H, BH, n_row_blocks = dims
+def _read_tile(tiles, sh):
+    """The program's tiles-th tile, as the producer took it (`_take_tile`)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    slot = tiles % 2
+    mbarrier.wait(sh.tile_ready.index(slot), (tiles // 2) & 1)
+    t = gl.max(sh.tile.index(slot).load(layout), 0)
+    mbarrier.arrive(sh.tile_free.index(slot), count=1)
+    return t
+
+
+@gluon.jit
+def _longest_first(t, per_head, heads, heads_per_group):
+    """Tile t of heads x per_head tiles in the order the persistent kernels take them: the heads in groups of
+    heads_per_group, whose data the programs that run at the same time share in L2 (the first group takes what is
+    left over, so that the last is a full one and ends on short tiles: a short last group would start its longest
+    tiles last), and within a group the longest tiles first, head after head. Returns (rank, head): the tile's
+    place by length within its head (0: the longest) and its head."""
+    first_heads = heads % heads_per_group  # the first group's (0: every group is full)
+    later = t - first_heads * per_head  # t's rank among the full groups' tiles, if it is in one
+    in_first = later < 0
+    first_head = gl.where(in_first, 0, first_heads + later // (per_head * heads_per_group) * heads_per_group)
+    group_heads = gl.where(in_first, first_heads, heads_per_group)
+    rank = gl.where(in_first, t, later % (per_head * heads_per_group))  # within the group
+    return rank // group_heads, first_head + rank % group_heads
+
+
+@gluon.jit
+def _producer(sh: _Shared, dims, descs, NEXT_TILE, GROUP: gl.constexpr):
+    """One warp: per tile it takes, the two query tiles (once both consumers are done with the last ones), then
+    each key block's K (with its c2) and V, each into its ring slot as soon as both consumers have released it."""
+    T, stride_c, H, BH, n_row_blocks, heads_per_group = dims
     q_desc, k_desc, v_desc, c_desc = descs
     ring = 0  # key blocks loaded so far, over all tiles: the ring slot and its phase
     tiles = 0
-    for n in range(gl.cdiv(n_row_blocks * BH, gl.num_programs(0))):
-        row_block, bh, has_tile = _tile(n, n_row_blocks, BH)
-        if has_tile:
-            m0 = row_block * 2 * sh.BM
-            row0 = (bh // H) * T  # the sequence's first row in the (B * T, heads * D) matrices
-            q_slot = tiles % sh.QBUF
-            mbarrier.wait(sh.q_free.index(q_slot), ((tiles // sh.QBUF) & 1) ^ 1)
-            mbarrier.expect(sh.q_ready.index(q_slot), 2 * q_desc.block_type.nbytes)
-            for j in gl.static_range(2):
-                _tma_load(q_desc, [row0 + m0 + j * sh.BM, (bh % H) * sh.D], sh.q_ready.index(q_slot),
-                          sh.q.index(2 * q_slot + j))
-            kv_col = ((bh % H) // GROUP) * sh.D
-            n_blocks = gl.cdiv(m0 + 2 * sh.BM, sh.BN)
-            for i in range(n_blocks):
-                n0 = (n_blocks - 1 - i) * sh.BN  # the diagonal block first, then older keys
-                slot = (ring + i) % sh.NBUF
-                free_phase = (((ring + i) // sh.NBUF) & 1) ^ 1
-                mbarrier.wait(sh.k_free.index(slot), free_phase)
-                mbarrier.expect(sh.k_ready.index(slot), k_desc.block_type.nbytes + c_desc.block_type.nbytes)
-                _tma_load(k_desc, [row0 + n0, kv_col], sh.k_ready.index(slot), sh.k.index(slot))
-                _tma_load(c_desc, [bh * stride_c + n0], sh.k_ready.index(slot), sh.c.index(slot))
-                mbarrier.wait(sh.v_free.index(slot), free_phase)
-                mbarrier.expect(sh.v_ready.index(slot), v_desc.block_type.nbytes)
-                _tma_load(v_desc, [row0 + n0, kv_col], sh.v_ready.index(slot), sh.v.index(slot))
-            ring += n_blocks
-            tiles += 1
+    t = _take_tile(NEXT_TILE, tiles, sh)
+    while t < n_row_blocks * BH:
+        rank, bh = _longest_first(t, n_row_blocks, BH, heads_per_group)
+        m0 = (n_row_blocks - 1 - rank) * 2 * sh.BM
+        row0 = (bh // H) * T  # the sequence's first row in the (B * T, heads * D) matrices
+        q_slot = tiles % sh.QBUF
+        mbarrier.wait(sh.q_free.index(q_slot), ((tiles // sh.QBUF) & 1) ^ 1)
+        mbarrier.expect(sh.q_ready.index(q_slot), 2 * q_desc.block_type.nbytes)
+        for j in gl.static_range(2):
+            _tma_load(q_desc, [row0 + m0 + j * sh.BM, (bh % H) * sh.D], sh.q_ready.index(q_slot),
+                      sh.q.index(2 * q_slot + j))
+        kv_col = ((bh % H) // GROUP) * sh.D
+        n_blocks = gl.cdiv(m0 + 2 * sh.BM, sh.BN)
+        for i in range(n_blocks):
+            n0 = (n_blocks - 1 - i) * sh.BN  # the diagonal block first, then older keys
+            slot = (ring + i) % sh.NBUF
+            free_phase = (((ring + i) // sh.NBUF) & 1) ^ 1
+            mbarrier.wait(sh.k_free.index(slot), free_phase)
+            mbarrier.expect(sh.k_ready.index(slot), k_desc.block_type.nbytes + c_desc.block_type.nbytes)
+            _tma_load(k_desc, [row0 + n0, kv_col], sh.k_ready.index(slot), sh.k.index(slot))
+            _tma_load(c_desc, [bh * stride_c + n0], sh.k_ready.index(slot), sh.c.index(slot))
+            mbarrier.wait(sh.v_free.index(slot), free_phase)
+            mbarrier.expect(sh.v_ready.index(slot), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [row0 + n0, kv_col], sh.v_ready.index(slot), sh.v.index(slot))
+        ring += n_blocks
+        tiles += 1
+        t = _take_tile(NEXT_TILE, tiles, sh)
 
 
 @gluon.jit
@@ -311,10 +368,12 @@ def _wait_p_v(acc, l, sh: _Shared):
 
 
 @gluon.jit
-def _diagonal_block(slot_index, n0, q, turns, rows, c_ref, r, qk_scale, sh: _Shared, j: gl.constexpr):
+def _diagonal_block(slot_index, n0, q, turns, rows, c_q, c_ref, qk_scale, sh: _Shared, j: gl.constexpr):
     """Consumer j's first key block of a tile, the diagonal (keys n0 + [0, BN), the only masked one): S and its
     softmax only, as there is no previous block's P v to overlap; this block's P v goes out with the next block's S.
-    Returns P, m, l (the row sums so far: (BM,), or with `_sums_by_mma` a (BM, ONES) accumulator), turns."""
+    The rows' term r = c_q - c_ref (`_relative_scores`) is formed here, once S has landed, so that the tile's
+    first instructions do not wait for the loads of c_q and c_ref (~400 cycles on an H200). Returns P, m, l (the
+    row sums so far: (BM,), or with `_sums_by_mma` a (BM, ONES) accumulator), r, turns."""
     s_layout: gl.constexpr = sh.S_LAYOUT
     slot = slot_index % sh.NBUF
     mbarrier.wait(sh.turn.index(j), turns & 1)
@@ -327,13 +386,14 @@ def _diagonal_block(slot_index, n0, q, turns, rows, c_ref, r, qk_scale, sh: _Sha
     mbarrier.arrive(sh.k_free.index(slot), count=1)
     keys = n0 + gl.arange(0, sh.BN, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([sh.BM], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    r = c_q - c_ref
     # alpha is not needed: nothing has been summed yet to rescale
     p, _, m_i = _scores_and_softmax(s, c_k, keys, rows, c_ref, r, m_i, qk_scale, True)
     if sh.SUMS_BY_MMA:
         l = gl.zeros([sh.BM, ONES], gl.float32, layout=sh.SUMS_LAYOUT)  # P's sums go out with its P v
     else:
         l = gl.sum(p, 1)
-    return p, m_i, l, turns + 1
+    return p, m_i, l, r, turns + 1
 
 
 @gluon.jit
@@ -375,7 +435,8 @@ def _write_rows(acc, l_i, m_i, rows, first, bh, out, T, H, sh: _Shared, j: gl.co
     T (whose rows past T would land in the next sequence) is stored from registers."""
     O, o_desc, LSE = out
     o_layout: gl.constexpr = acc.type.layout
-    o = (acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]).to(O.dtype.element_ty)
+    # one division per row: acc / l divides each element (with range checks)
+    o = (acc * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]).to(O.dtype.element_ty)
     if sh.O_BY_TMA and first + sh.BM <= T:
         tma.store_wait(0)  # this consumer's last tile has left sh.o
         sh.o.index(j).store(o)
@@ -391,8 +452,8 @@ def _write_rows(acc, l_i, m_i, rows, first, bh, out, T, H, sh: _Shared, j: gl.co
 
 @gluon.jit
 def _consumer(j: gl.constexpr, C, out, qk_scale, sh: _Shared, dims):
-    """Warp group j: query rows [j * BM, (j + 1) * BM) of every tile of this program. Writes O and the lse."""
-    T, stride_c, H, BH, n_row_blocks = dims
+    """Warp group j: query rows [j * BM, (j + 1) * BM) of every tile the program takes. Writes O and the lse."""
+    T, stride_c, H, BH, n_row_blocks, heads_per_group = dims
     # Key blocks that reach past this group's first row need the causal mask.
     N_DIAGONAL: gl.constexpr = (2 * sh.BM) // sh.BN
     s_layout: gl.constexpr = sh.S_LAYOUT
@@ -401,37 +462,38 @@ def _consumer(j: gl.constexpr, C, out, qk_scale, sh: _Shared, dims):
     ring = 0
     turns = 0
     tiles = 0
-    for n in range(gl.cdiv(n_row_blocks * BH, gl.num_programs(0))):
-        row_block, bh, has_tile = _tile(n, n_row_blocks, BH)
-        if has_tile:
-            m0 = row_block * 2 * sh.BM
-            first = m0 + j * sh.BM
-            rows = first + gl.arange(0, sh.BM, layout=gl.SliceLayout(1, s_layout))
-            c_q = gl.load(C + bh * stride_c + rows, mask=rows < T, other=0.0)
-            c_ref = gl.load(C + bh * stride_c + gl.minimum(first, T - 1))  # the group's first row, as the portable
-            r = c_q - c_ref
-            n_blocks = gl.cdiv(m0 + 2 * sh.BM, sh.BN)
-            q_slot = tiles % sh.QBUF
-            q = sh.q.index(2 * q_slot + j)
-            mbarrier.wait(sh.q_ready.index(q_slot), (tiles // sh.QBUF) & 1)
-            p, m_i, l, turns = _diagonal_block(ring, (n_blocks - 1) * sh.BN, q, turns, rows, c_ref, r, qk_scale, sh, j)
-            acc = gl.zeros([sh.BM, sh.D], gl.float32, layout=sh.O_LAYOUT)
-            for i in range(1, N_DIAGONAL):
-                p, acc, m_i, l, turns = _key_block(ring + i, (n_blocks - 1 - i) * sh.BN, q, p, acc, m_i, l, turns,
-                                                   rows, c_ref, r, qk_scale, sh, j, True)
-            for i in range(N_DIAGONAL, n_blocks):
-                p, acc, m_i, l, turns = _key_block(ring + i, (n_blocks - 1 - i) * sh.BN, q, p, acc, m_i, l, turns,
-                                                   rows, c_ref, r, qk_scale, sh, j, False)
-            mbarrier.arrive(sh.q_free.index(q_slot), count=1)  # this group's last q k^T is done
-            last = (ring + n_blocks - 1) % sh.NBUF
-            mbarrier.wait(sh.v_ready.index(last), ((ring + n_blocks - 1) // sh.NBUF) & 1)
-            acc, l = _wait_p_v(*_issue_p_v(p, acc, l, last, sh), sh)
-            mbarrier.arrive(sh.v_free.index(last), count=1)
-            if sh.SUMS_BY_MMA:
-                l = gl.convert_layout(gl.sum(l, 1), gl.SliceLayout(1, s_layout))  # column 0 holds the sums
-            _write_rows(acc, l, m_i, rows, first, bh, out, T, H, sh, j)
-            ring += n_blocks
-            tiles += 1
+    t = _read_tile(tiles, sh)
+    while t < n_row_blocks * BH:
+        rank, bh = _longest_first(t, n_row_blocks, BH, heads_per_group)
+        m0 = (n_row_blocks - 1 - rank) * 2 * sh.BM
+        first = m0 + j * sh.BM
+        rows = first + gl.arange(0, sh.BM, layout=gl.SliceLayout(1, s_layout))
+        c_q = gl.load(C + bh * stride_c + rows, mask=rows < T, other=0.0)
+        c_ref = gl.load(C + bh * stride_c + gl.minimum(first, T - 1))  # the group's first row, as the portable
+        n_blocks = gl.cdiv(m0 + 2 * sh.BM, sh.BN)
+        q_slot = tiles % sh.QBUF
+        q = sh.q.index(2 * q_slot + j)
+        mbarrier.wait(sh.q_ready.index(q_slot), (tiles // sh.QBUF) & 1)
+        p, m_i, l, r, turns = _diagonal_block(ring, (n_blocks - 1) * sh.BN, q, turns, rows, c_q, c_ref, qk_scale, sh,
+                                              j)
+        acc = gl.zeros([sh.BM, sh.D], gl.float32, layout=sh.O_LAYOUT)
+        for i in range(1, N_DIAGONAL):
+            p, acc, m_i, l, turns = _key_block(ring + i, (n_blocks - 1 - i) * sh.BN, q, p, acc, m_i, l, turns,
+                                               rows, c_ref, r, qk_scale, sh, j, True)
+        for i in range(N_DIAGONAL, n_blocks):
+            p, acc, m_i, l, turns = _key_block(ring + i, (n_blocks - 1 - i) * sh.BN, q, p, acc, m_i, l, turns,
+                                               rows, c_ref, r, qk_scale, sh, j, False)
+        mbarrier.arrive(sh.q_free.index(q_slot), count=1)  # this group's last q k^T is done
+        last = (ring + n_blocks - 1) % sh.NBUF
+        mbarrier.wait(sh.v_ready.index(last), ((ring + n_blocks - 1) // sh.NBUF) & 1)
+        acc, l = _wait_p_v(*_issue_p_v(p, acc, l, last, sh), sh)
+        mbarrier.arrive(sh.v_free.index(last), count=1)
+        if sh.SUMS_BY_MMA:
+            l = gl.convert_layout(gl.sum(l, 1), gl.SliceLayout(1, s_layout))  # column 0 holds the sums
+        _write_rows(acc, l, m_i, rows, first, bh, out, T, H, sh, j)
+        ring += n_blocks
+        tiles += 1
+        t = _read_tile(tiles, sh)
     tma.store_wait(0)  # the last tile's O has left shared memory before the program ends
 
 
@@ -446,11 +508,13 @@ def _consumer_1(C, out, qk_scale, sh: _Shared, dims):
 
 
 @gluon.jit
-def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, o_desc, C, O, LSE, T, stride_c, H, BH, qk_scale, GROUP: gl.constexpr,
-                HEAD_DIM: gl.constexpr):
+def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, o_desc, C, O, LSE, NEXT_TILE, T, stride_c, H, BH, heads_per_group,
+                qk_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr):
     """Causal forgetting attention, O (B, T, H, D) and LSE (B, H, T) as in the module docstring; q, k, v through
     their (B * T, heads * D) TMA descriptors, C (B, H, stride_c) the base-2 prefix sums (also read through c_desc),
-    stride_c >= T a multiple of 4."""
+    stride_c >= T a multiple of 4. Persistent: each program takes tiles of 128 query rows of one of the BH
+    (batch, head)s from the counter NEXT_TILE (int32, zeroed by the caller) in `_longest_first` order, groups of
+    heads_per_group heads, until all are taken."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
     NBUF: gl.constexpr = 2
@@ -472,7 +536,9 @@ def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, o_desc, C, O, LSE, T, stride_c, 
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
-                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier), _one_hot(BN, q_desc.dtype))
+                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier), _one_hot(BN, q_desc.dtype),
+                 gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0])),
+                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier), gl.allocate_shared_memory(gl.int64, [2, 1], barrier))
     for i in gl.static_range(QBUF):
         mbarrier.init(sh.q_ready.index(i), count=1)  # the producer's TMA copies complete the "ready" barriers
         mbarrier.init(sh.q_free.index(i), count=2)  # both consumers release a buffer
@@ -483,10 +549,12 @@ def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, o_desc, C, O, LSE, T, stride_c, 
         mbarrier.init(sh.v_free.index(i), count=2)
     for i in gl.static_range(2):
         mbarrier.init(sh.turn.index(i), count=1)
-    dims = (T, stride_c, H, BH, gl.cdiv(T, 2 * BM))
+        mbarrier.init(sh.tile_ready.index(i), count=1)
+        mbarrier.init(sh.tile_free.index(i), count=2)  # both consumers read a tile's number
+    dims = (T, stride_c, H, BH, gl.cdiv(T, 2 * BM), heads_per_group)
     # Registers per thread: 24 for the producer's warp group, 240 for each consumer's (the 64 x 128 float32
     # scores, the 64 x D accumulator, P).
     out = (O, o_desc, LSE)
     gl.warp_specialize([(_consumer_0, (C, out, qk_scale, sh, dims)),
-                        (_producer, (sh, dims, (q_desc, k_desc, v_desc, c_desc), GROUP)),
+                        (_producer, (sh, dims, (q_desc, k_desc, v_desc, c_desc), NEXT_TILE, GROUP)),
                         (_consumer_1, (C, out, qk_scale, sh, dims))], [1, 4], [24, 240])

@@ -53,7 +53,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from . import hopper
 from .common import LOG2E, _multiprocessors, _relative_scores, triton
-from .hopper import ONES, _aligned_rows, _descriptor, _one_hot, _sums_by_mma, _tma_add, _tma_load, wgmma_layout
+from .hopper import (ONES, _aligned_rows, _descriptor, _longest_first, _one_hot, _read_tile, _sums_by_mma, _take_tile,
+                     _tma_add, _tma_load, wgmma_layout)
 
 # Query rows per step and keys per consumer (a tile is 2 * BLOCK_N keys).
 BLOCK_M, BLOCK_N = 64, 64
@@ -182,46 +183,13 @@ def _key_tiles_in_shared(head_dim):
 
 
 @gluon.jit
-def _take_tile(NEXT_TILE, tiles, sh: _Shared):
-    """The producer's next tile: the counter's value, which it advances (an atomic add), published to the
-    consumers and the writer through sh.tile (`_read_tile`). Taking tiles as programs get free, rather than
-    dealing them out in advance, balances programs whose tiles differ in length up to T / 128 times."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    t = gl.atomic_add(NEXT_TILE + gl.arange(0, 1, layout=layout), gl.full([1], 1, gl.int32, layout), sem="relaxed")
-    slot = tiles % 2
-    mbarrier.wait(sh.tile_free.index(slot), ((tiles // 2) & 1) ^ 1)
-    sh.tile.index(slot).store(t)
-    mbarrier.arrive(sh.tile_ready.index(slot), count=1)
-    return gl.max(t, 0)
-
-
-@gluon.jit
-def _read_tile(tiles, sh: _Shared):
-    """The program's tiles-th tile, as the producer took it (`_take_tile`)."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    slot = tiles % 2
-    mbarrier.wait(sh.tile_ready.index(slot), (tiles // 2) & 1)
-    t = gl.max(sh.tile.index(slot).load(layout), 0)
-    mbarrier.arrive(sh.tile_free.index(slot), count=1)
-    return t
-
-
-@gluon.jit
 def _tile_keys(t, T, H, n_tiles, heads_per_group, sh: _Shared, GROUP: gl.constexpr):
-    """Tile t's first key, batch row and kv head, and its number of query blocks per head. The (batch, kv head)s
-    go in groups of heads_per_group (the first group takes what is left over), and within a group the tiles go
-    longest first (a tile's first keys see the most queries), head after head: the programs that run at the same
-    time read one group's q and dO, sized to stay in L2 (`backward`), and the last tiles of all are short, so that
-    the programs finish together (a short last group would start its longest tiles last)."""
+    """Tile t's first key, batch row and kv head, and its number of query blocks per head, in `_longest_first`
+    order over the (batch, kv head)s (a tile's first keys see the most queries), in groups of heads_per_group whose
+    q and dO stay in L2 (`backward`)."""
     key_tiles = gl.cdiv(T, 2 * sh.BN)
-    first_heads = (n_tiles // key_tiles) % heads_per_group  # the first group's (0: every group is full)
-    later = t - first_heads * key_tiles  # t's rank among the full groups' tiles, if it is in one
-    in_first = later < 0
-    first_head = gl.where(in_first, 0, first_heads + later // (key_tiles * heads_per_group) * heads_per_group)
-    heads = gl.where(in_first, first_heads, heads_per_group)
-    rank = gl.where(in_first, t, later % (key_tiles * heads_per_group))  # within the group
-    n0 = rank // heads * 2 * sh.BN
-    batch_kv_head = first_head + rank % heads
+    rank, batch_kv_head = _longest_first(t, key_tiles, n_tiles // key_tiles, heads_per_group)
+    n0 = rank * 2 * sh.BN
     return n0, batch_kv_head // (H // GROUP), batch_kv_head % (H // GROUP), gl.cdiv(T - n0, sh.BM)
 
 
