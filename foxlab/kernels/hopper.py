@@ -30,8 +30,8 @@ as it gets free (`_take_tile`), so the producer already loads the next tile whil
 (batch, head)s go in groups whose K and V fit in a share of it (`KV_IN_L2`), and within a group the longest tiles
 go first (`_longest_first`).
 
-On an H200 this forward reaches 0.91-1.00x the speed of cuDNN's causal attention without a gate at head dim 128
-and 0.84-0.97x at 64, where `blocked._fwd_kernel` reaches 0.77-0.89x (BENCHMARKS.md). It serves the common case
+On an H200 this forward reaches 0.99-1.05x the speed of cuDNN's causal attention without a gate at head dim 128
+and 0.90-0.99x at 64, where `blocked._fwd_kernel` reaches 0.78-0.88x (BENCHMARKS.md). It serves the common case
 only: 16-bit q, k, v of head dim 64 or 128 laid out as TMA can read them, Tq == Tk, no padding, no pruning, no
 fused output norm (`usable`); everything else, and every other GPU, takes the portable kernels.
 """
@@ -71,11 +71,11 @@ _tma_add = getattr(tma, "async_atomic_add", None) or _tma_add_36
 # per SM.
 BLOCK_M, BLOCK_N = 64, 128
 HEAD_DIMS = (64, 128)
-# Bytes of K and V of the heads whose tiles run at the same time (`_heads_per_group`). Dealt all heads at once,
-# each tile re-read its head's keys from HBM once the programs ran more heads than L2 holds: on an H200
-# (benchmarks/NOTES.md, session 18) groups within 32 MiB made the forward 6% faster at (8, 2048, 32, 64), 3-7% at
-# T >= 4096, and groups of 4 or 12 MiB were 0-2% behind. Where the heads that one round of programs runs fit anyway
-# (T = 512 and 16 heads, say) groups cost 4-8%, so there they stay ungrouped.
+# Bytes of K and V of the heads whose tiles run at the same time (`_heads_per_group`). Dealt all heads at once, a
+# round of programs ran more heads than L2 holds and each tile read its head's keys from HBM again: on an H200
+# (benchmarks/NOTES.md, session 18) groups within 32 MiB made the forward 2-8% faster at the five shapes of
+# BENCHMARKS.md (7% at (8, 2048, 32, 64)), groups of 4 or 12 MiB up to 4% less so. Where one round's heads fit
+# anyway (T = 512 and 16 heads: 132 x 128 KiB) groups cost 4-13%, so there the heads stay ungrouped.
 KV_IN_L2 = 32 * 2**20
 # Columns of a row-sum matmul: the narrowest wgmma (N = 8).
 ONES = gl.constexpr(8)
