@@ -538,7 +538,8 @@ def _fwd_kernel(q_desc, k_desc, v_desc, c_desc, o_desc, C, O, LSE, NEXT_TILE, T,
                  gl.allocate_shared_memory(gl.int64, [NBUF, 1], barrier),
                  gl.allocate_shared_memory(gl.int64, [2, 1], barrier), _one_hot(BN, q_desc.dtype),
                  gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0])),
-                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier), gl.allocate_shared_memory(gl.int64, [2, 1], barrier))
+                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier),
+                 gl.allocate_shared_memory(gl.int64, [2, 1], barrier))
     for i in gl.static_range(QBUF):
         mbarrier.init(sh.q_ready.index(i), count=1)  # the producer's TMA copies complete the "ready" barriers
         mbarrier.init(sh.q_free.index(i), count=2)  # both consumers release a buffer
