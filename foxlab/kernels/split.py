@@ -5,6 +5,8 @@ kernels' (blocked.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .common import LOG2E, _common_meta, _initial_max, _jit, _launch, _load_tile, _load_vec, _mask_scores, \
@@ -32,6 +34,10 @@ _COMBINE_ELEMENTS = 4096
 # few rows); taller tiles are merged by `_combine_kernel` across the GPU (one program merging 64 rows x 9 splits
 # serially, one L2 round trip per 2 rows, was most of chunked prefill's time: benchmarks/NOTES.md).
 _LAST_MERGES_MAX_STEPS = 1
+# Warps per 16 rows of a tile, up to the configuration's count. A 16-row tile spreads its key columns over the warps,
+# so every row max and row sum of the online softmax is a reduction across warps through shared memory, with a
+# barrier; at 2 warps instead of 4, decoding ran 4-12% faster on an H200 (benchmarks/NOTES.md, session 19).
+_WARPS_PER_16_ROWS = 2
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -277,6 +283,7 @@ def _split_forward(q, k, v, c, c_scale, key_lo, threshold2, scale):
 
     def launch(cfg):
         block_m = min(max(cfg.block_m, triton.next_power_of_2(n_rows)), _DECODE_MAX_ROWS)
+        cfg = dataclasses.replace(cfg, num_warps=min(cfg.num_warps, _WARPS_PER_16_ROWS * block_m // 16))
         row_tiles = triton.cdiv(n_rows, block_m)
         splits, keys_per_split = _decode_splits(B * Hkv * row_tiles, Tk, cfg.block_n, block_m, q.device)
         block_s = triton.next_power_of_2(splits)
