@@ -329,10 +329,12 @@ DECODE_SHAPES = [(1, 4096, 16, 16, 128), (8, 8192, 32, 8, 128), (1, 32768, 16, 1
 # Chunked prefill: Tq new tokens against a cache of Tk, per (B, H, Hkv, D).
 PREFILL_HEADS = [(1, 16, 16, 128), (2, 32, 8, 64)]
 PREFILL_TQ, PREFILL_TK = (16, 64, 256, 512), (8192, 32768)
-# --decode-sweep: split-kernel candidates (programs per SM, BLOCK_N, num_warps, num_stages) at the decode shapes;
-# at the prefill shapes, programs per SM x who merges the splits (the last program of a tile: in at most 1 step or
-# in any number; _LAST_MERGES_MAX_STEPS).
-DECODE_CANDIDATES = [(1, 64, 4, 3), (2, 64, 4, 3), (4, 64, 4, 3), (1, 128, 4, 3), (2, 128, 4, 3), (2, 64, 4, 4)]
+# --decode-sweep: split-kernel candidates (programs per SM, BLOCK_N, num_warps, num_stages) at the decode shapes
+# (the sweep lifts the library's cap of 2 warps per 16 rows, `split._WARPS_PER_16_ROWS`, so 4 means 4); at the
+# prefill shapes, programs per SM x who merges the splits (the last program of a tile: in at most 1 step or in any
+# number; _LAST_MERGES_MAX_STEPS).
+DECODE_CANDIDATES = [(2, 64, 2, 3), (2, 64, 4, 3), (2, 64, 1, 3), (1, 64, 2, 3), (4, 32, 1, 2), (2, 128, 2, 3),
+                     (1, 128, 4, 3)]
 SWEEP_PREFILL_SHAPES = [(1, 16, 8192, 16, 16, 128), (1, 64, 32768, 16, 16, 128), (2, 16, 8192, 32, 8, 64),
                         (2, 64, 8192, 32, 8, 64)]
 
@@ -412,7 +414,7 @@ def sweep_decode():
     """Time the split kernel's candidate settings (DECODE_CANDIDATES) at each decode and sweep prefill shape; print
     them fastest first."""
     defaults = kernels.split._SPLIT_PROGRAMS_PER_SM, kernels.split._LAST_MERGES_MAX_STEPS
-    wanted = kernels.split._split_wanted
+    wanted, warps_cap = kernels.split._split_wanted, kernels.split._WARPS_PER_16_ROWS
     kernels.split._split_wanted = lambda q, k: True
     decode_shapes = [(B, 1, Tk, H, Hkv, D) for B, Tk, H, Hkv, D in DECODE_SHAPES]
     for shape in decode_shapes + SWEEP_PREFILL_SHAPES:
@@ -426,6 +428,7 @@ def sweep_decode():
             kernels.split._SPLIT_PROGRAMS_PER_SM, kernels.split._LAST_MERGES_MAX_STEPS = per_sm, steps
             if cfg is not None:
                 kernels.common._CONFIG_OVERRIDES["decode"] = kernels.common._KernelConfig(16, *cfg)
+            kernels.split._WARPS_PER_16_ROWS = 4 if cfg is not None else warps_cap
             try:
                 times[(per_sm, steps, *(cfg or ()))] = foxlab_cache_ms(q, k, v, c)
             except Exception as e:
@@ -435,7 +438,7 @@ def sweep_decode():
         print(f"decode sweep {shape} (per SM, last-merge steps[, BLOCK_N, warps, stages]): "
               + ", ".join(f"{c}: {t * 1e3:.1f}" for c, t in ranked), flush=True)
     kernels.split._SPLIT_PROGRAMS_PER_SM, kernels.split._LAST_MERGES_MAX_STEPS = defaults
-    kernels.split._split_wanted = wanted
+    kernels.split._split_wanted, kernels.split._WARPS_PER_16_ROWS = wanted, warps_cap
 
 
 def print_table(rows):
