@@ -31,7 +31,7 @@ as it gets free (`_take_tile`), so the producer already loads the next tile whil
 go first (`_longest_first`).
 
 On an H200 this forward reaches 0.99-1.05x the speed of cuDNN's causal attention without a gate at head dim 128
-and 0.90-0.99x at 64, where `blocked._fwd_kernel` reaches 0.78-0.88x (BENCHMARKS.md). It serves the common case
+and 0.90-1.01x at 64, where `blocked._fwd_kernel` reaches 0.78-0.88x (BENCHMARKS.md). It serves the common case
 only: 16-bit q, k, v of head dim 64 or 128 laid out as TMA can read them, Tq == Tk, no padding, no pruning, no
 fused output norm (`usable`); everything else, and every other GPU, takes the portable kernels.
 """
